@@ -1,0 +1,155 @@
+"""Adaptive Clustering statistics as pure tensor functions (ACMoE, ICLR 2025, Definition 1).
+
+For the tokens x_i of the current MoE layer, grouped into clusters by their top-1 expert c_i at the
+*previous* MoE layer, the AC transform is a diagonal matrix per cluster k,
+
+    M_k = diag(m_1k .. m_dk),   m_qk ∝ 1 / (MAD_qk + eps),
+    MAD_qk = 1/N_k Σ_{i∈C_k} |x_iq − μ_qk|,   μ_qk = 1/N_k Σ_{i∈C_k} x_iq,
+
+clipped at ``clip`` × mean(m) and normalised per feature so each feature's weights average 1 over
+the clusters (the language-model release, spec §3.1 steps 3–7). The router then scores
+
+    s_j(x_i) = e_j^T M_{c_i} x_i / ||e_j||                                  (Definition 2)
+
+Everything here runs under ``no_grad`` in fp32 (spec §4.5) and without a host sync (no
+``.item()``, no data-dependent shapes), so the AC path is CUDA-graph and sync-debug safe.
+
+Cluster row set ("which rows enter the clip and normalisation means"):
+  * ``"release"``: rows 0..K−1 with K = 1 + the largest expert index the previous layer used
+    (any of its top-k columns), exactly as the official code; empty rows keep MAD = 0 and so get
+    the maximal weight 1/eps, which is then clipped (spec §4.1);
+  * ``"nonempty"``: only clusters with ≥ ``min_cluster_size`` tokens enter the means; smaller
+    clusters get the identity transform (m = 1). Not in the paper; robust for tiny micro-batches.
+
+Shape suffixes: T tokens, D hidden, K clusters (= number of experts), E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ROW_MODES = ("release", "nonempty")
+
+
+@torch.no_grad()
+def cluster_counts(labels_T: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """Tokens per cluster as fp32 ``[K]`` (scatter-add, no host sync)."""
+    counts_K = torch.zeros(num_clusters, dtype=torch.float32, device=labels_T.device)
+    return counts_K.index_add_(0, labels_T, torch.ones_like(labels_T, dtype=torch.float32))
+
+
+@torch.no_grad()
+def cluster_means(x_TD: torch.Tensor, labels_T: torch.Tensor, counts_K: torch.Tensor) -> torch.Tensor:
+    """Per-cluster mean ``[K, D]``; an empty cluster keeps mean 0 (as ``index_reduce`` does)."""
+    sums_KD = torch.zeros(counts_K.shape[0], x_TD.shape[1], dtype=x_TD.dtype, device=x_TD.device)
+    sums_KD.index_add_(0, labels_T, x_TD)
+    return sums_KD / counts_K.clamp_min(1.0).unsqueeze(1)
+
+
+@torch.no_grad()
+def cluster_mad(
+    x_TD: torch.Tensor, labels_T: torch.Tensor, mean_KD: torch.Tensor, counts_K: torch.Tensor
+) -> torch.Tensor:
+    """Per-cluster, per-feature mean absolute deviation ``[K, D]`` around the cluster mean."""
+    dev_TD = (x_TD - mean_KD[labels_T]).abs()
+    mad_KD = torch.zeros_like(mean_KD).index_add_(0, labels_T, dev_TD)
+    return mad_KD / counts_K.clamp_min(1.0).unsqueeze(1)
+
+
+@torch.no_grad()
+def inverse_dispersion(mad_KD: torch.Tensor, eps: float) -> torch.Tensor:
+    """w = 1 / (MAD + eps) (spec §3.1 step 5)."""
+    return 1.0 / (mad_KD + eps)
+
+
+def _masked_mean(w_KD: torch.Tensor, rows_K: torch.Tensor, dim=None) -> torch.Tensor:
+    mask_KD = rows_K.to(w_KD.dtype).unsqueeze(1).expand_as(w_KD)
+    if dim is None:
+        return (w_KD * mask_KD).sum() / mask_KD.sum().clamp_min(1.0)
+    return (w_KD * mask_KD).sum(dim, keepdim=True) / mask_KD.sum(dim, keepdim=True).clamp_min(1.0)
+
+
+@torch.no_grad()
+def clip_weights(w_KD: torch.Tensor, rows_K: torch.Tensor, clip: float) -> torch.Tensor:
+    """w ← min(w, clip · mean(w)), the mean over the cluster rows in ``rows_K`` (pre-clip)."""
+    return torch.minimum(w_KD, clip * _masked_mean(w_KD, rows_K))
+
+
+@torch.no_grad()
+def normalize_per_feature(w_KD: torch.Tensor, rows_K: torch.Tensor) -> torch.Tensor:
+    """w[:, q] ← w[:, q] / mean_k w[k, q] over the rows in ``rows_K`` (spec §3.1 step 7)."""
+    return w_KD / _masked_mean(w_KD, rows_K, dim=0)
+
+
+@torch.no_grad()
+def cluster_rows(
+    counts_K: torch.Tensor,
+    mode: str,
+    max_label: torch.Tensor | None = None,
+    min_cluster_size: int = 2,
+) -> torch.Tensor:
+    """Boolean ``[K]``: the clusters whose weights enter the clip and normalisation means.
+
+    ``max_label`` (0-d tensor) is the largest expert index the previous layer selected in any of
+    its top-k columns; the release uses rows ``0..max_label``.
+    """
+    K = counts_K.shape[0]
+    if mode == "release":
+        if max_label is None:
+            return torch.ones(K, dtype=torch.bool, device=counts_K.device)
+        return torch.arange(K, device=counts_K.device) <= max_label
+    if mode == "nonempty":
+        return counts_K >= float(min_cluster_size)
+    raise ValueError(f"unknown AC cluster row mode {mode!r}; choose one of {ROW_MODES}")
+
+
+@torch.no_grad()
+def ac_weights(
+    x_TD: torch.Tensor,
+    labels_T: torch.Tensor,
+    num_clusters: int,
+    eps: float = 1e-4,
+    clip: float = 10.0,
+    rows: str = "release",
+    max_label: torch.Tensor | None = None,
+    min_cluster_size: int = 2,
+) -> torch.Tensor:
+    """The per-cluster diagonal AC weights ``w_KD`` (row k = diagonal of M_k), fp32, no grad."""
+    x_TD = x_TD.detach().float()
+    labels_T = labels_T.long()
+    counts_K = cluster_counts(labels_T, num_clusters)
+    mean_KD = cluster_means(x_TD, labels_T, counts_K)
+    mad_KD = cluster_mad(x_TD, labels_T, mean_KD, counts_K)
+    w_KD = inverse_dispersion(mad_KD, eps)
+    rows_K = cluster_rows(counts_K, rows, max_label, min_cluster_size)
+    w_KD = clip_weights(w_KD, rows_K, clip)
+    w_KD = normalize_per_feature(w_KD, rows_K)
+    if rows == "nonempty":
+        w_KD = torch.where(rows_K.unsqueeze(1), w_KD, torch.ones_like(w_KD))
+    return w_KD
+
+
+@torch.no_grad()
+def token_weights(w_KD: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
+    """m_i = w[c_i]: each token's diagonal of M_{c_i}, ``[T, D]``."""
+    return w_KD[labels_T.long()]
+
+
+def replace_nonfinite(scores_TE: torch.Tensor) -> torch.Tensor:
+    """Replace non-finite scores by the minimum finite score (spec §4.5), without a host sync."""
+    finite_TE = torch.isfinite(scores_TE)
+    min_finite = torch.where(finite_TE, scores_TE, torch.full_like(scores_TE, float("inf"))).amin()
+    return torch.where(finite_TE, scores_TE, min_finite.detach())
+
+
+def ac_scores(x_TD: torch.Tensor, m_TD: torch.Tensor | None, expert_emb_ED: torch.Tensor) -> torch.Tensor:
+    """s_ij = (x_i ⊙ m_i) · e_j / ||e_j|| in fp32; ``m_TD=None`` is M = I (the cosine router).
+
+    Gradients flow into x and the expert embeddings; m is a constant (spec §2.2).
+    """
+    x_TD = x_TD.float()
+    if m_TD is not None:
+        x_TD = x_TD * m_TD.detach()
+    scores_TE = x_TD @ F.normalize(expert_emb_ED.float(), dim=1).t()
+    return replace_nonfinite(scores_TE)

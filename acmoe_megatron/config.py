@@ -1,0 +1,206 @@
+"""YAML run recipes: megatron flags + our AC/data/run settings, with overrides and strict keys.
+
+A recipe has four sections (all optional except ``megatron``):
+
+    megatron:  any argument of Megatron's trainer, by its argparse name with underscores
+               (``num_layers: 4`` → ``--num-layers 4``; ``true`` on a switch adds it,
+               ``false`` on a ``--no-*`` switch adds that). Checked against megatron's own parser.
+    acmoe:     ``routers.ACSettings`` (router type, first AC layer, eps, clip, cluster rows).
+    data:      ``DataSettings`` (webdataset shard directory with its manifest, shuffle seed).
+    run:       ``RunSettings`` (run directory; TensorBoard/checkpoint paths are derived from it).
+
+Overrides use the same names: ``megatron.lr=3e-4 acmoe.first_ac_layer=2 run.dir=runs/x`` (values
+are parsed as YAML). Unknown sections or keys are errors that name the key and suggest the fix.
+The resolved recipe is written to ``<run.dir>/config.yaml`` so every run is reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from acmoe_megatron.routers import ACSettings
+
+SECTIONS = ("megatron", "acmoe", "data", "run")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    path: str = "data/stdlib"  # directory with manifest.json + webdataset shards (acmoe-data prepare)
+    prepare_stdlib: bool = True  # build the embedded stdlib corpus at ``path`` if it is missing
+    seed: int = 1234  # shuffle seed of the training stream
+    verify_checksums: bool = False  # sha256 of every shard against the manifest at start-up
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    dir: str = "runs/default"  # TensorBoard in dir/tensorboard, checkpoints in dir/checkpoints
+    name: str = ""  # free-form label written to the summary
+
+
+@dataclass
+class Recipe:
+    megatron: dict[str, Any] = field(default_factory=dict)
+    acmoe: ACSettings = field(default_factory=ACSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "megatron": dict(self.megatron),
+            "acmoe": dataclasses.asdict(self.acmoe),
+            "data": dataclasses.asdict(self.data),
+            "run": dataclasses.asdict(self.run),
+        }
+
+    def hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _build_dataclass(cls, section: str, values: dict[str, Any]):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"section {section!r} must be a mapping, got {type(values).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(
+                f"unknown key {section}.{key}{_suggest(key, names)}; known keys: {sorted(names)}"
+            )
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` → (section, key, YAML-parsed value)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r}: write SECTION.KEY=VALUE, e.g. megatron.lr=3e-4")
+    lhs, raw = text.split("=", 1)
+    section, key = lhs.split(".", 1)
+    if section not in SECTIONS:
+        raise ConfigError(f"override {text!r}: unknown section {section!r}{_suggest(section, SECTIONS)}")
+    return section, key, yaml.safe_load(raw) if raw != "" else None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply ``section.key=value`` overrides and validate every key."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found; recipes live in configs/")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: a recipe must be a mapping of sections {SECTIONS}")
+    for section in raw:
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section {section!r}{_suggest(section, SECTIONS)}; sections: {SECTIONS}")
+    raw = {s: dict(raw.get(s) or {}) for s in SECTIONS}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw[section][key] = value
+    megatron = raw["megatron"]
+    check_megatron_keys(megatron)
+    return Recipe(
+        megatron=megatron,
+        acmoe=_build_dataclass(ACSettings, "acmoe", raw["acmoe"]),
+        data=_build_dataclass(DataSettings, "data", raw["data"]),
+        run=_build_dataclass(RunSettings, "run", raw["run"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# megatron flags
+
+
+_PARSER_CACHE: dict[str, list[argparse.Action]] | None = None
+
+
+def megatron_actions() -> dict[str, list[argparse.Action]]:
+    """dest → argparse actions of Megatron's trainer parser (megatron.training.arguments)."""
+    global _PARSER_CACHE
+    if _PARSER_CACHE is None:
+        from megatron.training.arguments import add_megatron_arguments
+
+        parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+        actions: dict[str, list[argparse.Action]] = {}
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                actions.setdefault(action.dest, []).append(action)
+        _PARSER_CACHE = actions
+    return _PARSER_CACHE
+
+
+def check_megatron_keys(values: dict[str, Any]) -> None:
+    actions = megatron_actions()
+    for key in values:
+        if key not in actions:
+            raise ConfigError(
+                f"unknown megatron option megatron.{key}{_suggest(key, actions)}: keys are "
+                "megatron.training argument names with '_' (e.g. num_layers for --num-layers)"
+            )
+
+
+def _long_option(action: argparse.Action) -> str:
+    longs = [o for o in action.option_strings if o.startswith("--")]
+    return longs[0] if longs else action.option_strings[0]
+
+
+def megatron_argv(values: dict[str, Any]) -> list[str]:
+    """Translate the ``megatron`` section into Megatron's command-line flags."""
+    actions = megatron_actions()
+    argv: list[str] = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        candidates = actions[key]
+        bool_actions = [a for a in candidates if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction))]
+        if bool_actions:
+            if not isinstance(value, bool):
+                raise ConfigError(f"megatron.{key} is a switch: use true or false, not {value!r}")
+            wanted = [a for a in bool_actions if a.const is value]
+            if wanted:
+                argv.append(_long_option(wanted[0]))
+            elif value != bool_actions[0].default:
+                raise ConfigError(f"megatron.{key}={value}: megatron has no flag for this value")
+            continue
+        action = candidates[0]
+        option = _long_option(action)
+        if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+            items = value if isinstance(value, (list, tuple)) else [value]
+            argv += [option] + [str(v) for v in items]
+        elif isinstance(value, (list, tuple)):
+            argv += [option, json.dumps(list(value))]  # e.g. moe_layer_freq: "[1,0,1,0]"
+        else:
+            argv += [option, str(value)]
+    return argv
+
+
+def write_resolved(recipe: Recipe, run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.yaml"
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    tmp.replace(out)
+    return out

@@ -1,0 +1,130 @@
+"""``acmoe-data``: build and inspect token-shard directories.
+
+Examples:
+    acmoe-data prepare --source stdlib --out data/stdlib_s256 --seq-length 256
+    acmoe-data prepare --source 'corpus/**/*.txt' --out data/mytext --seq-length 1024 \\
+        --samples-per-shard 2048 --max-bytes 50000000
+    acmoe-data info data/stdlib_s256
+
+``--source`` is ``stdlib`` (this Python's standard-library sources, the embedded default) or a
+directory, file or glob of plain-text files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from acmoe_megatron.data.corpus import SPLITS
+from acmoe_megatron.data.manifest import Manifest, read_manifest
+from acmoe_megatron.data.shards import prepare
+from acmoe_megatron.data.sources import resolve_source
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="acmoe-data", description="Build and inspect webdataset token shards for acmoe_megatron."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into webdataset shards + manifest.json")
+    p.add_argument(
+        "--source", default="stdlib", help="'stdlib' (default) or a directory / file / glob of plain-text files"
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--seq-length", type=int, required=True, help="model sequence length; samples hold seq_length + 1 tokens"
+    )
+    p.add_argument("--samples-per-shard", type=int, default=4096, help="samples per tar shard")
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=None,
+        help="cap on the source bytes read per split (whole files, in path order)",
+    )
+    p.add_argument("--valid-fraction", type=float, default=0.02, help="fraction of files for valid")
+    p.add_argument("--test-fraction", type=float, default=0.02, help="fraction of files for test")
+    p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="splits to write (default: all)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", help="print the summary of a shard directory's manifest")
+    i.add_argument("dir", help="directory holding manifest.json")
+    return parser
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    corpus = resolve_source(args.source, args.valid_fraction, args.test_fraction, args.max_bytes)
+    total = sum(corpus.num_bytes(split) for split in args.splits)
+    bar = None  # created on the first document, so errors before that print cleanly
+
+    def progress(split: str, n_bytes: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=args.no_progress)
+        bar.set_postfix_str(split, refresh=False)
+        bar.update(n_bytes)
+
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            manifest = prepare(
+                corpus,
+                args.out,
+                args.seq_length,
+                args.samples_per_shard,
+                splits=args.splits,
+                overwrite=args.overwrite,
+                progress=progress,
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
+    print(summary(manifest))
+    return 0
+
+
+def summary(manifest: Manifest) -> str:
+    """A short human-readable summary of a manifest."""
+    tok = manifest.tokenizer
+    src = manifest.source
+    lines = [
+        f"format     {manifest.format} v{manifest.format_version}",
+        f"tokenizer  {tok['name']} (vocab {tok['vocab_size']}, eod {tok['eod']}, hash {tok['hash'][:12]})",
+        f"seq_length {manifest.seq_length} (samples of {manifest.sample_length} {manifest.dtype} tokens)",
+        f"source     {src.get('kind')} {src.get('spec', src.get('root'))} "
+        f"({src.get('num_files')} files, max_bytes={src.get('max_bytes')})",
+        f"{'split':<6} {'docs':>8} {'tokens':>12} {'samples':>9} {'shards':>6}",
+    ]
+    for name, info in manifest.splits.items():
+        lines.append(
+            f"{name:<6} {info.num_documents:>8} {info.num_tokens:>12} {info.num_samples:>9} {len(info.shards):>6}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "prepare":
+            return _prepare(args)
+        print(summary(read_manifest(args.dir)))
+        return 0
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+        print(f"acmoe-data {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Plain-text files as a corpus: a directory (all files, recursively) or a glob pattern.
+
+- A directory selects every regular file below it, recursively, except hidden files and files in
+  hidden directories (names starting with "."). Relative paths are taken from the directory.
+- A glob (``*``, ``?``, ``[``; ``**`` matches across directories) selects the regular files it
+  matches. Relative paths are taken from the glob's literal leading directory, e.g. ``data/raw``
+  for ``data/raw/**/*.txt``, so a file's split does not depend on which other files match.
+- Files with NUL bytes are rejected as binary (see ``corpus.FileCorpus.documents``).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+from acmoe_megatron.data.corpus import FileCorpus
+
+__all__ = ["text_files_corpus"]
+
+
+def text_files_corpus(
+    path_or_glob: str | os.PathLike,
+    valid_fraction: float = 0.02,
+    test_fraction: float = 0.02,
+    max_bytes: int | None = None,
+) -> FileCorpus:
+    """A ``FileCorpus`` over the text files named by a directory or a glob pattern."""
+    spec = os.fspath(path_or_glob)
+    if glob.has_magic(spec):
+        root = _literal_prefix_dir(spec)
+        files = [Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
+        relpaths = [Path(os.path.relpath(p, root)).as_posix() for p in files]
+    elif os.path.isdir(spec):
+        root = Path(spec)
+        relpaths = [
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        ]
+    elif os.path.isfile(spec):
+        root = Path(spec).parent
+        relpaths = [Path(spec).name]
+    else:
+        raise FileNotFoundError(
+            f"text source {spec!r} is neither an existing file or directory nor a glob pattern; "
+            "pass a directory of text files, a glob such as 'DIR/**/*.txt', or --source stdlib"
+        )
+    if not relpaths:
+        raise FileNotFoundError(
+            f"text source {spec!r} matched no files; check the path or pattern "
+            "(use '**' with a glob to match files in subdirectories)"
+        )
+    return FileCorpus(
+        kind="text",
+        root=root,
+        relpaths=relpaths,
+        valid_fraction=valid_fraction,
+        test_fraction=test_fraction,
+        max_bytes=max_bytes,
+        extra={"spec": spec},
+    )
+
+
+def _literal_prefix_dir(pattern: str) -> Path:
+    """The leading directories of ``pattern`` that contain no glob characters."""
+    parts = Path(pattern).parts
+    literal = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        literal.append(part)
+    return Path(*literal) if literal else Path(".")

@@ -1,0 +1,80 @@
+"""Byte-level tokenizer: one token per UTF-8 byte, plus an end-of-document id.
+
+Notable:
+- The vocabulary is the 256 byte values (ids 0..255) and one end-of-document (EOD) id, 256, so
+  ``vocab_size`` is 257. Nothing is ever out of vocabulary and no tokenizer files are needed.
+- ``hash`` identifies the tokenizer's behaviour (not its Python object). It is written into every
+  shard manifest, and the loader checks it, so shards made with another tokenizer are never read
+  by mistake.
+- ``tokenize``/``detokenize``/``eod``/``vocab_size`` mirror the names Megatron's tokenizers use, so
+  the object can be handed to code that expects them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import numpy as np
+
+__all__ = ["EOD_ID", "VOCAB_SIZE", "ByteTokenizer"]
+
+EOD_ID = 256
+VOCAB_SIZE = 257
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 0..255) plus ``eod`` = 256."""
+
+    name = "bytes"
+    vocab_size = VOCAB_SIZE
+    eod = EOD_ID
+
+    # Bump the version suffix if encode/decode ever change behaviour: old shards then stop matching.
+    _description = "acmoe_megatron.data.ByteTokenizer v1: utf-8 bytes 0..255, eod=256, vocab_size=257"
+
+    @property
+    def hash(self) -> str:
+        """A stable identifier of this tokenizer's behaviour (sha256 of its description)."""
+        return hashlib.sha256(self._description.encode("utf-8")).hexdigest()
+
+    def encode(self, text: str) -> np.ndarray:
+        """Return the UTF-8 bytes of ``text`` as a uint16 array of token ids (no EOD appended)."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+
+    def decode(self, ids: Iterable[int] | np.ndarray, eod_text: str = "") -> str:
+        """Turn token ids back into text.
+
+        Args:
+            ids: token ids; each must be a byte (0..255) or ``eod``.
+            eod_text: what each EOD id becomes in the output (default: nothing).
+
+        Invalid UTF-8 byte sequences (e.g. a block cut in the middle of a multi-byte character)
+        decode to U+FFFD rather than raising.
+        """
+        ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64)
+        bad = (ids < 0) | (ids > EOD_ID)
+        if bad.any():
+            raise ValueError(
+                f"ByteTokenizer.decode: ids must be in 0..{EOD_ID}, got {ids[bad][:5].tolist()}; "
+                "these ids were not produced by this tokenizer"
+            )
+        # np.split at the EOD positions: every chunk after the first starts with its EOD.
+        chunks = np.split(ids, np.flatnonzero(ids == EOD_ID))
+        pieces = [_bytes_to_text(chunks[0])]
+        pieces += [eod_text + _bytes_to_text(chunk[1:]) for chunk in chunks[1:]]
+        return "".join(pieces)
+
+    # Megatron-style aliases.
+    def tokenize(self, text: str) -> list[int]:
+        return self.encode(text).tolist()
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self.decode(ids)
+
+    def __repr__(self) -> str:
+        return f"ByteTokenizer(vocab_size={self.vocab_size}, eod={self.eod})"
+
+
+def _bytes_to_text(byte_ids: np.ndarray) -> str:
+    return byte_ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")

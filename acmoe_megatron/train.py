@@ -1,0 +1,288 @@
+"""ACMoE pretraining through Megatron's own trainer (``megatron.training.pretrain``).
+
+This is the per-process worker that ``torchrun`` starts; ``acmoe-pretrain`` (launcher.py) and
+``launch/pretrain.py`` wrap it. It reads a YAML recipe (config.py), turns its ``megatron`` section
+into Megatron's flags, adds the run paths (``--tensorboard-dir``, ``--save``/``--load``) and the
+data/tokenizer flags derived from the shard manifest, and hands Megatron three functions:
+
+  model_provider   megatron's GPTModel with the AC routers patched into its block spec (spec.py)
+  data provider    webdataset token shards, split by megatron's data-parallel rank (data/)
+  forward_step     GPT forward + the masked LM loss in Megatron's (sum, tokens, report) form
+
+Users keep every Megatron flag (``torch_dist`` checkpoints, ``--exit-signal-handler``, logging).
+
+Examples::
+
+    # 2 processes, expert parallel 2, CPU/gloo (what `make quickstart` runs)
+    torchrun --nproc_per_node 2 -m acmoe_megatron.train --config configs/tiny_cpu.yaml
+    # same, overriding settings from the command line
+    torchrun --nproc_per_node 2 launch/pretrain.py --config configs/tiny_cpu.yaml \\
+        megatron.train_iters=50 acmoe.first_ac_layer=2 run.dir=runs/try
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from acmoe_megatron import cpu_runtime
+
+
+def _early_runtime():
+    cpu_runtime.install()
+    cpu_runtime.install_training()
+    return cpu_runtime.install_wheel_fixes()
+
+
+def build_argv(recipe, manifest) -> list[str]:
+    """Megatron flags for a recipe: its ``megatron`` section + run paths + data-derived flags."""
+    from acmoe_megatron.config import ConfigError, megatron_argv
+
+    mg = dict(recipe.megatron)
+    run_dir = Path(recipe.run.dir)
+    mg.setdefault("tensorboard_dir", str(run_dir / "tensorboard"))
+    mg.setdefault("save", str(run_dir / "checkpoints"))
+    mg.setdefault("load", mg["save"])
+    mg.setdefault("dataloader_type", "external")
+    if mg["dataloader_type"] != "external":
+        raise ConfigError("megatron.dataloader_type must be 'external': data comes from data.path shards")
+    seq = manifest.seq_length
+    if mg.setdefault("seq_length", seq) != seq:
+        raise ConfigError(
+            f"megatron.seq_length={mg['seq_length']} but the shards in {recipe.data.path} hold "
+            f"{seq}-token samples; re-run `acmoe-data prepare --seq-length {mg['seq_length']}` "
+            "or change megatron.seq_length"
+        )
+    mg.setdefault("max_position_embeddings", seq)
+    mg.setdefault("tokenizer_type", "NullTokenizer")
+    vocab = manifest.tokenizer["vocab_size"]
+    if mg["tokenizer_type"] == "NullTokenizer":
+        if mg.setdefault("vocab_size", vocab) != vocab:
+            raise ConfigError(
+                f"megatron.vocab_size={mg['vocab_size']} but the shard manifest says {vocab} "
+                f"(tokenizer {manifest.tokenizer['name']}); remove the key or fix it"
+            )
+    return megatron_argv(mg)
+
+
+def validate_args(args, recipe) -> None:
+    """Checks megatron does not make, before any model is built."""
+    from acmoe_megatron.config import ConfigError
+    from acmoe_megatron.spec import moe_layer_numbers
+
+    if not args.num_experts:
+        raise ConfigError("megatron.num_experts is not set: ACMoE needs an MoE model")
+    if args.moe_router_topk > args.num_experts:
+        raise ConfigError(
+            f"megatron.moe_router_topk={args.moe_router_topk} > num_experts={args.num_experts}"
+        )
+    if args.num_experts % args.expert_model_parallel_size:
+        raise ConfigError(
+            f"megatron.num_experts={args.num_experts} is not divisible by "
+            f"expert_model_parallel_size={args.expert_model_parallel_size}"
+        )
+
+    class _Shape:  # what spec.moe_layer_numbers reads
+        num_layers = args.num_layers
+        moe_layer_freq = args.moe_layer_freq
+        num_moe_experts = args.num_experts
+
+    n_moe = len(moe_layer_numbers(_Shape))
+    if recipe.acmoe.router != "topk" and recipe.acmoe.first_ac_layer > n_moe:
+        raise ConfigError(
+            f"acmoe.first_ac_layer={recipe.acmoe.first_ac_layer} but the model has only {n_moe} MoE "
+            f"layers; choose 1..{n_moe} (the paper uses 3 with 6 MoE layers)"
+        )
+    decay = args.lr_decay_iters or args.train_iters
+    if args.train_iters and args.lr_warmup_iters >= decay:
+        raise ConfigError(
+            f"megatron.lr_warmup_iters={args.lr_warmup_iters} must be smaller than the decay length "
+            f"{decay} (lr_decay_iters, or train_iters when unset)"
+        )
+    if not torch.cuda.is_available():
+        needs = {
+            "distributed_backend": ("gloo", args.distributed_backend),
+            "transformer_impl": ("local", args.transformer_impl),
+            "use_cpu_initialization": (True, args.use_cpu_initialization),
+            "bf16": (False, args.bf16),
+            "fp16": (False, args.fp16),
+            "fp8": (None, args.fp8),
+        }
+        wrong = {k: v for k, v in needs.items() if v[0] != v[1]}
+        if wrong:
+            fixes = ", ".join(f"megatron.{k}: {v[0]} (is {v[1]})" for k, v in wrong.items())
+            raise ConfigError(f"no CUDA GPU here, so this recipe cannot run; set {fixes}")
+
+
+def make_model_provider(recipe):
+    def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
+        from megatron.core.models.gpt import GPTModel
+        from megatron.training import get_args
+        from megatron.training.arguments import core_transformer_config_from_args
+
+        from acmoe_megatron.spec import acmoe_block_spec
+
+        args = get_args()
+        if config is None:
+            config = core_transformer_config_from_args(args)
+        spec, carrier = acmoe_block_spec(
+            config, recipe.acmoe, use_transformer_engine=args.transformer_impl == "transformer_engine",
+            normalization=args.normalization, vp_stage=vp_stage,
+        )
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=args.padded_vocab_size,
+            max_sequence_length=args.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+            parallel_output=True,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            position_embedding_type=args.position_embedding_type,
+            rotary_percent=args.rotary_percent,
+            rotary_base=args.rotary_base,
+            vp_stage=vp_stage,
+            pg_collection=pg_collection,
+        )
+        model.acmoe_labels = carrier
+        return model
+
+    return model_provider
+
+
+class RepeatingValidation:
+    """Validation stream: the same first ``micro_batches`` micro-batches of this rank, every time.
+
+    Megatron keeps one validation iterator for the whole run and draws ``eval_iters`` ×
+    micro-batches-per-step from it at every evaluation; restarting after exactly that many makes
+    every evaluation score the same, deterministic samples (the first eval_iters × global batch
+    samples of the valid split, in order).
+    """
+
+    def __init__(self, factory, micro_batches: int):
+        self.factory, self.micro_batches = factory, micro_batches
+        self._it, self._n = None, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None or self._n == self.micro_batches:
+            self._it, self._n = iter(self.factory()), 0
+        self._n += 1
+        return next(self._it)
+
+
+def make_datasets_provider(recipe):
+    def provider(train_val_test_num_samples, vp_stage=None):
+        from megatron.core import parallel_state
+        from megatron.training import get_args
+
+        from acmoe_megatron.data.loader import TokenBatches
+
+        args = get_args()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        common = dict(micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+        train = TokenBatches(
+            recipe.data.path, "train", seed=recipe.data.seed, shuffle=True, infinite=True,
+            consumed_samples=args.consumed_train_samples,
+            verify_checksums=recipe.data.verify_checksums, seq_length=args.seq_length, **common,
+        )
+        micro_per_step = args.global_batch_size // (args.micro_batch_size * dp_size)
+        valid = RepeatingValidation(
+            partial(TokenBatches, recipe.data.path, "valid", seed=0, shuffle=False, infinite=True,
+                    verify_checksums=False, **common),
+            micro_batches=max(args.eval_iters, 1) * micro_per_step,
+        )
+        return train, valid, None
+
+    provider.is_distributed = True  # every rank builds its own reader (split by DP rank)
+    return provider
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Masked token cross-entropy in Megatron's per-token form: (sum, #tokens, report)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.cat([loss.detach().clone().view(1), num_tokens.detach().clone().view(1).float()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    from acmoe_megatron.labels import reset_labels
+
+    batch = next(data_iterator)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+    position_ids = batch["position_ids"].to(device, non_blocking=True)
+    reset_labels(model)  # a new micro-batch: no AC router may see the previous one's labels
+    output = model(tokens, position_ids, None, labels=labels)
+    return output, partial(loss_func, loss_mask)
+
+
+def parse_cli(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="acmoe-train", description="ACMoE pretraining worker (run under torchrun)"
+    )
+    parser.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    fixes = _early_runtime()
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from megatron.core.enums import ModelType
+    from megatron.training import get_args
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+    from megatron.training.training import pretrain
+
+    from acmoe_megatron.config import load_recipe
+    from acmoe_megatron.data.manifest import read_manifest
+    from acmoe_megatron.summary import write_summary
+
+    cli = parse_cli(argv)
+    recipe = load_recipe(cli.config, cli.overrides)
+    manifest = read_manifest(recipe.data.path)
+    sys.argv = ["acmoe-train"] + build_argv(recipe, manifest)
+    args = parse_and_validate_args()
+    validate_args(args, recipe)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"[acmoe] runtime shims: {cpu_runtime.APPLIED + fixes or 'none (CUDA present)'}", flush=True)
+        print(f"[acmoe] router: {recipe.acmoe}", flush=True)
+    start = time.time()
+    pretrain(
+        pretrain_cfg_container_from_args(args),
+        make_datasets_provider(recipe),
+        ModelType.encoder_or_decoder,
+        forward_step,
+        model_provider=make_model_provider(recipe),
+    )
+    wall = time.time() - start
+    args = get_args()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == int(os.environ.get("WORLD_SIZE", "1")) - 1:  # megatron's TensorBoard writer rank
+        path = write_summary(recipe, args, manifest, wall_time_s=wall, runtime_shims=cpu_runtime.APPLIED + fixes)
+        print(f"[acmoe] run summary: {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""TokenBatches: exactly-once coverage across data-parallel replicas, exact resume, loud failures.
+
+The reference is the definition in ``loader.py``: global stream position p is sample
+perm_epoch[p % N]; each global step of mbs * dp_size positions after ``consumed_samples`` is cut
+into dp_size contiguous slices, replica r taking slice r (Megatron's sampler convention).
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from acmoe_megatron.data.loader import ShardError, TokenBatches, load_split_samples
+from acmoe_megatron.data.manifest import read_manifest
+
+
+def _global_stream(shard_dir, split, mbs, dp_size, num_batches, consumed=0, **kw):
+    """Merge the replicas' sample ids back into the global order they consume."""
+    ranks = [
+        TokenBatches(shard_dir, split, mbs, r, dp_size, seed=7, consumed_samples=consumed, **kw) for r in range(dp_size)
+    ]
+    stream = []
+    for k in range(num_batches):
+        per_rank = [tb.sample_ids(k) for tb in ranks]
+        for r in range(dp_size):
+            stream.extend(per_rank[r])
+    return stream
+
+
+@pytest.mark.parametrize("dp_size", [1, 2, 3])
+def test_each_epoch_covers_every_sample_once(small_shards, dp_size):
+    n = read_manifest(small_shards.path).splits["train"].num_samples
+    mbs = 4
+    batches = -(-2 * n // (mbs * dp_size))
+    stream = _global_stream(small_shards.path, "train", mbs, dp_size, batches)
+    epoch0, epoch1 = stream[:n], stream[n : 2 * n]
+    assert sorted(epoch0) == list(range(n)) and sorted(epoch1) == list(range(n))
+    assert epoch0 != epoch1 and epoch0 != list(range(n))  # reshuffled each epoch
+    # The global order is independent of dp_size.
+    assert stream[: 2 * n] == _global_stream(small_shards.path, "train", mbs, 1, 2 * n // mbs + 1)[: 2 * n]
+
+
+@pytest.mark.parametrize("dp_size", [1, 2, 3])
+def test_replicas_are_disjoint_within_an_epoch(small_shards, dp_size):
+    n = read_manifest(small_shards.path).splits["train"].num_samples
+    seen = []
+    for r in range(dp_size):
+        tb = TokenBatches(small_shards.path, "train", 5, r, dp_size, seed=3)
+        ids = [i for k in range(n // (5 * dp_size)) for i in tb.sample_ids(k)]
+        seen.append(set(ids))
+        assert len(ids) == len(set(ids))
+    assert sum(len(s) for s in seen) == len(set().union(*seen))
+
+
+@pytest.mark.parametrize("dp_size", [1, 2, 3])
+def test_validation_pass_covers_every_sample_exactly_once(small_shards, dp_size):
+    n = read_manifest(small_shards.path).splits["valid"].num_samples
+    ids, real_rows, num_batches = [], 0, None
+    for r in range(dp_size):
+        tb = TokenBatches(small_shards.path, "valid", 4, r, dp_size, seed=0, shuffle=False, infinite=False)
+        batches = list(tb)
+        num_batches = num_batches or len(batches)
+        assert len(batches) == num_batches == len(tb)  # every replica runs the same steps
+        ids += [i for k in range(len(tb)) for i in tb.sample_ids(k) if i is not None]
+        real_rows += sum(int((b["loss_mask"].sum(1) > 0).sum()) for b in batches)
+    assert sorted(ids) == list(range(n))
+    assert real_rows == n  # padding rows are fully masked
+
+
+def test_batch_contents(small_shards):
+    manifest, samples = load_split_samples(small_shards.path, "valid")
+    s = manifest.seq_length
+    tb = TokenBatches(small_shards.path, "valid", 3, 1, 2, seed=0, shuffle=False, infinite=False)
+    assert tb.sample_ids(0) == [3, 4, 5]  # step 0 = samples 0..5; replica 1 takes the 2nd half
+    batch = next(tb)
+    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids"}
+    assert batch["tokens"].dtype == batch["labels"].dtype == torch.long
+    assert batch["loss_mask"].dtype == torch.float32
+    assert all(v.shape == (3, s) for v in batch.values())
+    np.testing.assert_array_equal(batch["tokens"][0].numpy(), samples[3, :-1])
+    np.testing.assert_array_equal(batch["labels"][0].numpy(), samples[3, 1:])
+    assert batch["loss_mask"].all() and (batch["position_ids"] == torch.arange(s)).all()
+
+    # The last sample of a split is EOD-padded: its padded labels are masked out.
+    n = len(samples)
+    real = manifest.splits["valid"].sample_length(n - 1, s + 1)
+    assert real < s + 1
+    last = TokenBatches(
+        small_shards.path, "valid", 1, 0, 1, seed=0, shuffle=False, infinite=False, consumed_samples=n - 1
+    )
+    batch = next(last)
+    assert batch["loss_mask"][0].tolist() == [1.0] * (real - 1) + [0.0] * (s - real + 1)
+    with pytest.raises(StopIteration):
+        next(last)
+
+
+@pytest.mark.parametrize("dp_size", [1, 2])
+def test_resume_continues_exactly(small_shards, dp_size):
+    mbs, k = 4, 7
+    full = [TokenBatches(small_shards.path, "train", mbs, r, dp_size, seed=11) for r in range(dp_size)]
+    before = [[next(tb) for _ in range(k)] for tb in full]
+    consumed = full[0].consumed_samples
+    assert consumed == k * mbs * dp_size
+    after = [[next(tb) for _ in range(5)] for tb in full]
+    for r in range(dp_size):
+        resumed = TokenBatches(small_shards.path, "train", mbs, r, dp_size, seed=11, consumed_samples=consumed)
+        for expected in after[r]:
+            got = next(resumed)
+            assert all(torch.equal(got[key], expected[key]) for key in expected)
+    assert not torch.equal(before[0][0]["tokens"], after[0][0]["tokens"])
+
+
+def test_resume_across_epoch_boundary_with_other_dp_size(small_shards):
+    n = read_manifest(small_shards.path).splits["train"].num_samples
+    consumed = n - 6  # the next global batch straddles the epoch boundary
+    straight = _global_stream(small_shards.path, "train", 4, 1, (n + 20) // 4 + 1)
+    resumed = _global_stream(small_shards.path, "train", 4, 3, 2, consumed=consumed)
+    assert resumed == straight[consumed : consumed + 24]
+
+
+def test_fewer_shards_than_replicas(one_shard):
+    manifest = read_manifest(one_shard)
+    assert len(manifest.splits["train"].shards) == 1
+    n = manifest.splits["train"].num_samples
+    ids = []
+    for r in range(3):
+        tb = TokenBatches(one_shard, "train", 2, r, 3, seed=5, infinite=False)
+        batches = list(tb)
+        assert batches
+        ids += [i for k in range(len(batches)) for i in tb.sample_ids(k) if i is not None]
+    assert sorted(ids) == list(range(n))
+
+
+def test_rank_env_vars_are_ignored(small_shards, monkeypatch):
+    expected = TokenBatches(small_shards.path, "train", 2, 1, 2, seed=1).sample_ids(0)
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert TokenBatches(small_shards.path, "train", 2, 1, 2, seed=1).sample_ids(0) == expected
+
+
+@pytest.fixture
+def damaged(tmp_path, small_shards):
+    copy = tmp_path / "copy"
+    shutil.copytree(small_shards.path, copy)
+    return copy
+
+
+def test_corrupt_shard_fails_loudly(damaged):
+    shard = damaged / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[5000] ^= 0xFF  # inside a token payload: only the checksum can notice
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"train-000001.tar: sha256 does not match.*--overwrite"):
+        TokenBatches(damaged, "train", 2, 0, 1, seed=0)
+
+
+def test_corrupt_tar_header_fails_loudly_without_checksums(damaged):
+    shard = damaged / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[1024 * 3 + 10] ^= 0xFF  # inside the name field of the 4th member header
+    # tarfile's stream mode treats a bad header after the first as the end of the archive and
+    # stops without an error; the loader must notice the missing samples itself.
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"train-000001\.tar"):
+        TokenBatches(damaged, "train", 2, 0, 1, seed=0, verify_checksums=False)
+
+
+def test_truncated_shard_fails_loudly(damaged):
+    shard = damaged / "valid-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:-5000])
+    with pytest.raises(ShardError, match=r"valid-000000\.tar: has \d+ bytes, the manifest says"):
+        TokenBatches(damaged, "valid", 2, 0, 1, seed=0, verify_checksums=False)
+
+
+def test_missing_shard_fails_loudly(damaged):
+    (damaged / "test-000000.tar").unlink()
+    with pytest.raises(ShardError, match=r"test-000000\.tar: is missing"):
+        TokenBatches(damaged, "test", 2, 0, 1, seed=0)
+
+
+def test_configuration_errors(small_shards, tmp_path):
+    with pytest.raises(ValueError, match="dp_rank"):
+        TokenBatches(small_shards.path, "train", 2, 2, 2, seed=0)
+    with pytest.raises(ValueError, match=r"--seq-length 128"):
+        TokenBatches(small_shards.path, "train", 2, 0, 1, seed=0, seq_length=128)
+    with pytest.raises(KeyError, match=r"split 'dev'"):
+        TokenBatches(small_shards.path, "dev", 2, 0, 1, seed=0)
+    with pytest.raises(FileNotFoundError, match=r"acmoe-data prepare"):
+        TokenBatches(tmp_path, "train", 2, 0, 1, seed=0)
+    with pytest.raises(TypeError, match="no length"):
+        len(TokenBatches(small_shards.path, "valid", 2, 0, 1, seed=0))
+
+
+def test_replica_r_gets_micro_batch_r_of_a_single_replica_run(small_shards):
+    """DP=n replica r sees exactly the samples of micro-batch r of each DP=1 step (parity tests)."""
+    one = TokenBatches(small_shards.path, "train", 4, 0, 1, seed=2)
+    for r in range(3):
+        tb = TokenBatches(small_shards.path, "train", 4, r, 3, seed=2)
+        for step in range(3):
+            assert tb.sample_ids(step) == one.sample_ids(step * 3 + r)

@@ -1,0 +1,125 @@
+"""ac_stats against a literal re-implementation of the official LM code (COSAGate_Balance, use_var
++ mad), written the way the release computes it: ``index_reduce(..., "mean", include_self=False)``,
+K = 1 + max of all previous top-k indices via ``.item()``, W = 1/(A + 1e-4), clip at 10·mean,
+per-feature normalisation, m = W[c] (spec §3.1)."""
+
+
+import pytest
+import torch
+
+from acmoe_megatron import ac_stats
+from reference_acmoe import official_scores, official_weights
+
+
+def _labels(T, E, k, gen, missing=()):
+    """Random top-k indices per token (distinct experts), avoiding the experts in ``missing``."""
+    allowed = torch.tensor([e for e in range(E) if e not in missing])
+    idx = torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:k]] for _ in range(T)])
+    return idx
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("missing", [(), (1,), (0, 5), (7,)])
+def test_weights_match_release(seed, missing):
+    gen = torch.Generator().manual_seed(seed)
+    T, D, E, k = 96, 24, 8, 2
+    X = torch.randn(T, D, generator=gen) * torch.rand(D, generator=gen) * 3
+    prev = _labels(T, E, k, gen, missing)
+    W_ref, m_ref = official_weights(X, prev)
+    K = W_ref.shape[0]
+    w = ac_stats.ac_weights(X, prev[:, 0], E, rows="release", max_label=prev.max())
+    torch.testing.assert_close(w[:K], W_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ac_stats.token_weights(w, prev[:, 0]), m_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_empty_and_singleton_clusters_follow_release():
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(10, 6, generator=gen)
+    prev = torch.tensor([[0, 1]] * 6 + [[3, 0]] * 3 + [[4, 0]])  # cluster 1, 2 empty as top-1; 4 singleton
+    W_ref, _ = official_weights(X, prev)
+    w = ac_stats.ac_weights(X, prev[:, 0], 6, rows="release", max_label=prev.max())
+    torch.testing.assert_close(w[:5], W_ref, rtol=1e-5, atol=1e-6)
+    # empty rows 1, 2 and the singleton row 4 got MAD 0 -> the clipped maximum before normalising
+    assert torch.isfinite(w).all()
+
+
+def test_scores_match_release():
+    gen = torch.Generator().manual_seed(4)
+    T, D, E = 64, 16, 8
+    X = torch.randn(T, D, generator=gen)
+    prev = _labels(T, E, 2, gen)
+    emb = torch.randn(E, D, generator=gen)
+    w = ac_stats.ac_weights(X, prev[:, 0], E, max_label=prev.max())
+    S = ac_stats.ac_scores(X, ac_stats.token_weights(w, prev[:, 0]), emb)
+    torch.testing.assert_close(S, official_scores(X, prev, emb), rtol=1e-5, atol=1e-5)
+
+
+def test_statistics_by_hand():
+    X = torch.tensor([[1.0, 0.0], [3.0, 0.0], [10.0, 4.0], [10.0, 8.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    counts = ac_stats.cluster_counts(labels, 3)
+    assert counts.tolist() == [2.0, 2.0, 0.0]
+    mean = ac_stats.cluster_means(X, labels, counts)
+    assert mean.tolist() == [[2.0, 0.0], [10.0, 6.0], [0.0, 0.0]]
+    mad = ac_stats.cluster_mad(X, labels, mean, counts)
+    assert mad.tolist() == [[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]
+    w = ac_stats.inverse_dispersion(mad, eps=1.0)
+    torch.testing.assert_close(w, torch.tensor([[0.5, 1.0], [1.0, 1 / 3], [1.0, 1.0]]))
+
+
+def test_clip_and_feature_normalisation():
+    w = torch.tensor([[1.0, 100.0], [1.0, 1.0]])
+    rows = torch.tensor([True, True])
+    clipped = ac_stats.clip_weights(w, rows, clip=2.0)  # mean = 25.75 -> threshold 51.5
+    assert clipped.tolist() == [[1.0, 51.5], [1.0, 1.0]]
+    normed = ac_stats.normalize_per_feature(clipped, rows)
+    torch.testing.assert_close(normed.mean(0), torch.ones(2))
+
+
+def test_nonempty_mode_gives_identity_to_small_clusters():
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(20, 4, generator=gen)
+    labels = torch.tensor([0] * 10 + [1] * 9 + [2])
+    w = ac_stats.ac_weights(X, labels, 4, rows="nonempty", min_cluster_size=2)
+    assert torch.equal(w[2], torch.ones(4)) and torch.equal(w[3], torch.ones(4))
+    torch.testing.assert_close(w[:2].mean(0), torch.ones(4))
+
+
+def test_inverse_dispersion_weights_tight_features_more():
+    # cluster 0 is tight along feature 0, cluster 1 along feature 1 (Theorem 1: weight tight features)
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(50, 2, generator=gen) * torch.tensor([0.1, 5.0])
+    b = torch.randn(50, 2, generator=gen) * torch.tensor([5.0, 0.1])
+    labels = torch.tensor([0] * 50 + [1] * 50)
+    w = ac_stats.ac_weights(torch.cat([a, b]), labels, 2)
+    assert w[0, 0] > 1 > w[1, 0] and w[1, 1] > 1 > w[0, 1]
+
+
+def test_nonfinite_scores_replaced_by_min_finite():
+    s = torch.tensor([[1.0, float("nan")], [float("-inf"), -2.0]])
+    out = ac_stats.replace_nonfinite(s)
+    assert out.tolist() == [[1.0, -2.0], [-2.0, -2.0]]
+
+
+def test_no_gradient_through_transform():
+    gen = torch.Generator().manual_seed(7)
+    X = torch.randn(32, 8, generator=gen, requires_grad=True)
+    emb = torch.randn(4, 8, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 4, (32,), generator=gen)
+    m = ac_stats.token_weights(ac_stats.ac_weights(X, labels, 4), labels)
+    assert not m.requires_grad
+    ac_stats.ac_scores(X, m, emb).sum().backward()
+    assert X.grad is not None and emb.grad is not None
+
+
+def test_statistics_are_fp32_for_bf16_input():
+    X = torch.randn(16, 8).to(torch.bfloat16)
+    labels = torch.randint(0, 3, (16,))
+    w = ac_stats.ac_weights(X, labels, 3)
+    assert w.dtype == torch.float32
+    assert ac_stats.ac_scores(X, ac_stats.token_weights(w, labels), torch.randn(3, 8)).dtype == torch.float32
+
+
+def test_unknown_row_mode_is_an_error():
+    with pytest.raises(ValueError, match="release"):
+        ac_stats.ac_weights(torch.randn(4, 2), torch.zeros(4, dtype=torch.long), 2, rows="bogus")
