@@ -1,0 +1,227 @@
+"""One-GPU throughput of a megatron MoE layer: megatron's top-k router vs the AC router.
+
+What is timed: one megatron ``MoELayer`` (router → all-to-all dispatcher → experts → combine),
+forward + backward, on ``seq × mbs`` tokens of width ``hidden``, at realistic sizes. Attention is
+left out on purpose: the question is what the AC router costs relative to megatron's router inside
+the same MoE layer, and the expert throughput (TFLOP/s, MFU) that layer reaches. The AC layer gets
+fixed previous-layer labels (as it would from the MoE layer before it), so its timing includes the
+full AC statistics (per-expert mean, MAD, weights, clip, normalisation) and the transformed scores.
+
+FLOPs counted (matmuls only, the standard MFU convention): per token forward
+``2·h·E`` (router) + ``k · 2·(2·h·f)`` (expert fc1 + fc2, non-gated), backward = 2 × forward, so
+step FLOPs = 3 × forward. MFU = achieved / peak, with the peak stated in the results (dense BF16
+without sparsity: H100 SXM and H200 989 TFLOP/s).
+
+Experts: megatron's ``SequentialMLP`` (one GEMM per expert) when Transformer Engine is absent,
+``TEGroupedMLP`` (grouped GEMM) with ``--te``; FP8 needs TE (``--precisions bf16,fp8``).
+
+    python benchmarks/gpu_throughput.py                       # default sweep, writes the results file
+    python benchmarks/gpu_throughput.py --shapes 4096x14336x8 --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+from pathlib import Path
+
+import torch
+
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "B200": 2250e12}
+
+
+def peak_for(name: str) -> tuple[float | None, str]:
+    for key, value in PEAK_BF16.items():
+        if key in name:
+            return value, f"{key} dense BF16 {value / 1e12:.0f} TFLOP/s"
+    return None, "unknown GPU: no peak, MFU not reported"
+
+
+def init_dist():
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.cuda.set_device(0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(1234)
+
+
+def build_layer(router: str, hidden: int, ffn: int, experts: int, topk: int, precision: str, use_te: bool):
+    import functools
+
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from acmoe_megatron.labels import LabelCarrier
+    from acmoe_megatron.routers import ACRouter, ACSettings
+
+    fp8 = {"fp8": "hybrid", "fp8_recipe": "delayed"} if precision == "fp8" else {}
+    config = TransformerConfig(
+        num_layers=2, hidden_size=hidden, num_attention_heads=max(1, hidden // 128), ffn_hidden_size=ffn,
+        num_moe_experts=experts, moe_router_topk=topk, moe_ffn_hidden_size=ffn,
+        moe_token_dispatcher_type="alltoall", moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=1e-2, moe_router_dtype="fp32", moe_grouped_gemm=use_te,
+        bf16=True, params_dtype=torch.bfloat16, add_bias_linear=False,
+        gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0, **fp8,
+    )
+    if use_te:
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=True)
+    else:
+        spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False)
+    mlp = spec.submodules.mlp
+    carrier = None
+    if router == "ac":
+        carrier = LabelCarrier([1, 2])
+        sub = mlp.keywords["submodules"]
+        import dataclasses
+
+        sub = dataclasses.replace(sub, router=functools.partial(ACRouter, label_carrier=carrier, ac=ACSettings()))
+        mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": sub})
+    layer = mlp(config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    layer.set_layer_number(2)
+    return layer.cuda(), carrier, config
+
+
+def time_layer(layer, carrier, tokens: int, hidden: int, experts: int, topk: int, steps: int, warmup: int, fp8: bool):
+    x = torch.randn(tokens, 1, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    if carrier is not None:  # labels of the previous MoE layer: a fixed balanced-ish random assignment
+        g = torch.Generator(device="cuda").manual_seed(0)
+        probs = torch.rand(tokens, experts, device="cuda", generator=g)
+        rmap = torch.zeros_like(probs, dtype=torch.bool).scatter(1, probs.topk(topk, -1).indices, True)
+        carrier.put(1, probs * rmap, rmap)
+    grad = torch.randn_like(x)
+    ctx = torch.autocast  # placeholder to keep a uniform call below
+    del ctx
+    if fp8:
+        import transformer_engine.pytorch as te
+        from transformer_engine.common.recipe import DelayedScaling, Format
+
+        recipe = DelayedScaling(fp8_format=Format.HYBRID)
+
+        def run():
+            with te.fp8_autocast(enabled=True, fp8_recipe=recipe):
+                out, _ = layer(x)
+            out.backward(grad)
+    else:
+        def run():
+            out, _ = layer(x)
+            out.backward(grad)
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times), torch.cuda.max_memory_allocated()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="2048x5632x8,2048x1408x64,4096x14336x8",
+                   help="comma list of HIDDENxFFNxEXPERTS")
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--mbs", type=int, default=2)
+    p.add_argument("--routers", default="topk,ac")
+    p.add_argument("--precisions", default="bf16")
+    p.add_argument("--te", action="store_true", help="Transformer Engine grouped-GEMM experts")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_throughput.md"))
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_throughput.py needs a CUDA GPU")
+    init_dist()
+    name = torch.cuda.get_device_name()
+    peak, peak_note = peak_for(name)
+    tokens = a.seq * a.mbs
+    rows = []
+    for shape in a.shapes.split(","):
+        hidden, ffn, experts = (int(v) for v in shape.split("x"))
+        for precision in a.precisions.split(","):
+            step = {}
+            for router in a.routers.split(","):
+                torch.cuda.reset_peak_memory_stats()
+                torch.manual_seed(0)
+                layer, carrier, _ = build_layer(router, hidden, ffn, experts, a.topk, precision, a.te)
+                t, mem = time_layer(layer, carrier, tokens, hidden, experts, a.topk, a.steps, a.warmup,
+                                    precision == "fp8")
+                flops = 3 * tokens * (2 * hidden * experts + a.topk * 4 * hidden * ffn)
+                step[router] = t
+                row = dict(hidden=hidden, ffn=ffn, experts=experts, topk=a.topk, tokens=tokens,
+                           precision=precision, router=router, step_ms=round(t * 1e3, 3),
+                           tokens_per_s=round(tokens / t), tflops=round(flops / t / 1e12, 1),
+                           mfu=round(flops / t / peak, 4) if peak else None,
+                           max_mem_gib=round(mem / 2**30, 2))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del layer, carrier
+                torch.cuda.empty_cache()
+            if "ac" in step and "topk" in step:
+                rows.append(dict(hidden=hidden, ffn=ffn, experts=experts, precision=precision,
+                                 ac_over_topk=round(step["ac"] / step["topk"], 4)))
+                print(json.dumps(rows[-1]), flush=True)
+    write_results(a, rows, name, peak_note)
+
+
+def write_results(a, rows, gpu, peak_note):
+    import megatron.core
+
+    from acmoe_megatron.precision import fused_paths
+
+    lines = [
+        "# GPU throughput: megatron MoE layer, top-k router vs AC router",
+        "",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- GPU: {gpu} (1 device); peak used for MFU: {peak_note}",
+        f"- software: torch {torch.__version__}, CUDA {torch.version.cuda}, megatron-core "
+        f"{megatron.core.__version__}, Python {platform.python_version()}",
+        f"- fused paths: {json.dumps(fused_paths())}",
+        f"- command: `python benchmarks/gpu_throughput.py --shapes {a.shapes} --topk {a.topk} --seq {a.seq} "
+        f"--mbs {a.mbs} --routers {a.routers} --precisions {a.precisions}{' --te' if a.te else ''} "
+        f"--steps {a.steps} --warmup {a.warmup}`",
+        "- timed: one MoELayer forward+backward (router, all-to-all dispatcher with EP=1 over NCCL, "
+        "experts, combine), median of the timed steps; attention excluded",
+        "- FLOPs: 3 × (2·h·E + k·4·h·f) per token (router + non-gated expert fc1/fc2, fwd+bwd)",
+        "",
+        "| hidden | ffn | experts | precision | router | step ms | tokens/s | TFLOP/s | MFU | max mem GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    for r in rows:
+        if "router" in r:
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            lines.append(f"| {r['hidden']} | {r['ffn']} | {r['experts']} | {r['precision']} | {r['router']} | "
+                         f"{r['step_ms']} | {r['tokens_per_s']} | {r['tflops']} | {mfu} | {r['max_mem_gib']} |")
+        else:
+            ratios.append(r)
+    lines += ["", "AC / top-k step-time ratio:", "", "| hidden | ffn | experts | precision | AC/top-k |", "|---|---|---|---|---|"]
+    lines += [f"| {r['hidden']} | {r['ffn']} | {r['experts']} | {r['precision']} | {r['ac_over_topk']} |" for r in ratios]
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""GPU checks (``pytest -m gpu``): BF16/FP8 training steps, no host syncs on the AC path, NCCL
+all-to-all dispatch. Skipped, with the reason printed by ``-ra``, where no CUDA GPU is present."""
+
+import os
+import socket
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU on this machine: GPU tests need one (run `pytest -m gpu` on a GPU node)",
+                allow_module_level=True)
+
+from acmoe_megatron.precision import have_transformer_engine  # noqa: E402
+from acmoe_megatron.routers import ACSettings  # noqa: E402
+from acmoe_megatron.testing import build_gpt, tiny_config  # noqa: E402
+
+VOCAB, SEQ, MBS = 256, 128, 4
+
+
+@pytest.fixture(scope="module")
+def nccl_ws1():
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.cuda.set_device(0)
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(1234)
+    yield
+
+
+def _gpu_config(**kw):
+    base = dict(
+        num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=256,
+        num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=256,
+        moe_router_dtype="fp32", use_cpu_initialization=False, bf16=True,
+        params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
+    )
+    base.update(kw)
+    return tiny_config(**base)
+
+
+def _train(config, steps=30, seed=0, use_te=False):
+    torch.manual_seed(seed)
+    model = build_gpt(config, ACSettings(first_ac_layer=2), vocab_size=VOCAB,
+                      max_sequence_length=SEQ, use_te=use_te).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(11)
+    # a learnable stream: repeated random phrases
+    phrases = torch.randint(0, VOCAB, (16, 16), generator=g)
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(0, 16, (MBS, (SEQ + 1) // 16 + 1), generator=g)
+        data = phrases[idx].reshape(MBS, -1)[:, : SEQ + 1].cuda()
+        pos = torch.arange(SEQ, device="cuda").unsqueeze(0).expand(MBS, -1)
+        model.acmoe_labels.reset()
+        loss = model(data[:, :-1], pos, None, labels=data[:, 1:]).float().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, losses
+
+
+def test_bf16_training_steps_learn(nccl_ws1):
+    model, losses = _train(_gpu_config())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
+    routers = [m for m in model.modules() if type(m).__name__ == "ACRouter"]
+    x = torch.randn(64, 1, 128, device="cuda", dtype=torch.bfloat16)
+    model.acmoe_labels.put(1, torch.ones(64, 8, device="cuda") / 8, torch.eye(8, device="cuda", dtype=torch.bool)[torch.arange(64) % 8])
+    assert routers and routers[0].gating(x).dtype == torch.float32  # AC scores stay fp32 under bf16
+
+
+@pytest.mark.skipif(not have_transformer_engine(), reason="Transformer Engine is not installed: FP8 needs it")
+def test_fp8_loss_close_to_bf16(nccl_ws1):
+    cap = torch.cuda.get_device_capability()
+    if cap < (8, 9):
+        pytest.skip(f"FP8 needs compute capability >= 8.9, this GPU has {cap}")
+    _, bf16 = _train(_gpu_config(), use_te=True)
+    _, fp8 = _train(_gpu_config(fp8="hybrid", fp8_recipe="delayed", moe_grouped_gemm=True), use_te=True)
+    assert abs(sum(fp8[-5:]) - sum(bf16[-5:])) / 5 < 0.15 * (sum(bf16[-5:]) / 5), (bf16[-5:], fp8[-5:])
+
+
+def test_ac_path_makes_no_host_sync(nccl_ws1):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from acmoe_megatron.labels import LabelCarrier
+    from acmoe_megatron.routers import ACRouter
+
+    config = _gpu_config()
+    carrier = LabelCarrier([1, 2])
+    router = ACRouter(config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+                      label_carrier=carrier, ac=ACSettings()).cuda()
+    router.set_layer_number(2)
+    x = torch.randn(256, 2, 128, device="cuda", dtype=torch.bfloat16)
+    probs = torch.rand(512, 8, device="cuda")
+    rmap = torch.zeros(512, 8, device="cuda", dtype=torch.bool).scatter(1, probs.topk(2, -1).indices, True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        carrier.put(1, probs * rmap, rmap)
+        logits = router.gating(x)
+        logits.float().sum().backward() if logits.requires_grad else None
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert logits.shape == (256, 2, 8) and torch.isfinite(logits).all()
+
+
+def test_nccl_alltoall_dispatcher_ep1(nccl_ws1):
+    config = _gpu_config(moe_token_dispatcher_type="alltoall")
+    model, losses = _train(config, steps=3)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    import torch.distributed as dist
+
+    assert dist.get_backend() == "nccl"
