@@ -32,18 +32,26 @@ import torch.nn.functional as F
 ROW_MODES = ("release", "nonempty")
 
 
+def _onehot(labels_T: torch.Tensor, num_clusters: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[T, K]`` one-hot cluster membership (scatter: no bounds check, so no host sync)."""
+    onehot_TK = torch.zeros(labels_T.shape[0], num_clusters, dtype=dtype, device=labels_T.device)
+    return onehot_TK.scatter_(1, labels_T.unsqueeze(1), 1.0)
+
+
+# The per-cluster sums are one-hot matmuls rather than ``index_add_``: with few clusters (E = 8..64)
+# and thousands of tokens, scatter-add atomics on a K×D table serialise on the GPU, a GEMM does not.
+
+
 @torch.no_grad()
 def cluster_counts(labels_T: torch.Tensor, num_clusters: int) -> torch.Tensor:
-    """Tokens per cluster as fp32 ``[K]`` (scatter-add, no host sync)."""
-    counts_K = torch.zeros(num_clusters, dtype=torch.float32, device=labels_T.device)
-    return counts_K.index_add_(0, labels_T, torch.ones_like(labels_T, dtype=torch.float32))
+    """Tokens per cluster as fp32 ``[K]``."""
+    return _onehot(labels_T, num_clusters, torch.float32).sum(0)
 
 
 @torch.no_grad()
 def cluster_means(x_TD: torch.Tensor, labels_T: torch.Tensor, counts_K: torch.Tensor) -> torch.Tensor:
     """Per-cluster mean ``[K, D]``; an empty cluster keeps mean 0 (as ``index_reduce`` does)."""
-    sums_KD = torch.zeros(counts_K.shape[0], x_TD.shape[1], dtype=x_TD.dtype, device=x_TD.device)
-    sums_KD.index_add_(0, labels_T, x_TD)
+    sums_KD = _onehot(labels_T, counts_K.shape[0], x_TD.dtype).t() @ x_TD
     return sums_KD / counts_K.clamp_min(1.0).unsqueeze(1)
 
 
@@ -53,7 +61,7 @@ def cluster_mad(
 ) -> torch.Tensor:
     """Per-cluster, per-feature mean absolute deviation ``[K, D]`` around the cluster mean."""
     dev_TD = (x_TD - mean_KD[labels_T]).abs()
-    mad_KD = torch.zeros_like(mean_KD).index_add_(0, labels_T, dev_TD)
+    mad_KD = _onehot(labels_T, mean_KD.shape[0], x_TD.dtype).t() @ dev_TD
     return mad_KD / counts_K.clamp_min(1.0).unsqueeze(1)
 
 

@@ -105,6 +105,24 @@ def validate_args(args, recipe) -> None:
             f"megatron.lr_warmup_iters={args.lr_warmup_iters} must be smaller than the decay length "
             f"{decay} (lr_decay_iters, or train_iters when unset)"
         )
+    from acmoe_megatron.precision import check_fp8, have_nvidia_apex, have_transformer_engine
+
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    try:
+        check_fp8(args.fp8, args.fp8_recipe, have_transformer_engine(), capability)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if (
+        torch.cuda.is_available()
+        and args.transformer_impl == "local"
+        and args.persist_layer_norm
+        and not have_nvidia_apex()
+    ):
+        raise ConfigError(
+            "megatron's local layers use torch's LayerNorm here (no NVIDIA Apex), which cannot "
+            "persist: set megatron.no_persist_layer_norm: true, or install Apex / use "
+            "transformer_impl: transformer_engine"
+        )
     if not torch.cuda.is_available():
         needs = {
             "distributed_backend": ("gloo", args.distributed_backend),

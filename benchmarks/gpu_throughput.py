@@ -145,8 +145,8 @@ def main(argv=None):
     p.add_argument("--routers", default="topk,ac")
     p.add_argument("--precisions", default="bf16")
     p.add_argument("--te", action="store_true", help="Transformer Engine grouped-GEMM experts")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_throughput.md"))
     a = p.parse_args(argv)
     if not torch.cuda.is_available():

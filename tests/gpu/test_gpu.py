@@ -51,9 +51,12 @@ def _gpu_config(**kw):
 
 
 def _train(config, steps=30, seed=0, use_te=False):
+    from megatron.core.transformer.module import Float16Module
+
     torch.manual_seed(seed)
-    model = build_gpt(config, ACSettings(first_ac_layer=2), vocab_size=VOCAB,
+    inner = build_gpt(config, ACSettings(first_ac_layer=2), vocab_size=VOCAB,
                       max_sequence_length=SEQ, use_te=use_te).cuda()
+    model = Float16Module(config, inner)  # what megatron's trainer does for bf16: params in bf16
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(11)
     # a learnable stream: repeated random phrases
@@ -63,13 +66,13 @@ def _train(config, steps=30, seed=0, use_te=False):
         idx = torch.randint(0, 16, (MBS, (SEQ + 1) // 16 + 1), generator=g)
         data = phrases[idx].reshape(MBS, -1)[:, : SEQ + 1].cuda()
         pos = torch.arange(SEQ, device="cuda").unsqueeze(0).expand(MBS, -1)
-        model.acmoe_labels.reset()
+        inner.acmoe_labels.reset()
         loss = model(data[:, :-1], pos, None, labels=data[:, 1:]).float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return model, losses
+    return inner, losses
 
 
 def test_bf16_training_steps_learn(nccl_ws1):
