@@ -115,7 +115,7 @@ def validate_args(args, recipe) -> None:
     if (
         torch.cuda.is_available()
         and args.transformer_impl == "local"
-        and args.persist_layer_norm
+        and not args.no_persist_layer_norm
         and not have_nvidia_apex()
     ):
         raise ConfigError(

@@ -97,16 +97,15 @@ def build_layer(router: str, hidden: int, ffn: int, experts: int, topk: int, pre
     return layer.cuda(), carrier, config
 
 
-def time_layer(layer, carrier, tokens: int, hidden: int, experts: int, topk: int, steps: int, warmup: int, fp8: bool):
+def make_step(layer, carrier, tokens: int, hidden: int, experts: int, topk: int, fp8: bool):
+    """A closure running one forward+backward of ``layer`` on fixed inputs."""
     x = torch.randn(tokens, 1, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    if carrier is not None:  # labels of the previous MoE layer: a fixed balanced-ish random assignment
+    if carrier is not None:  # labels of the previous MoE layer: a fixed random assignment
         g = torch.Generator(device="cuda").manual_seed(0)
         probs = torch.rand(tokens, experts, device="cuda", generator=g)
         rmap = torch.zeros_like(probs, dtype=torch.bool).scatter(1, probs.topk(topk, -1).indices, True)
         carrier.put(1, probs * rmap, rmap)
     grad = torch.randn_like(x)
-    ctx = torch.autocast  # placeholder to keep a uniform call below
-    del ctx
     if fp8:
         import transformer_engine.pytorch as te
         from transformer_engine.common.recipe import DelayedScaling, Format
@@ -121,9 +120,10 @@ def time_layer(layer, carrier, tokens: int, hidden: int, experts: int, topk: int
         def run():
             out, _ = layer(x)
             out.backward(grad)
-    for _ in range(warmup):
-        run()
-    torch.cuda.synchronize()
+    return run
+
+
+def time_steps(run, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -132,7 +132,7 @@ def time_layer(layer, carrier, tokens: int, hidden: int, experts: int, topk: int
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times), torch.cuda.max_memory_allocated()
+    return times
 
 
 def main(argv=None):
@@ -145,7 +145,8 @@ def main(argv=None):
     p.add_argument("--routers", default="topk,ac")
     p.add_argument("--precisions", default="bf16")
     p.add_argument("--te", action="store_true", help="Transformer Engine grouped-GEMM experts")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=60, help="timed steps per router (split over rounds)")
+    p.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds per router")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_throughput.md"))
     a = p.parse_args(argv)
@@ -159,28 +160,40 @@ def main(argv=None):
     for shape in a.shapes.split(","):
         hidden, ffn, experts = (int(v) for v in shape.split("x"))
         for precision in a.precisions.split(","):
-            step = {}
-            for router in a.routers.split(","):
-                torch.cuda.reset_peak_memory_stats()
+            routers = a.routers.split(",")
+            runs, mems, times = {}, {}, {r: [] for r in routers}
+            for router in routers:
                 torch.manual_seed(0)
                 layer, carrier, _ = build_layer(router, hidden, ffn, experts, a.topk, precision, a.te)
-                t, mem = time_layer(layer, carrier, tokens, hidden, experts, a.topk, a.steps, a.warmup,
-                                    precision == "fp8")
+                runs[router] = make_step(layer, carrier, tokens, hidden, experts, a.topk, precision == "fp8")
+                torch.cuda.reset_peak_memory_stats()
+                for _ in range(a.warmup):
+                    runs[router]()
+                torch.cuda.synchronize()
+                mems[router] = torch.cuda.max_memory_allocated()
+            # interleave the routers in rounds so clock/thermal drift hits them alike
+            for _ in range(a.rounds):
+                for router in routers:
+                    times[router] += time_steps(runs[router], max(1, a.steps // a.rounds))
+            step = {}
+            for router in routers:
+                t = statistics.median(times[router])
                 flops = 3 * tokens * (2 * hidden * experts + a.topk * 4 * hidden * ffn)
                 step[router] = t
                 row = dict(hidden=hidden, ffn=ffn, experts=experts, topk=a.topk, tokens=tokens,
                            precision=precision, router=router, step_ms=round(t * 1e3, 3),
+                           p10_ms=round(sorted(times[router])[len(times[router]) // 10] * 1e3, 3),
                            tokens_per_s=round(tokens / t), tflops=round(flops / t / 1e12, 1),
                            mfu=round(flops / t / peak, 4) if peak else None,
-                           max_mem_gib=round(mem / 2**30, 2))
+                           max_mem_gib=round(mems[router] / 2**30, 2))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                del layer, carrier
-                torch.cuda.empty_cache()
             if "ac" in step and "topk" in step:
                 rows.append(dict(hidden=hidden, ffn=ffn, experts=experts, precision=precision,
                                  ac_over_topk=round(step["ac"] / step["topk"], 4)))
                 print(json.dumps(rows[-1]), flush=True)
+            del runs
+            torch.cuda.empty_cache()
     write_results(a, rows, name, peak_note)
 
 
@@ -199,20 +212,20 @@ def write_results(a, rows, gpu, peak_note):
         f"- fused paths: {json.dumps(fused_paths())}",
         f"- command: `python benchmarks/gpu_throughput.py --shapes {a.shapes} --topk {a.topk} --seq {a.seq} "
         f"--mbs {a.mbs} --routers {a.routers} --precisions {a.precisions}{' --te' if a.te else ''} "
-        f"--steps {a.steps} --warmup {a.warmup}`",
+        f"--steps {a.steps} --rounds {a.rounds} --warmup {a.warmup}`",
         "- timed: one MoELayer forward+backward (router, all-to-all dispatcher with EP=1 over NCCL, "
-        "experts, combine), median of the timed steps; attention excluded",
+        "experts, combine), median of the timed steps, the routers timed in interleaved rounds; attention excluded",
         "- FLOPs: 3 × (2·h·E + k·4·h·f) per token (router + non-gated expert fc1/fc2, fwd+bwd)",
         "",
-        "| hidden | ffn | experts | precision | router | step ms | tokens/s | TFLOP/s | MFU | max mem GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| hidden | ffn | experts | precision | router | step ms (median) | p10 ms | tokens/s | TFLOP/s | MFU | max mem GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios = []
     for r in rows:
         if "router" in r:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             lines.append(f"| {r['hidden']} | {r['ffn']} | {r['experts']} | {r['precision']} | {r['router']} | "
-                         f"{r['step_ms']} | {r['tokens_per_s']} | {r['tflops']} | {mfu} | {r['max_mem_gib']} |")
+                         f"{r['step_ms']} | {r['p10_ms']} | {r['tokens_per_s']} | {r['tflops']} | {mfu} | {r['max_mem_gib']} |")
         else:
             ratios.append(r)
     lines += ["", "AC / top-k step-time ratio:", "", "| hidden | ffn | experts | precision | AC/top-k |", "|---|---|---|---|---|"]

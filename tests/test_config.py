@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import types
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from acmoe_megatron import launcher
@@ -313,13 +313,13 @@ def test_list_value_for_a_single_value_option_is_one_word():
 )
 def test_moe_layer_freq_list_is_accepted_by_megatron():
     argv = megatron_argv({"moe_layer_freq": [1, 0, 1, 0]})
-    assert argv == ["--moe-layer-freq", "[1,0,1,0]"]
     action = megatron_actions()["moe_layer_freq"][0]
     try:
         parsed = action.type(argv[1])
     except ValueError as err:  # what argparse turns into "invalid moe_freq_type value"
         raise argparse.ArgumentTypeError(str(err)) from err
     assert parsed == [1, 0, 1, 0]
+    assert argv == ["--moe-layer-freq", "[1,0,1,0]"]
 
 
 def test_tiny_recipe_argv_is_accepted_by_megatrons_parser():
@@ -383,23 +383,25 @@ def _flag(argv: list[str], option: str) -> str:
 
 
 def test_build_argv_derives_data_flags_from_the_manifest(tmp_path, manifest64):
-    assert manifest64.seq_length == 64 and manifest64.tokenizer["vocab_size"] == 256
+    vocab = manifest64.tokenizer["vocab_size"]
+    assert manifest64.seq_length == 64 and vocab == 257  # 256 byte values + EOD
     argv = build_argv(_recipe(tmp_path / "run"), manifest64)
     assert _flag(argv, "--seq-length") == "64"
     assert _flag(argv, "--max-position-embeddings") == "64"
     assert _flag(argv, "--tokenizer-type") == "NullTokenizer"
-    assert _flag(argv, "--vocab-size") == "256"
+    assert _flag(argv, "--vocab-size") == str(vocab)
     assert _flag(argv, "--dataloader-type") == "external"
     assert _flag(argv, "--tensorboard-dir") == str(tmp_path / "run" / "tensorboard")
     assert _flag(argv, "--save") == str(tmp_path / "run" / "checkpoints")
     assert _flag(argv, "--load") == str(tmp_path / "run" / "checkpoints")
     args = _fresh_megatron_parser().parse_args(argv)
-    assert (args.seq_length, args.vocab_size, args.tokenizer_type) == (64, 256, "NullTokenizer")
+    assert (args.seq_length, args.vocab_size, args.tokenizer_type) == (64, vocab, "NullTokenizer")
     assert args.save == args.load == str(tmp_path / "run" / "checkpoints")
 
 
 def test_build_argv_keeps_explicit_paths_and_matching_values(tmp_path, manifest64):
-    recipe = _recipe(tmp_path / "run", seq_length=64, max_position_embeddings=128, vocab_size=256,
+    recipe = _recipe(tmp_path / "run", seq_length=64, max_position_embeddings=128,
+                     vocab_size=manifest64.tokenizer["vocab_size"],
                      save=str(tmp_path / "s"), load=str(tmp_path / "l"), tensorboard_dir=str(tmp_path / "tb"))
     argv = build_argv(recipe, manifest64)
     assert _flag(argv, "--max-position-embeddings") == "128"
@@ -419,7 +421,7 @@ def test_build_argv_seq_length_mismatch_is_a_clear_error(tmp_path, manifest64):
 
 
 def test_build_argv_vocab_mismatch_and_dataloader_type(tmp_path, manifest64):
-    with pytest.raises(ConfigError, match=r"megatron.vocab_size=512 but the shard manifest says 256"):
+    with pytest.raises(ConfigError, match=r"megatron.vocab_size=512 but the shard manifest says 257 \(tokenizer bytes\)"):
         build_argv(_recipe(tmp_path, vocab_size=512), manifest64)
     with pytest.raises(ConfigError, match="dataloader_type must be 'external'"):
         build_argv(_recipe(tmp_path, dataloader_type="single"), manifest64)
@@ -439,52 +441,57 @@ def test_build_argv_with_a_constructed_manifest(tmp_path):
 # train.validate_args (megatron's parsed args + the recipe), CPU machine
 
 
-def _args(**kw):
-    base = dict(
-        num_experts=8, moe_router_topk=2, expert_model_parallel_size=2, num_layers=4, moe_layer_freq=1,
-        lr_decay_iters=None, train_iters=100, lr_warmup_iters=10, distributed_backend="gloo",
-        transformer_impl="local", use_cpu_initialization=True, bf16=False, fp16=False, fp8=None,
-    )
-    base.update(kw)
-    return types.SimpleNamespace(**base)
+@pytest.fixture(scope="module")
+def tiny_args():
+    """The tiny recipe's flags parsed by megatron's own parser (every attribute megatron has)."""
+    return _fresh_megatron_parser().parse_args(megatron_argv(load_recipe(TINY).megatron))
 
 
-def test_validate_args_accepts_the_tiny_recipe():
-    validate_args(_args(), load_recipe(TINY))
+def _args(base, **kw):
+    args = argparse.Namespace(**vars(base))
+    args.persist_layer_norm = not args.no_persist_layer_norm  # derived by megatron's validate_args
+    for key, value in kw.items():
+        assert hasattr(args, key), key
+        setattr(args, key, value)
+    return args
 
 
-def test_validate_args_first_ac_layer_beyond_the_moe_layers():
+def test_validate_args_accepts_the_tiny_recipe(tiny_args):
+    validate_args(_args(tiny_args), load_recipe(TINY))
+
+
+def test_validate_args_first_ac_layer_beyond_the_moe_layers(tiny_args):
     with pytest.raises(ConfigError, match=r"acmoe.first_ac_layer=5 but the model has only 4 MoE layers"):
-        validate_args(_args(), load_recipe(TINY, ["acmoe.first_ac_layer=5"]))
+        validate_args(_args(tiny_args), load_recipe(TINY, ["acmoe.first_ac_layer=5"]))
     # only layers 1 and 3 are MoE: the default first_ac_layer=3 is too large
     with pytest.raises(ConfigError, match=r"only 2 MoE layers; choose 1..2"):
-        validate_args(_args(moe_layer_freq=[1, 0, 1, 0]), load_recipe(TINY))
+        validate_args(_args(tiny_args, moe_layer_freq=[1, 0, 1, 0]), load_recipe(TINY))
     with pytest.raises(ConfigError, match=r"only 2 MoE layers"):
-        validate_args(_args(moe_layer_freq=2), load_recipe(TINY))
-    validate_args(_args(moe_layer_freq=2), load_recipe(TINY, ["acmoe.first_ac_layer=2"]))
+        validate_args(_args(tiny_args, moe_layer_freq=2), load_recipe(TINY))
+    validate_args(_args(tiny_args, moe_layer_freq=2), load_recipe(TINY, ["acmoe.first_ac_layer=2"]))
     # the topk router has no AC layer, so first_ac_layer does not matter
-    validate_args(_args(), load_recipe(TINY, ["acmoe.router=topk", "acmoe.first_ac_layer=9"]))
+    validate_args(_args(tiny_args), load_recipe(TINY, ["acmoe.router=topk", "acmoe.first_ac_layer=9"]))
 
 
-def test_validate_args_moe_shape_and_schedule():
+def test_validate_args_moe_shape_and_schedule(tiny_args):
     recipe = load_recipe(TINY)
     with pytest.raises(ConfigError, match="num_experts is not set"):
-        validate_args(_args(num_experts=None), recipe)
+        validate_args(_args(tiny_args, num_experts=None), recipe)
     with pytest.raises(ConfigError, match="moe_router_topk=3 > num_experts=2"):
-        validate_args(_args(num_experts=2, moe_router_topk=3, expert_model_parallel_size=1), recipe)
+        validate_args(_args(tiny_args, num_experts=2, moe_router_topk=3, expert_model_parallel_size=1), recipe)
     with pytest.raises(ConfigError, match="num_experts=6 is not divisible by expert_model_parallel_size=4"):
-        validate_args(_args(num_experts=6, expert_model_parallel_size=4), recipe)
-    with pytest.raises(ConfigError, match="lr_warmup_iters=100 must be smaller"):
-        validate_args(_args(lr_warmup_iters=100), recipe)
+        validate_args(_args(tiny_args, num_experts=6, expert_model_parallel_size=4), recipe)
+    with pytest.raises(ConfigError, match="lr_warmup_iters=400 must be smaller than the decay length 400"):
+        validate_args(_args(tiny_args, lr_warmup_iters=400), recipe)  # train_iters=400, no lr_decay_iters
+    validate_args(_args(tiny_args, lr_warmup_iters=399), recipe)
     with pytest.raises(ConfigError, match="lr_warmup_iters=20 must be smaller than the decay length 16"):
-        validate_args(_args(lr_warmup_iters=20, lr_decay_iters=16), recipe)
+        validate_args(_args(tiny_args, lr_warmup_iters=20, lr_decay_iters=16), recipe)
 
 
-@pytest.mark.skipif(not math.isfinite(0.0) or __import__("torch").cuda.is_available(),
-                    reason="the CPU-only requirements apply without CUDA")
-def test_validate_args_cpu_requirements_name_every_wrong_key():
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only requirements apply without CUDA")
+def test_validate_args_cpu_requirements_name_every_wrong_key(tiny_args):
     with pytest.raises(ConfigError) as err:
-        validate_args(_args(distributed_backend="nccl", bf16=True, use_cpu_initialization=None),
+        validate_args(_args(tiny_args, distributed_backend="nccl", bf16=True, use_cpu_initialization=None),
                       load_recipe(TINY))
     msg = str(err.value)
     assert "no CUDA GPU" in msg
@@ -492,6 +499,12 @@ def test_validate_args_cpu_requirements_name_every_wrong_key():
     assert "megatron.bf16: False (is True)" in msg
     assert "megatron.use_cpu_initialization: True (is None)" in msg
     assert "transformer_impl" not in msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="FP8 is refused only without a GPU")
+def test_validate_args_refuses_fp8_without_a_gpu(tiny_args):
+    with pytest.raises(ConfigError, match="fp8"):
+        validate_args(_args(tiny_args, fp8="hybrid"), load_recipe(TINY))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,226 @@
+"""End to end through ``acmoe-pretrain``: torchrun, 2 gloo ranks (EP=2), megatron's own trainer.
+
+One short training run (12 iterations) is shared by the assertions on its outputs (summary,
+TensorBoard, torch_dist checkpoint, resolved recipe); a copy of its run directory is then resumed
+to 16 iterations. Two more launches check that bad recipes fail before any training. About a
+minute and a half on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from acmoe_megatron.config import load_recipe
+from acmoe_megatron.data import prepare, read_manifest
+from acmoe_megatron.summary import read_scalars
+
+ROOT = Path(__file__).resolve().parents[1]
+LR, MIN_LR, WARMUP, DECAY = 0.002, 0.0002, 2, 16  # tiny_cpu.yaml lr/min_lr + the overrides below
+
+
+def common_overrides(tmp: Path, run: str) -> list[str]:
+    return [
+        "megatron.lr_warmup_iters=2", f"megatron.lr_decay_iters={DECAY}",
+        "megatron.eval_interval=6", "megatron.eval_iters=2", "megatron.log_interval=2",
+        f"run.dir={tmp / run}", f"data.path={tmp / 'data'}",
+        "megatron.seq_length=64", "megatron.max_position_embeddings=64",
+        "megatron.micro_batch_size=4", "megatron.global_batch_size=8",
+    ]
+
+
+def launch(*overrides: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "acmoe_megatron.launcher", "--config", "configs/tiny_cpu.yaml",
+           "--nproc", str(nproc), *overrides]
+    return subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, env=dict(os.environ))
+
+
+def _tail(out: subprocess.CompletedProcess, n: int = 6000) -> str:
+    return f"exit {out.returncode}; output tail:\n{out.stdout[-n:]}"
+
+
+def _cosine_lr(step: int) -> float:
+    """megatron's linear warm-up + cosine decay, as configured above, at iteration ``step``."""
+    if step <= WARMUP:
+        return LR * step / WARMUP
+    ratio = (step - WARMUP) / (DECAY - WARMUP)
+    return MIN_LR + (LR - MIN_LR) * 0.5 * (math.cos(math.pi * ratio) + 1.0)
+
+
+def _snapshot(run_dir: Path) -> dict:
+    """Everything the tests read from a finished run, taken before anything else touches it."""
+    ckpt = run_dir / "checkpoints"
+    return {
+        "summary": json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None,
+        "scalars": read_scalars(run_dir / "tensorboard") if (run_dir / "tensorboard").is_dir() else {},
+        "event_files": sorted(p.name for p in (run_dir / "tensorboard").glob("events.out.tfevents*")),
+        "iter_dirs": sorted(p.name for p in ckpt.glob("iter_*")) if ckpt.is_dir() else [],
+        "latest": (ckpt / "latest_checkpointed_iteration.txt").read_text().strip()
+        if (ckpt / "latest_checkpointed_iteration.txt").is_file() else None,
+    }
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("train_integration")
+    # a small stdlib shard set (the launcher would otherwise build the whole stdlib, ~10 s)
+    prepare(source="stdlib", out_dir=tmp / "data", seq_length=64, max_bytes=200_000)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir):
+    out = launch("megatron.train_iters=12", "megatron.save_interval=12", *common_overrides(workdir, "run"))
+    assert out.returncode == 0, _tail(out)
+    return out, workdir / "run", _snapshot(workdir / "run")
+
+
+@pytest.fixture(scope="module")
+def resumed_run(first_run, workdir):
+    _, run_dir, _ = first_run
+    resume_dir = workdir / "resume"
+    shutil.copytree(run_dir, resume_dir)  # keep the first run's directory as it was
+    out = launch("megatron.train_iters=16", "megatron.save_interval=4",
+                 "megatron.override_opt_param_scheduler=true", *common_overrides(workdir, "resume"))
+    assert out.returncode == 0, _tail(out)
+    return out, resume_dir, _snapshot(resume_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_writes_summary_with_learned_losses(first_run, workdir):
+    out, run_dir, snap = first_run
+    summary = snap["summary"]
+    assert summary is not None, _tail(out)
+    valid, train = summary["final_valid_loss"], summary["final_train_loss"]
+    assert valid is not None and math.isfinite(valid) and 0 < valid < math.log(256), summary
+    assert train is not None and math.isfinite(train) and 0 < train < math.log(256), summary
+    assert summary["iterations"] == 12 and summary["train_iters"] == 12
+    assert summary["train_tokens"] == 12 * 8 * 64
+    assert summary["world_size"] == 2
+    assert summary["parallel"] == {"tp": 1, "pp": 1, "ep": 2, "dp": 2}
+    assert summary["router"] == "ac"
+    assert summary["final_valid_ppl"] == pytest.approx(math.exp(valid))
+    assert summary["uniform_baseline_loss"] == pytest.approx(math.log(256))
+    assert summary["checkpoint_dir"] == str(run_dir / "checkpoints")
+    assert summary["tensorboard_dir"] == str(run_dir / "tensorboard")
+    # the summary reports what TensorBoard holds
+    assert valid == pytest.approx(snap["scalars"]["lm loss validation"][-1][1])
+    assert train == pytest.approx(snap["scalars"]["lm loss"][-1][1])
+    # the hash is the one of the resolved recipe the workers ran
+    assert summary["config_hash"] == load_recipe(run_dir / "config.yaml").hash()
+    assert {"streams", "cudamode", "T1_T2_initialize_without_cuda"} <= set(summary["runtime_shims"])
+    # the launcher's closing report
+    assert "[acmoe] run finished" in out.stdout
+    assert f"run summary      : {run_dir / 'summary.json'}" in out.stdout
+    assert "building the embedded stdlib corpus" not in out.stdout  # data dir was already there
+
+
+def test_tensorboard_has_loss_lr_and_moe_scalars(first_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir, snap = first_run
+    assert len(snap["event_files"]) == 1, snap["event_files"]
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("lm loss", "lm loss validation", "learning-rate", "grad-norm", "load_balancing_loss", "z_loss"):
+        assert tag in tags, f"{tag!r} missing from {sorted(tags)}"
+    steps = {tag: [e.step for e in acc.Scalars(tag)] for tag in tags}
+    assert steps["lm loss"] == list(range(1, 13))
+    assert steps["lm loss validation"] == [6, 12]
+    assert steps["load_balancing_loss"] == list(range(1, 13))
+    values = {tag: [e.value for e in acc.Scalars(tag)] for tag in tags}
+    assert all(math.isfinite(v) for tag in values for v in values[tag])
+    # the model learns: 12 steps at lr 2e-3 take the byte-level loss well below its start
+    assert values["lm loss"][-1] < values["lm loss"][0] - 0.5, values["lm loss"]
+    assert values["lm loss validation"][-1] < values["lm loss validation"][0], values["lm loss validation"]
+    # the aux loss is near its balanced value of 1 (top-2 of 8 experts), the z-loss positive
+    assert all(0.5 < v < 3.0 for v in values["load_balancing_loss"]), values["load_balancing_loss"]
+    assert all(v > 0 for v in values["z_loss"])
+    # the schedule flags reached megatron: warm-up to lr over 2 steps, cosine to min_lr at 16
+    for step, lr in zip(steps["learning-rate"], values["learning-rate"]):
+        assert lr == pytest.approx(_cosine_lr(step), rel=1e-4), (step, lr)
+
+
+def test_torch_dist_checkpoint_is_saved(first_run):
+    _, run_dir, snap = first_run
+    assert snap["iter_dirs"] == ["iter_0000012"]  # save_interval=12: only the final iteration
+    assert snap["latest"] == "12"
+    ckpt = run_dir / "checkpoints" / "iter_0000012"
+    assert (ckpt / "metadata.json").is_file()
+    assert json.loads((ckpt / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    assert len(list(ckpt.glob("*.distcp"))) == 2  # one file per rank
+
+
+def test_resolved_recipe_is_written(first_run, workdir):
+    _, run_dir, _ = first_run
+    resolved = run_dir / "config.yaml"
+    assert resolved.is_file()
+    recipe = load_recipe(resolved)
+    assert recipe.megatron["train_iters"] == 12 and recipe.megatron["seq_length"] == 64
+    assert recipe.megatron["num_experts"] == 8 and recipe.acmoe.first_ac_layer == 3
+    assert recipe.run.dir == str(run_dir) and recipe.data.path == str(workdir / "data")
+    # it is the tiny recipe plus the command-line overrides, nothing else
+    expected = load_recipe(ROOT / "configs" / "tiny_cpu.yaml",
+                           ["megatron.train_iters=12", "megatron.save_interval=12",
+                            *common_overrides(workdir, "run")])
+    assert recipe.to_dict() == expected.to_dict()
+    assert yaml.safe_load(resolved.read_text()) == expected.to_dict()
+    assert read_manifest(workdir / "data").seq_length == recipe.megatron["seq_length"]
+
+
+def test_resume_continues_from_iteration_12_to_16(resumed_run):
+    out, resume_dir, snap = resumed_run
+    log = out.stdout
+    assert re.search(r"loading distributed checkpoint from \S*resume/checkpoints at iteration 12", log), _tail(out)
+    assert re.search(r"successfully loaded checkpoint from \S*resume/checkpoints .* at iteration 12", log), _tail(out)
+    assert re.search(r"saving checkpoint at iteration\s+16 ", log), _tail(out)
+    logged = [int(m) for m in re.findall(r"\] iteration\s+(\d+)/\s*16 \|", log)]
+    assert logged and min(logged) > 12 and max(logged) == 16, logged  # no restart from iteration 1
+    assert snap["iter_dirs"] == ["iter_0000012", "iter_0000016"]
+    assert snap["latest"] == "16"
+    assert len(list((resume_dir / "checkpoints" / "iter_0000016").glob("*.distcp"))) == 2
+    summary = snap["summary"]
+    assert summary["iterations"] == 16 and summary["train_tokens"] == 16 * 8 * 64
+    assert math.isfinite(summary["final_valid_loss"])
+    # TensorBoard: the new event file continues the old series at 13..16
+    assert len(snap["event_files"]) == 2
+    scalars = snap["scalars"]
+    assert [s for s, _ in scalars["lm loss"]] == list(range(1, 17))
+    assert [s for s, _ in scalars["lm loss validation"]][-1] == 16
+    for step, lr in scalars["learning-rate"]:
+        assert lr == pytest.approx(_cosine_lr(step), rel=1e-4), (step, lr)
+    assert scalars["learning-rate"][-1][1] == pytest.approx(MIN_LR, rel=1e-4)
+
+
+def test_bad_key_fails_fast_with_exit_2(workdir):
+    run_dir = workdir / "bad_key"
+    out = launch("acmoe.first_ac_lyer=2", f"run.dir={run_dir}", f"data.path={workdir / 'data'}", timeout=300)
+    assert out.returncode == 2, _tail(out)
+    assert "config error" in out.stdout
+    assert "acmoe.first_ac_lyer" in out.stdout and "did you mean 'first_ac_layer'" in out.stdout
+    assert "torch.distributed.run" not in out.stdout  # torchrun never started
+    assert not run_dir.exists()
+
+
+def test_first_ac_layer_beyond_the_moe_layers_fails_before_training(workdir):
+    run_dir = workdir / "too_deep"
+    out = launch("acmoe.first_ac_layer=5", "megatron.train_iters=4", *common_overrides(workdir, "too_deep"),
+                 timeout=300)
+    assert out.returncode != 0, _tail(out)
+    assert "acmoe.first_ac_layer=5 but the model has only 4 MoE layers" in out.stdout, _tail(out)
+    assert "training failed" in out.stdout
+    assert not re.search(r"\] iteration\s+1/", out.stdout), "training started"
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "summary.json").exists()

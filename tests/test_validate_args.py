@@ -1,0 +1,68 @@
+"""train.validate_args: the checks made before any model is built, on the CPU and (mocked) GPU paths."""
+
+import argparse
+
+import pytest
+import torch
+
+from acmoe_megatron.config import ConfigError, load_recipe, megatron_argv
+from acmoe_megatron.train import validate_args
+
+
+def _args(recipe_path, *overrides):
+    from megatron.training.arguments import add_megatron_arguments
+
+    recipe = load_recipe(recipe_path, list(overrides))
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    return parser.parse_args(megatron_argv(recipe.megatron)), recipe
+
+
+def test_cpu_recipe_passes_on_cpu():
+    args, recipe = _args("configs/tiny_cpu.yaml")
+    validate_args(args, recipe)
+
+
+def test_gpu_recipe_is_refused_on_cpu_with_the_fix():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args, recipe = _args("configs/gpu_debug.yaml")
+    with pytest.raises(ConfigError, match="megatron.distributed_backend: gloo"):
+        validate_args(args, recipe)
+
+
+@pytest.fixture
+def fake_hopper(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+
+
+def test_gpu_recipe_passes_on_a_gpu(fake_hopper):
+    args, recipe = _args("configs/gpu_debug.yaml")
+    validate_args(args, recipe)
+
+
+def test_persistent_layernorm_without_apex_is_refused_on_gpu(fake_hopper):
+    args, recipe = _args("configs/gpu_debug.yaml", "megatron.no_persist_layer_norm=false")
+    with pytest.raises(ConfigError, match="no_persist_layer_norm"):
+        validate_args(args, recipe)
+
+
+def test_fp8_without_transformer_engine_is_refused(fake_hopper):
+    args, recipe = _args("configs/gpu_debug.yaml", "megatron.fp8=hybrid")
+    with pytest.raises(ConfigError, match="Transformer Engine"):
+        validate_args(args, recipe)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("acmoe.first_ac_layer=5", "first_ac_layer=5 but the model has only 4 MoE layers"),
+        ("megatron.moe_router_topk=9", "moe_router_topk=9 > num_experts=8"),
+        ("megatron.num_experts=5", "not divisible by expert_model_parallel_size=2"),
+        ("megatron.lr_warmup_iters=500", "lr_warmup_iters=500 must be smaller"),
+    ],
+)
+def test_bad_settings_fail_before_the_model_is_built(override, message):
+    args, recipe = _args("configs/tiny_cpu.yaml", override)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        validate_args(args, recipe)
