@@ -1,0 +1,41 @@
+# acmoe-megatron: the two commands of the README, and the setup they share.
+#   make quickstart   set up .venv, build the embedded corpus, pretrain configs/tiny_cpu.yaml (2 procs, EP=2)
+#   make test         set up .venv, run the whole test suite
+# Both re-use an existing .venv (re-installed only when pyproject.toml changes).
+# Override the interpreter with PYTHON=/path/to/python3.12.
+
+PYTHON ?=
+VENV   ?= .venv
+NPROC  ?= 2
+CONFIG ?= configs/tiny_cpu.yaml
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.acmoe-installed
+
+.PHONY: setup quickstart test test-gpu clean-runs
+
+$(STAMP): pyproject.toml
+	@set -e; \
+	if [ ! -x "$(PY)" ]; then \
+	  interp=$$(tools/find-python $(PYTHON)); \
+	  echo "[setup] creating $(VENV) with $$interp"; \
+	  "$$interp" -m venv $(VENV); \
+	fi
+	$(PY) -m pip install --quiet --upgrade pip
+	@# megatron-core's wheel needs no compiler; torch comes from PyPI (CUDA build, runs on CPU too).
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@# NVIDIA Transformer Engine and Apex are deliberately NOT installed here (see README).
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: setup
+	$(VENV)/bin/acmoe-pretrain --config $(CONFIG) --nproc $(NPROC)
+
+test: setup
+	$(PY) -m pytest
+
+test-gpu: setup
+	$(PY) -m pytest -m gpu tests/gpu
+
+clean-runs:
+	rm -rf runs
