@@ -120,7 +120,11 @@ def make_step(layer, carrier, tokens: int, hidden: int, experts: int, topk: int,
         def run():
             out, _ = layer(x)
             out.backward(grad)
-    return run
+    def run_router():  # the router alone: gating (+ AC statistics), top-k, aux losses; fwd + bwd
+        probs, _ = layer.router(x)
+        probs.sum().backward()
+
+    return run, run_router
 
 
 def time_steps(run, steps: int) -> list[float]:
@@ -135,6 +139,19 @@ def time_steps(run, steps: int) -> list[float]:
     return times
 
 
+def profile(run, title: str, rows: int = 18) -> None:
+    """Print the CUDA kernels of a few steps, by total device time (for finding the AC overhead)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+    print(f"== profile: {title} (3 steps)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="2048x5632x8,2048x1408x64,4096x14336x8",
@@ -145,6 +162,7 @@ def main(argv=None):
     p.add_argument("--routers", default="topk,ac")
     p.add_argument("--precisions", default="bf16")
     p.add_argument("--te", action="store_true", help="Transformer Engine grouped-GEMM experts")
+    p.add_argument("--profile", action="store_true", help="print the CUDA kernel table of the AC layer")
     p.add_argument("--steps", type=int, default=60, help="timed steps per router (split over rounds)")
     p.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds per router")
     p.add_argument("--warmup", type=int, default=10)
@@ -161,13 +179,15 @@ def main(argv=None):
         hidden, ffn, experts = (int(v) for v in shape.split("x"))
         for precision in a.precisions.split(","):
             routers = a.routers.split(",")
-            runs, mems, times = {}, {}, {r: [] for r in routers}
+            runs, router_runs, mems = {}, {}, {}
+            times, router_times = {r: [] for r in routers}, {r: [] for r in routers}
             for router in routers:
                 torch.manual_seed(0)
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()  # other routers' layers stay alive: subtract them
                 layer, carrier, _ = build_layer(router, hidden, ffn, experts, a.topk, precision, a.te)
-                runs[router] = make_step(layer, carrier, tokens, hidden, experts, a.topk, precision == "fp8")
+                runs[router], router_runs[router] = make_step(layer, carrier, tokens, hidden, experts, a.topk,
+                                                              precision == "fp8")
                 torch.cuda.reset_peak_memory_stats()
                 for _ in range(a.warmup):
                     runs[router]()
@@ -177,6 +197,9 @@ def main(argv=None):
             for _ in range(a.rounds):
                 for router in routers:
                     times[router] += time_steps(runs[router], max(1, a.steps // a.rounds))
+                    router_times[router] += time_steps(router_runs[router], max(1, a.steps // a.rounds))
+            if a.profile and "ac" in runs:
+                profile(runs["ac"], f"AC MoE layer {shape} {precision}")
             step = {}
             for router in routers:
                 t = statistics.median(times[router])
@@ -185,6 +208,7 @@ def main(argv=None):
                 row = dict(hidden=hidden, ffn=ffn, experts=experts, topk=a.topk, tokens=tokens,
                            precision=precision, router=router, step_ms=round(t * 1e3, 3),
                            p10_ms=round(sorted(times[router])[len(times[router]) // 10] * 1e3, 3),
+                           router_ms=round(statistics.median(router_times[router]) * 1e3, 3),
                            tokens_per_s=round(tokens / t), tflops=round(flops / t / 1e12, 1),
                            mfu=round(flops / t / peak, 4) if peak else None,
                            max_mem_gib=round(mems[router] / 2**30, 2))
@@ -215,19 +239,20 @@ def write_results(a, rows, gpu, peak_note):
         f"- command: `python benchmarks/gpu_throughput.py --shapes {a.shapes} --topk {a.topk} --seq {a.seq} "
         f"--mbs {a.mbs} --routers {a.routers} --precisions {a.precisions}{' --te' if a.te else ''} "
         f"--steps {a.steps} --rounds {a.rounds} --warmup {a.warmup}`",
+        "- router-only: the router's forward (gating + AC statistics + top-k + aux losses) and backward alone",
         "- timed: one MoELayer forward+backward (router, all-to-all dispatcher with EP=1 over NCCL, "
         "experts, combine), median of the timed steps, the routers timed in interleaved rounds; attention excluded",
         "- FLOPs: 3 × (2·h·E + k·4·h·f) per token (router + non-gated expert fc1/fc2, fwd+bwd)",
         "",
-        "| hidden | ffn | experts | precision | router | step ms (median) | p10 ms | tokens/s | TFLOP/s | MFU | layer peak mem GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| hidden | ffn | experts | precision | router | step ms (median) | p10 ms | router-only ms | tokens/s | TFLOP/s | MFU | layer peak mem GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios = []
     for r in rows:
         if "router" in r:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             lines.append(f"| {r['hidden']} | {r['ffn']} | {r['experts']} | {r['precision']} | {r['router']} | "
-                         f"{r['step_ms']} | {r['p10_ms']} | {r['tokens_per_s']} | {r['tflops']} | {mfu} | {r['max_mem_gib']} |")
+                         f"{r['step_ms']} | {r['p10_ms']} | {r['router_ms']} | {r['tokens_per_s']} | {r['tflops']} | {mfu} | {r['max_mem_gib']} |")
         else:
             ratios.append(r)
     lines += ["", "AC / top-k step-time ratio:", "", "| hidden | ffn | experts | precision | AC/top-k |", "|---|---|---|---|---|"]

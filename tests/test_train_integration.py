@@ -25,7 +25,9 @@ from acmoe_megatron.data import prepare, read_manifest
 from acmoe_megatron.summary import read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
-LR, MIN_LR, WARMUP, DECAY = 0.002, 0.0002, 2, 16  # tiny_cpu.yaml lr/min_lr + the overrides below
+_TINY = load_recipe(ROOT / "configs" / "tiny_cpu.yaml").megatron
+LR, MIN_LR = float(_TINY["lr"]), float(_TINY["min_lr"])  # cosine decay (lr_decay_style in the recipe)
+WARMUP, DECAY = 2, 16  # the overrides below
 
 
 def common_overrides(tmp: Path, run: str) -> list[str]:
@@ -144,7 +146,7 @@ def test_tensorboard_has_loss_lr_and_moe_scalars(first_run):
     assert steps["load_balancing_loss"] == list(range(1, 13))
     values = {tag: [e.value for e in acc.Scalars(tag)] for tag in tags}
     assert all(math.isfinite(v) for tag in values for v in values[tag])
-    # the model learns: 12 steps at lr 2e-3 take the byte-level loss well below its start
+    # the model learns: 12 steps at the recipe's lr take the byte-level loss well below its start
     assert values["lm loss"][-1] < values["lm loss"][0] - 0.5, values["lm loss"]
     assert values["lm loss validation"][-1] < values["lm loss validation"][0], values["lm loss validation"]
     # the aux loss is near its balanced value of 1 (top-2 of 8 experts), the z-loss positive
