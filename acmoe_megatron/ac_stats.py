@@ -60,7 +60,7 @@ def cluster_mad(
     x_TD: torch.Tensor, labels_T: torch.Tensor, mean_KD: torch.Tensor, counts_K: torch.Tensor
 ) -> torch.Tensor:
     """Per-cluster, per-feature mean absolute deviation ``[K, D]`` around the cluster mean."""
-    dev_TD = (x_TD - mean_KD[labels_T]).abs()
+    dev_TD = torch.sub(x_TD, mean_KD[labels_T]).abs_()
     mad_KD = _onehot(labels_T, mean_KD.shape[0], x_TD.dtype).t() @ dev_TD
     return mad_KD / counts_K.clamp_min(1.0).unsqueeze(1)
 

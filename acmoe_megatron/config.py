@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,24 @@ import yaml
 from acmoe_megatron.routers import ACSettings
 
 SECTIONS = ("megatron", "acmoe", "data", "run")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string; recipes mean a float."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str, where: str):
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML ({err})") from err
 
 
 class ConfigError(ValueError):
@@ -100,7 +119,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     section, key = lhs.split(".", 1)
     if section not in SECTIONS:
         raise ConfigError(f"override {text!r}: unknown section {section!r}{_suggest(section, SECTIONS)}")
-    return section, key, yaml.safe_load(raw) if raw != "" else None
+    return section, key, _yaml(raw, f"override {text!r}") if raw != "" else None
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
@@ -110,12 +129,15 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found; recipes live in configs/")
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = _yaml(p.read_text(), str(p)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: a recipe must be a mapping of sections {SECTIONS}")
     for section in raw:
         if section not in SECTIONS:
             raise ConfigError(f"unknown section {section!r}{_suggest(section, SECTIONS)}; sections: {SECTIONS}")
+    for section in SECTIONS:
+        if raw.get(section) is not None and not isinstance(raw[section], dict):
+            raise ConfigError(f"section {section!r} must be a mapping of keys, got {raw[section]!r}")
     raw = {s: dict(raw.get(s) or {}) for s in SECTIONS}
     for text in overrides:
         section, key, value = parse_override(text)
@@ -182,7 +204,7 @@ def megatron_argv(values: dict[str, Any]) -> list[str]:
             wanted = [a for a in bool_actions if a.const is value]
             if wanted:
                 argv.append(_long_option(wanted[0]))
-            elif value != bool_actions[0].default:
+            elif value != bool(bool_actions[0].default):
                 raise ConfigError(f"megatron.{key}={value}: megatron has no flag for this value")
             continue
         action = candidates[0]
@@ -191,7 +213,7 @@ def megatron_argv(values: dict[str, Any]) -> list[str]:
             items = value if isinstance(value, (list, tuple)) else [value]
             argv += [option] + [str(v) for v in items]
         elif isinstance(value, (list, tuple)):
-            argv += [option, json.dumps(list(value))]  # e.g. moe_layer_freq: "[1,0,1,0]"
+            argv += [option, json.dumps(list(value), separators=(",", ":"))]  # moe_layer_freq: "[1,0,1,0]"
         else:
             argv += [option, str(value)]
     return argv

@@ -138,7 +138,7 @@ class CudaToCpuMode(TorchFunctionMode):
         if (
             func is torch.Tensor.to
             and len(args) > 1
-            and isinstance(args[1], (str, torch.device))
+            and isinstance(args[1], (str, torch.device, int))
             and _is_cuda_device(args[1])
         ):
             args = (args[0], "cpu") + tuple(args[2:])

@@ -82,7 +82,7 @@ class CosineRouter(LabelSourceRouter):
         # Router.gating moves CPU-initialised weights to the current device; keep that contract.
         if self.weight.device != input.device:
             self.weight.data = self.weight.data.to(device=input.device)
-        x_TD = input.reshape(-1, input.shape[-1])
+        x_TD = input.reshape(-1, input.shape[-1]).float()  # one fp32 copy for statistics and scores
         logits_TE = ac_stats.ac_scores(x_TD, self._transform(x_TD), self.weight)
         return logits_TE.view(*input.shape[:-1], self.num_experts)
 

@@ -1,8 +1,5 @@
 """YAML recipes → megatron flags (config.py), the worker's argv/arg checks (train.py) and the
 launcher's fail-fast path; fast unit tests, no training processes.
-
-Tests marked ``xfail(strict=True)`` document package bugs found while writing them (see the
-reason of each); they turn into hard failures (XPASS) once the bug is fixed, so the marker can go.
 """
 
 from __future__ import annotations
@@ -169,22 +166,12 @@ def test_override_values_are_parsed_as_yaml(text, expected):
     assert type(got[2]) is type(expected[2])
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="BUG config.py parse_override/load_recipe: PyYAML (YAML 1.1) reads '3e-4' (no dot) as "
-           "the string '3e-4', so megatron.lr=3e-4 (the documented example) is a str",
-)
 def test_override_exponent_without_dot_is_a_float():
     section, key, value = parse_override("megatron.lr=3e-4")
     assert (section, key) == ("megatron", "lr")
     assert isinstance(value, float) and value == pytest.approx(3e-4)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ConfigError,
-    reason="BUG config.py: acmoe.eps=1e-5 is parsed as the str '1e-5' and ACSettings fails with "
-           "\"'>' not supported between instances of 'str' and 'int'\"",
-)
 def test_acmoe_eps_override_in_exponent_notation():
     assert load_recipe(TINY, ["acmoe.eps=1e-5"]).acmoe.eps == pytest.approx(1e-5)
 
@@ -200,21 +187,11 @@ def test_override_with_unknown_section_suggests():
         parse_override("acmo.router=ac")
 
 
-@pytest.mark.xfail(
-    strict=True, raises=yaml.YAMLError,
-    reason="BUG config.py parse_override: a malformed YAML value raises yaml.YAMLError, not "
-           "ConfigError, so acmoe-pretrain shows a traceback instead of 'config error' (exit 2)",
-)
 def test_override_with_malformed_yaml_value_is_a_config_error():
     with pytest.raises(ConfigError, match="megatron.lr"):
         parse_override("megatron.lr=[1,")
 
 
-@pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="BUG config.py load_recipe: `dict(raw.get(s) or {})` raises TypeError for a section "
-           "that is not a mapping (the check in _build_dataclass is unreachable)",
-)
 def test_section_that_is_not_a_mapping_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="acmoe"):
         load_recipe(_write(tmp_path, "acmoe: 5\n"))
@@ -273,12 +250,6 @@ def test_store_false_no_switches():
     assert megatron_argv({"no_persist_layer_norm": False}) == []
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ConfigError,
-    reason="BUG config.py megatron_argv: for store_true switches whose argparse default is None "
-           "(use_cpu_initialization, no_load_optim, no_save_optim, ...) `false` raises 'megatron "
-           "has no flag for this value' instead of adding nothing",
-)
 def test_store_true_switch_with_none_default_false_adds_nothing():
     assert megatron_argv({"use_cpu_initialization": False}) == []
 
@@ -305,12 +276,6 @@ def test_list_value_for_a_single_value_option_is_one_word():
     assert yaml.safe_load(argv[1]) == [1, 0, 1, 0]
 
 
-@pytest.mark.xfail(
-    strict=True, raises=argparse.ArgumentTypeError,
-    reason="BUG config.py megatron_argv: json.dumps gives '[1, 0, 1, 0]' (with spaces), which "
-           "megatron's moe_freq_type/_eval_pattern rejects ('Invalid pattern'); use "
-           "json.dumps(..., separators=(',', ':'))",
-)
 def test_moe_layer_freq_list_is_accepted_by_megatron():
     argv = megatron_argv({"moe_layer_freq": [1, 0, 1, 0]})
     action = megatron_actions()["moe_layer_freq"][0]
@@ -529,11 +494,6 @@ def test_launcher_missing_data_without_prepare_stdlib_returns_2(tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(
-    strict=True, raises=yaml.YAMLError,
-    reason="BUG config.py parse_override: malformed YAML escapes as yaml.YAMLError, so the launcher "
-           "crashes with a traceback instead of returning 2 with 'config error'",
-)
 def test_launcher_malformed_override_returns_2(tmp_path, capsys):
     rc = launcher.main(["--config", str(TINY), "megatron.lr=[1,", f"run.dir={tmp_path / 'run'}"])
     assert rc == 2

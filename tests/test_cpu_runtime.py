@@ -67,12 +67,6 @@ def test_cuda_device_requests_land_on_the_cpu(installed):
     assert torch.equal(x.to("cpu"), x) and torch.ones(2).device.type == "cpu"
 
 
-@pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="BUG cpu_runtime.py CudaToCpuMode: positional Tensor.to(<int device index>) is not "
-           "redirected (only str/torch.device are), although _is_cuda_device treats ints as CUDA "
-           "and device=0 keyword requests are redirected",
-)
 def test_tensor_to_integer_cuda_index_lands_on_the_cpu(installed):
     assert torch.arange(2.0).to(0).device.type == "cpu"
 
