@@ -48,6 +48,8 @@ def _last(series, tag):
 
 
 def write_summary(recipe, args, manifest, wall_time_s: float, runtime_shims=()) -> Path:
+    from acmoe_megatron.precision import fused_paths
+
     run_dir = Path(recipe.run.dir)
     tb_dir = Path(args.tensorboard_dir)
     series = read_scalars(tb_dir) if tb_dir.exists() else {}
@@ -80,6 +82,7 @@ def write_summary(recipe, args, manifest, wall_time_s: float, runtime_shims=()) 
         "config_hash": recipe.hash(),
         "git_sha": git_sha(Path(__file__).resolve().parent),
         "runtime_shims": list(runtime_shims),
+        "fused_paths": fused_paths(args),
         "tensorboard_dir": str(tb_dir),
         "checkpoint_dir": args.save,
         "tensorboard_tags": sorted(series),

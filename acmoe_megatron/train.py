@@ -273,6 +273,7 @@ def main(argv=None) -> None:
 
     from acmoe_megatron.config import load_recipe
     from acmoe_megatron.data.manifest import read_manifest
+    from acmoe_megatron.precision import fused_paths
     from acmoe_megatron.summary import write_summary
 
     cli = parse_cli(argv)
@@ -285,6 +286,7 @@ def main(argv=None) -> None:
     if rank == 0:
         print(f"[acmoe] runtime shims: {cpu_runtime.APPLIED + fixes or 'none (CUDA present)'}", flush=True)
         print(f"[acmoe] router: {recipe.acmoe}", flush=True)
+        print(f"[acmoe] fused paths: {fused_paths(args)}", flush=True)
     start = time.time()
     pretrain(
         pretrain_cfg_container_from_args(args),

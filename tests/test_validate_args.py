@@ -66,3 +66,14 @@ def test_bad_settings_fail_before_the_model_is_built(override, message):
     args, recipe = _args("configs/tiny_cpu.yaml", override)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         validate_args(args, recipe)
+
+
+def test_fp8_te_recipe_needs_transformer_engine(fake_hopper):
+    from acmoe_megatron.precision import have_transformer_engine
+
+    args, recipe = _args("configs/gpu_fp8_te.yaml")
+    if have_transformer_engine():
+        validate_args(args, recipe)
+    else:
+        with pytest.raises(ConfigError, match="Transformer Engine"):
+            validate_args(args, recipe)
