@@ -60,7 +60,7 @@ def cluster_mad(
     x_TD: torch.Tensor, labels_T: torch.Tensor, mean_KD: torch.Tensor, counts_K: torch.Tensor
 ) -> torch.Tensor:
     """Per-cluster, per-feature mean absolute deviation ``[K, D]`` around the cluster mean."""
-    dev_TD = torch.sub(x_TD, mean_KD[labels_T]).abs_()
+    dev_TD = torch.sub(x_TD, torch.index_select(mean_KD, 0, labels_T)).abs_()
     mad_KD = _onehot(labels_T, mean_KD.shape[0], x_TD.dtype).t() @ dev_TD
     return mad_KD / counts_K.clamp_min(1.0).unsqueeze(1)
 
@@ -141,7 +141,7 @@ def ac_weights(
 @torch.no_grad()
 def token_weights(w_KD: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
     """m_i = w[c_i]: each token's diagonal of M_{c_i}, ``[T, D]``."""
-    return w_KD[labels_T.long()]
+    return torch.index_select(w_KD, 0, labels_T.long())
 
 
 def replace_nonfinite(scores_TE: torch.Tensor) -> torch.Tensor:
