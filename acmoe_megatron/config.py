@@ -67,6 +67,7 @@ class DataSettings:
 class RunSettings:
     dir: str = "runs/default"  # TensorBoard in dir/tensorboard, checkpoints in dir/checkpoints
     name: str = ""  # free-form label written to the summary
+    log_router_grad_norms: bool = False  # per step, per router: dir/router_grad_norms_rank*.jsonl
 
 
 @dataclass

@@ -308,6 +308,17 @@ def install_training() -> bool:
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     APPLIED.append("T4_clip_grads")
+
+    # T5 training/arguments.py validate_args (TP > 1 or CP > 1) calls
+    #    utils/common_utils.py get_device_arch_version() -> torch.cuda.get_device_properties
+    #    ("Found no NVIDIA driver"). No GPU: report architecture 0 (pre-Blackwell rules apply).
+    import megatron.training.arguments as arguments
+    import megatron.training.utils.common_utils as common_utils
+
+    common_utils.get_device_arch_version = lambda: 0
+    if hasattr(arguments, "get_device_arch_version"):
+        arguments.get_device_arch_version = common_utils.get_device_arch_version
+    APPLIED.append("T5_device_arch")
     _INSTALLED["training"] = True
     return True
 

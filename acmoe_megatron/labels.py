@@ -1,16 +1,22 @@
-"""Previous-MoE-layer expert labels, handed from router to router inside one model chunk.
+"""Previous-MoE-layer expert labels, handed from router to router, per micro-batch.
 
 The AC router of MoE layer ℓ clusters its tokens by their top-1 expert at the previous MoE layer
-(spec §2.2). megatron passes only hidden states between layers, so the labels travel beside them
-through a ``LabelCarrier``: one object per model chunk (attached to the ``GPTModel`` as
-``model.acmoe_labels``; no module-level state). Every router of the chunk holds a reference to it:
-label *sources* ``put`` their top-1 labels, AC routers ``get`` those of the previous MoE layer.
+(spec §2.2). megatron passes only hidden states between layers, so the labels travel beside them:
 
-Ordering guarantees this relies on (no pipeline parallelism, see ``spec.check_label_sources``):
-each micro-batch runs its MoE layers in order before any later micro-batch starts, and megatron's
-recompute replays (selective "moe" or full) re-read the labels of the same micro-batch, because
-the non-pipelined schedule runs backward(mb) right after forward(mb). ``reset()`` is called at the
-start of every micro-batch so a stale label can never be read.
+* **Inside a model chunk** a ``LabelCarrier`` (one per chunk, attached as ``model.acmoe_labels``;
+  no module-level state) holds the labels of every MoE layer keyed by (micro-batch, layer).
+  Label *sources* ``put`` their top-1 labels, AC routers ``get`` those of the previous MoE layer.
+* **Across pipeline stages** (and virtual stages) ``label_transport.LabelTransport`` sends the
+  chunk's latest labels to the next stage after its forward and receives them before the next
+  stage's forward, on a process group of its own (see that module for why).
+* **Activation recompute** replays routers during backward, in reverse layer order and, under
+  1F1B, after later micro-batches' forwards. ``mark_backward`` wraps the chunk's output in an
+  identity autograd node whose backward runs first in that micro-batch's backward pass and
+  tells the carrier which micro-batch is being replayed, so replays read that micro-batch's labels.
+
+Every micro-batch forward calls ``begin_forward`` (a fresh micro-batch id); labels of micro-batches
+whose backward has started are dropped when a later micro-batch's backward starts, and evaluation
+(no grad) keeps only the current micro-batch.
 """
 
 from __future__ import annotations
@@ -28,12 +34,49 @@ class LayerLabels:
     max_label: torch.Tensor  # 0-d long tensor (kept on device: no host sync)
 
 
-class LabelCarrier:
-    """Holds the latest labels of every MoE layer of one model chunk, keyed by layer number."""
+def labels_from_routing(probs_TE: torch.Tensor, routing_map_TE: torch.Tensor) -> LayerLabels:
+    """Top-1 = the selected expert with the largest gate value; max over all selected experts."""
+    with torch.no_grad():
+        masked = torch.where(routing_map_TE, probs_TE.detach(), torch.full_like(probs_TE, -1.0))
+        top1_T = masked.argmax(dim=-1)
+        used_E = routing_map_TE.any(dim=0)
+        ids_E = torch.arange(routing_map_TE.shape[1], device=routing_map_TE.device)
+        max_label = torch.where(used_E, ids_E, torch.zeros_like(ids_E)).amax()
+    return LayerLabels(top1_T, max_label)
 
-    def __init__(self, moe_layer_numbers: list[int]):
-        self.moe_layer_numbers = sorted(moe_layer_numbers)
-        self._labels: dict[int, LayerLabels] = {}
+
+class LabelCarrier:
+    """Labels of the MoE layers of one model chunk, keyed by (micro-batch id, layer number)."""
+
+    def __init__(self, moe_layer_numbers: list[int], local_layer_numbers: list[int] | None = None,
+                 vp_stage: int | None = None):
+        self.moe_layer_numbers = sorted(moe_layer_numbers)  # global: all MoE layers of the model
+        self.local_layer_numbers = sorted(local_layer_numbers or moe_layer_numbers)  # this chunk's
+        self.vp_stage = vp_stage or 0
+        self._labels: dict[tuple[int, int], LayerLabels] = {}
+        self._next_mb = 0
+        self.current_mb = 0
+
+    # -- micro-batch bookkeeping --------------------------------------------------------------
+
+    def begin_forward(self, training: bool) -> int:
+        """A new micro-batch enters this chunk's forward; returns its id."""
+        if not training:  # evaluation: nothing is replayed, keep nothing older
+            self._labels.clear()
+        self.current_mb = self._next_mb
+        self._next_mb += 1
+        return self.current_mb
+
+    def begin_backward(self, mb: int) -> None:
+        """Micro-batch ``mb``'s backward starts: replays read its labels; older ones are done."""
+        self.current_mb = mb
+        for key in [k for k in self._labels if k[0] < mb]:
+            del self._labels[key]
+
+    def reset(self) -> None:
+        self._labels.clear()
+
+    # -- labels -------------------------------------------------------------------------------
 
     def previous_moe_layer(self, layer_number: int) -> int | None:
         """Global number of the MoE layer before ``layer_number`` (dense layers in between skip)."""
@@ -41,30 +84,37 @@ class LabelCarrier:
         return earlier[-1] if earlier else None
 
     def put(self, layer_number: int, probs_TE: torch.Tensor, routing_map_TE: torch.Tensor) -> None:
-        """Record a router's decision: top-1 = the selected expert with the largest gate value."""
-        with torch.no_grad():
-            masked = torch.where(routing_map_TE, probs_TE.detach(), torch.full_like(probs_TE, -1.0))
-            top1_T = masked.argmax(dim=-1)
-            used_E = routing_map_TE.any(dim=0)
-            ids_E = torch.arange(routing_map_TE.shape[1], device=routing_map_TE.device)
-            max_label = torch.where(used_E, ids_E, torch.zeros_like(ids_E)).amax()
-        self._labels[layer_number] = LayerLabels(top1_T, max_label)
+        """Record a router's decision for the current micro-batch."""
+        self.put_labels(layer_number, labels_from_routing(probs_TE, routing_map_TE))
+
+    def put_labels(self, layer_number: int, labels: LayerLabels, mb: int | None = None) -> None:
+        self._labels[(self.current_mb if mb is None else mb, layer_number)] = labels
+
+    def latest(self, mb: int | None = None) -> tuple[int, LayerLabels] | None:
+        """(layer, labels) of the highest MoE layer with labels for micro-batch ``mb``."""
+        mb = self.current_mb if mb is None else mb
+        layers = [layer for (m, layer) in self._labels if m == mb]
+        if not layers:
+            return None
+        top = max(layers)
+        return top, self._labels[(mb, top)]
 
     def get(self, layer_number: int, num_tokens: int) -> LayerLabels:
         """Labels from the MoE layer before ``layer_number``; clear error when they are missing."""
         prev = self.previous_moe_layer(layer_number)
         if prev is None:
             raise RuntimeError(
-                f"AC router at layer {layer_number} has no earlier MoE layer in this model chunk; "
-                "set acmoe.first_ac_layer to a later MoE layer (the first MoE layer must use a "
+                f"AC router at layer {layer_number} has no earlier MoE layer; set "
+                "acmoe.first_ac_layer to a later MoE layer (the first MoE layer must use a "
                 "standard router)."
             )
-        labels = self._labels.get(prev)
+        labels = self._labels.get((self.current_mb, prev))
         if labels is None:
             raise RuntimeError(
-                f"AC router at layer {layer_number}: MoE layer {prev} has not routed this "
-                "micro-batch yet (its labels are missing). This happens when the previous MoE "
-                "layer lives on another pipeline stage, which this version does not support."
+                f"AC router at layer {layer_number}: MoE layer {prev} has not routed micro-batch "
+                f"{self.current_mb} (its labels are missing). If layer {prev} is on another "
+                "pipeline stage, the label transport between stages is not active: train through "
+                "acmoe_megatron.train's forward_step, or call LabelTransport yourself."
             )
         if labels.top1_T.shape[0] != num_tokens:
             raise RuntimeError(
@@ -73,24 +123,46 @@ class LabelCarrier:
             )
         return labels
 
-    def reset(self) -> None:
-        """Forget all labels (called at the start of every micro-batch)."""
-        self._labels.clear()
+
+class _BackwardMarker(torch.autograd.Function):
+    """Identity on the chunk output; its backward announces the micro-batch to the carrier."""
+
+    @staticmethod
+    def forward(ctx, output, carrier, mb):
+        ctx.carrier, ctx.mb = carrier, mb
+        return output.clone()  # a fresh tensor: megatron frees pipeline outputs in place
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.carrier.begin_backward(ctx.mb)
+        return grad, None, None
+
+
+def mark_backward(output: torch.Tensor, carrier: LabelCarrier, mb: int) -> torch.Tensor:
+    if not output.requires_grad:
+        return output
+    return _BackwardMarker.apply(output, carrier, mb)
+
+
+def unwrap_chunk(model):
+    """The GPTModel inside megatron's DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def carrier_of(model) -> LabelCarrier | None:
+    carrier = getattr(unwrap_chunk(model), "acmoe_labels", None)
+    return carrier if isinstance(carrier, LabelCarrier) else None
 
 
 def find_carriers(model) -> list[LabelCarrier]:
     """The label carriers of a (possibly wrapped) model or list of model chunks."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
-    found = []
-    for chunk in chunks:
-        for module in chunk.modules():
-            carrier = getattr(module, "acmoe_labels", None)
-            if isinstance(carrier, LabelCarrier) and carrier not in found:
-                found.append(carrier)
-    return found
+    return [c for c in (carrier_of(chunk) for chunk in chunks) if c is not None]
 
 
 def reset_labels(model) -> None:
-    """Reset every label carrier of ``model`` (call before each micro-batch's forward)."""
+    """Forget all labels of ``model`` (tests and single forwards outside the trainer)."""
     for carrier in find_carriers(model):
         carrier.reset()

@@ -1,22 +1,32 @@
 """megatron-core routers: the AC router (ACMoE, Definition 2), its M = I ablation, and label sources.
 
 All three subclass megatron's ``TopKRouter`` and change only ``gating`` (how logits are made) and
-``forward`` (recording this layer's top-1 labels for the next AC layer). Megatron's own top-k,
-softmax over the selected logits, capacity dropping, aux / seq-aux / global-aux losses, z-loss,
-expert bias and the token dispatch are untouched.
+``routing`` (recording this layer's top-1 labels for the next AC layer). Megatron's own top-k,
+softmax/sigmoid scores, group-limited routing, capacity dropping, aux / seq-aux / global-aux losses,
+z-loss, expert bias and the token dispatch all run unchanged on top of the AC logits.
 
 * ``LabelSourceRouter``: megatron's linear top-k router (the SMoE baseline, spec §5.1) that also
   records labels; used by the first MoE layer(s) of an ACMoE model, which have no predecessor.
-* ``ACRouter``: s_ij = (x_i ⊙ m_{c_i}) · e_j / ||e_j|| with m from ``ac_stats`` on the current
-  layer's input and the previous MoE layer's top-1 labels c_i. The experts receive the
-  untransformed token (language-model release, spec §3.1). Statistics and scores are fp32 whatever
-  the training precision; the transform carries no gradient.
-* ``CosineRouter``: the same scoring with M = I, the ablation that isolates the effect of M
-  (spec §4.6).
+* ``ACRouter``: s_ij = (x_i ⊙ m_{c_i}) · e_j / ||e_j|| with m from ``ac_stats`` and the previous
+  MoE layer's top-1 labels c_i. The experts receive the untransformed token (LM release, spec
+  §3.1). Statistics and scores are fp32 (fp64 with ``moe_router_dtype: fp64``) whatever the
+  training precision; the transform carries no gradient.
+* ``CosineRouter``: the same scoring with M = I, the ablation that isolates the effect of M.
+
+Statistics **scope** (whose tokens the per-cluster mean/MAD are computed over):
+``local`` = this rank's tokens (under sequence parallelism: its shard of the sequence);
+``tp`` (default) = all tokens of the micro-batch on this data-parallel replica (all-reduce over
+megatron's ``tp_cp`` group), so the statistics and every routing decision are independent of the
+TP/SP/CP layout — identical to the paper's per-micro-batch statistics; ``dp`` = all replicas'
+micro-batches (all-reduce over ``tp_dp_cp``).
+Statistics **source**: ``batch`` (the paper; a token's weights depend on the other tokens of its
+micro-batch, including later tokens of its own sequence — a non-causal leak in a causal LM, and
+batch-dependent evaluation) or ``ema`` (running per-expert mean/MAD, updated after use from the
+global batch statistics, saved in checkpoints: causal-safe and batch-independent).
 
 The builder signature megatron calls is ``router(config=, pg_collection=, is_mtp_layer=)``; our
-own settings are bound beforehand with ``functools.partial`` (see ``spec.py``), so no field is
-added to megatron's ``TransformerConfig``.
+settings are bound beforehand with ``functools.partial`` (spec.py): no field is added to megatron's
+``TransformerConfig``.
 """
 
 from __future__ import annotations
@@ -24,12 +34,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from megatron.core.transformer.moe.router import TopKRouter
 
 from acmoe_megatron import ac_stats
-from acmoe_megatron.labels import LabelCarrier
+from acmoe_megatron.labels import LabelCarrier, LayerLabels, labels_from_routing
 
 ROUTER_TYPES = ("ac", "cosine", "topk")
+SCOPES = ("local", "tp", "dp")
+SOURCES = ("batch", "ema")
+# The constant sets of the three official code bases (spec §3.4): eps, clip, normalisation.
+PRESETS = {
+    "lm": dict(eps=1e-4, clip=10.0, norm="feature"),
+    "swin": dict(eps=1e-4, clip=1.5, norm="global_pre"),
+    "softmoe": dict(eps=0.35, clip=5.0, norm="global_post"),
+}
 
 
 @dataclass(frozen=True)
@@ -38,23 +57,45 @@ class ACSettings:
 
     router: str = "ac"  # ac | cosine | topk
     first_ac_layer: int = 3  # 1-based ordinal among MoE layers where AC starts (paper: 3)
-    eps: float = 1e-4  # ε in 1 / (MAD + ε)
-    clip: float = 10.0  # clip weights at clip × mean(weights)
-    rows: str = "release"  # which clusters enter the clip/normalisation means (ac_stats)
-    min_cluster_size: int = 2  # only for rows = "nonempty"
+    preset: str = "lm"  # lm | swin | softmoe: eps/clip/norm of that code base (spec §3.4)
+    eps: float | None = None  # ε in 1 / (MAD + ε); None = the preset's
+    clip: float | None = None  # clip weights at clip × mean(weights); None = the preset's
+    norm: str | None = None  # feature | global_pre | global_post; None = the preset's
+    mode: str = "release"  # release (official code) | clean (small clusters get M = I)
+    min_cluster_size: int = 2  # clean mode: clusters with fewer tokens get M = I
+    scope: str = "tp"  # local | tp | dp: tokens the statistics are computed over
+    source: str = "batch"  # batch (paper) | ema (causal-safe running statistics)
+    ema_decay: float = 0.99
 
     def __post_init__(self):
-        if self.router not in ROUTER_TYPES:
-            raise ValueError(f"acmoe.router={self.router!r}: choose one of {ROUTER_TYPES}")
-        if self.first_ac_layer < 1:
-            raise ValueError(
-                f"acmoe.first_ac_layer={self.first_ac_layer}: must be >= 1 (1-based MoE layer "
-                "index; the paper's medium models use 3)"
-            )
-        if self.rows not in ac_stats.ROW_MODES:
-            raise ValueError(f"acmoe.rows={self.rows!r}: choose one of {ac_stats.ROW_MODES}")
-        if not self.eps > 0 or not self.clip > 0:
-            raise ValueError("acmoe.eps and acmoe.clip must be > 0")
+        checks = [
+            (self.router in ROUTER_TYPES, f"acmoe.router={self.router!r}: choose one of {ROUTER_TYPES}"),
+            (self.first_ac_layer >= 1, f"acmoe.first_ac_layer={self.first_ac_layer}: must be >= 1 "
+                                       "(1-based MoE layer index; the paper's medium models use 3)"),
+            (self.preset in PRESETS, f"acmoe.preset={self.preset!r}: choose one of {tuple(PRESETS)}"),
+            (self.mode in ac_stats.MODES, f"acmoe.mode={self.mode!r}: choose one of {ac_stats.MODES}"),
+            (self.norm is None or self.norm in ac_stats.NORMS,
+             f"acmoe.norm={self.norm!r}: choose one of {ac_stats.NORMS}"),
+            (self.scope in SCOPES, f"acmoe.scope={self.scope!r}: choose one of {SCOPES}"),
+            (self.source in SOURCES, f"acmoe.source={self.source!r}: choose one of {SOURCES}"),
+            (self.eps is None or self.eps > 0, "acmoe.eps must be > 0"),
+            (self.clip is None or self.clip > 0, "acmoe.clip must be > 0"),
+            (0.0 < self.ema_decay < 1.0, "acmoe.ema_decay must be in (0, 1)"),
+            (self.min_cluster_size >= 1, "acmoe.min_cluster_size must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def constants(self) -> dict:
+        """eps, clip, norm: explicit settings override the preset's."""
+        out = dict(PRESETS[self.preset])
+        out.update({k: v for k, v in (("eps", self.eps), ("clip", self.clip), ("norm", self.norm)) if v is not None})
+        return out
+
+
+def _router_dtype(config) -> torch.dtype:
+    return torch.float64 if config.moe_router_dtype == "fp64" else torch.float32
 
 
 class LabelSourceRouter(TopKRouter):
@@ -65,10 +106,17 @@ class LabelSourceRouter(TopKRouter):
         # A plain attribute (not a submodule): the carrier belongs to the model chunk.
         self.label_carrier: LabelCarrier | None = label_carrier
 
-    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        probs, routing_map = super().forward(input, padding_mask=padding_mask)
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if self.label_carrier is not None and not self.is_mtp_layer:
-            self.label_carrier.put(self.layer_number, probs, routing_map)
+            if self.config.moe_expert_capacity_factor is None:
+                labels = labels_from_routing(probs, routing_map)
+            else:  # a dropped token keeps the expert it chose: top-1 by routing score, pre-drop
+                scores = logits.detach().reshape(-1, self.num_experts).float()
+                if self.expert_bias is not None:
+                    scores = scores + self.expert_bias.float()
+                labels = LayerLabels(scores.argmax(-1), labels_from_routing(probs, routing_map).max_label)
+            self.label_carrier.put_labels(self.layer_number, labels)
         return probs, routing_map
 
 
@@ -82,8 +130,9 @@ class CosineRouter(LabelSourceRouter):
         # Router.gating moves CPU-initialised weights to the current device; keep that contract.
         if self.weight.device != input.device:
             self.weight.data = self.weight.data.to(device=input.device)
-        x_TD = input.reshape(-1, input.shape[-1]).float()  # one fp32 copy for statistics and scores
-        logits_TE = ac_stats.ac_scores(x_TD, self._transform(x_TD), self.weight)
+        dtype = _router_dtype(self.config)
+        x_TD = input.reshape(-1, input.shape[-1]).to(dtype)  # one copy for statistics and scores
+        logits_TE = ac_stats.ac_scores(x_TD, self._transform(x_TD), self.weight, dtype=dtype)
         return logits_TE.view(*input.shape[:-1], self.num_experts)
 
 
@@ -95,14 +144,60 @@ class ACRouter(CosineRouter):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer,
                          label_carrier=label_carrier, **kw)
         self.ac = ac
+        self.ac_constants = ac.constants()
+        if ac.source == "ema":  # running statistics, part of the checkpoint
+            device = self.weight.device
+            self.register_buffer("ac_ema_count", torch.zeros(self.num_experts, device=device))
+            self.register_buffer("ac_ema_mad", torch.zeros(self.num_experts, config.hidden_size, device=device))
+
+    def _group(self, scope: str):
+        group = {"local": None, "tp": self.tp_cp_group, "dp": self.tp_dp_cp_group}[scope]
+        if group is None or dist.get_world_size(group) == 1:
+            return None
+        return group
 
     def _transform(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.label_carrier is None:
             raise RuntimeError("ACRouter built without a label carrier; build it via acmoe_megatron.spec")
         labels = self.label_carrier.get(self.layer_number, x_TD.shape[0])
-        w_KD = ac_stats.ac_weights(
-            x_TD, labels.top1_T, self.num_experts, eps=self.ac.eps, clip=self.ac.clip,
-            rows=self.ac.rows, max_label=labels.max_label,
-            min_cluster_size=self.ac.min_cluster_size,
+        c = self.ac_constants
+        if self.ac.source == "ema":
+            w_KD = self._ema_weights()
+            if self.training and torch.is_grad_enabled():  # once per step, also under recompute
+                self._ema_update(x_TD, labels.top1_T)
+            return ac_stats.token_weights(w_KD, labels.top1_T)
+        group = self._group(self.ac.scope)
+        all_reduce = None if group is None else (lambda t: dist.all_reduce(t, group=group))
+        max_label = labels.max_label
+        if group is not None and self.ac.mode == "release":
+            max_label = max_label.clone()
+            dist.all_reduce(max_label, op=dist.ReduceOp.MAX, group=group)
+        stats = ac_stats.cluster_stats(x_TD, labels.top1_T, self.num_experts, all_reduce)
+        w_KD = ac_stats.weights_from_stats(
+            stats.mad_KD, stats.counts_K, eps=c["eps"], clip=c["clip"], norm=c["norm"],
+            mode=self.ac.mode, max_label=max_label, min_cluster_size=self.ac.min_cluster_size,
         )
         return ac_stats.token_weights(w_KD, labels.top1_T)
+
+    @torch.no_grad()
+    def _ema_weights(self) -> torch.Tensor:
+        c = self.ac_constants
+        seen_K = self.ac_ema_count > 0
+        w_KD = ac_stats.weights_from_stats(
+            self.ac_ema_mad, seen_K.float() * float(self.ac.min_cluster_size), eps=c["eps"],
+            clip=c["clip"], norm=c["norm"], mode="clean", min_cluster_size=self.ac.min_cluster_size,
+        )
+        return w_KD  # clusters never seen keep M = I
+
+    @torch.no_grad()
+    def _ema_update(self, x_TD: torch.Tensor, labels_T: torch.Tensor) -> None:
+        """Blend in this micro-batch's global statistics (all replicas: EMA equal on every rank)."""
+        group = self._group("dp")
+        all_reduce = None if group is None else (lambda t: dist.all_reduce(t, group=group))
+        stats = ac_stats.cluster_stats(x_TD, labels_T, self.num_experts, all_reduce)
+        present_K1 = (stats.counts_K > 0).unsqueeze(1)
+        first_K1 = (self.ac_ema_count == 0).unsqueeze(1)
+        d = self.ac.ema_decay
+        blended_KD = torch.where(first_K1, stats.mad_KD, d * self.ac_ema_mad + (1 - d) * stats.mad_KD)
+        self.ac_ema_mad.copy_(torch.where(present_K1, blended_KD, self.ac_ema_mad))
+        self.ac_ema_count.add_(stats.counts_K)

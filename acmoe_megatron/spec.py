@@ -9,7 +9,9 @@ then replaces ``MoESubmodules.router`` of each MoE layer built on this stage:
   >= first_ac_layer                               ACRouter (router=ac) / CosineRouter (router=cosine)
 
 With ``router=topk`` the spec is megatron's, untouched. megatron shares one MoE layer spec object
-across layers, so each patched layer gets its own shallow copy (``dataclasses.replace``).
+across layers, so each patched layer gets its own shallow copy (``dataclasses.replace``). The chunk's
+``LabelCarrier`` knows all MoE layers of the model (global numbers), so an AC layer whose
+predecessor lives on an earlier pipeline stage finds the labels ``label_transport`` delivered.
 """
 
 from __future__ import annotations
@@ -69,22 +71,6 @@ def local_layer_numbers(config, vp_stage=None, pp_rank=None) -> list[int]:
     return list(range(offset + 1, offset + n + 1))
 
 
-def check_label_sources(config, settings: ACSettings, local_numbers: list[int]) -> None:
-    """Every AC layer built here must find its previous MoE layer in the same model chunk."""
-    moe = moe_layer_numbers(config)
-    for n in ac_layer_numbers(config, settings):
-        if n not in local_numbers:
-            continue
-        prev = max(m for m in moe if m < n)
-        if prev not in local_numbers:
-            raise ValueError(
-                f"AC router at layer {n} needs the labels of MoE layer {prev}, which is built on "
-                "another pipeline stage / virtual chunk. Carrying labels across pipeline stages "
-                "is not supported yet: use pipeline_model_parallel_size=1, or a layout that keeps "
-                "each AC layer with its predecessor."
-            )
-
-
 def _with_router(layer_spec, router_builder):
     """Copy of a MoE layer spec whose ``MoESubmodules.router`` is ``router_builder``."""
     mlp = layer_spec.submodules.mlp
@@ -118,10 +104,9 @@ def acmoe_block_spec(
     numbers = local_layer_numbers(config, vp_stage=vp_stage, pp_rank=pp_rank)
     if len(numbers) != len(block.layer_specs):
         raise AssertionError(f"layer numbering mismatch: {numbers} vs {len(block.layer_specs)} specs")
-    check_label_sources(config, settings, numbers)
     moe_numbers = moe_layer_numbers(config)
     ac_numbers = set(ac_layer_numbers(config, settings))
-    carrier = LabelCarrier([n for n in numbers if n in moe_numbers])
+    carrier = LabelCarrier(moe_numbers, local_layer_numbers=numbers, vp_stage=vp_stage)
     scorer = ACRouter if settings.router == "ac" else CosineRouter
     layer_specs = []
     for n, layer_spec in zip(numbers, block.layer_specs):

@@ -99,6 +99,11 @@ def validate_args(args, recipe) -> None:
             f"acmoe.first_ac_layer={recipe.acmoe.first_ac_layer} but the model has only {n_moe} MoE "
             f"layers; choose 1..{n_moe} (the paper uses 3 with 6 MoE layers)"
         )
+    if recipe.acmoe.router != "topk" and getattr(args, "moe_router_force_load_balancing", False):
+        raise ConfigError(
+            "megatron.moe_router_force_load_balancing replaces router logits by random ones, which "
+            f"makes acmoe.router={recipe.acmoe.router} meaningless; use acmoe.router=topk for that benchmark"
+        )
     decay = args.lr_decay_iters or args.train_iters
     if args.train_iters and args.lr_warmup_iters >= decay:
         raise ConfigError(
@@ -144,6 +149,7 @@ def make_model_provider(recipe):
         from megatron.training import get_args
         from megatron.training.arguments import core_transformer_config_from_args
 
+        from acmoe_megatron.label_transport import LabelTransport
         from acmoe_megatron.spec import acmoe_block_spec
 
         args = get_args()
@@ -170,8 +176,13 @@ def make_model_provider(recipe):
             pg_collection=pg_collection,
         )
         model.acmoe_labels = carrier
+        if carrier is not None:
+            if "transport" not in transport_holder:  # collective: all ranks build models together
+                transport_holder["transport"] = LabelTransport.create(args.virtual_pipeline_model_parallel_size)
+            model.acmoe_transport = transport_holder["transport"]
         return model
 
+    transport_holder = {}
     return model_provider
 
 
@@ -236,8 +247,53 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, num_tokens, {"lm loss": report}
 
 
+def make_forward_step(recipe):
+    def step(data_iterator, model):
+        if recipe.run.log_router_grad_norms:
+            _log_router_grad_norms(model, Path(recipe.run.dir))
+        return forward_step(data_iterator, model)
+
+    return step
+
+
+def _log_router_grad_norms(model, run_dir: Path) -> None:
+    """Wrap megatron's finalize_model_grads (once) to append each step's reduced router gradient
+    norms, by global layer number, to ``run_dir/router_grad_norms_rank<R>.jsonl`` (for parity
+    checks across parallel layouts)."""
+    import json
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from acmoe_megatron.labels import unwrap_chunk
+
+    config = unwrap_chunk(model).config
+    finalize = config.finalize_model_grads_func
+    if finalize is None or getattr(finalize, "_acmoe_logged", False):
+        return
+    path = run_dir / f"router_grad_norms_rank{torch.distributed.get_rank()}.jsonl"
+    steps = [0]
+
+    def logged(chunks, *args, **kwargs):
+        out = finalize(chunks, *args, **kwargs)
+        steps[0] += 1
+        norms = {}
+        for chunk in chunks:
+            for module in chunk.modules():
+                if isinstance(module, TopKRouter):
+                    grad = getattr(module.weight, "main_grad", None)
+                    grad = module.weight.grad if grad is None else grad
+                    norms[module.layer_number] = None if grad is None else grad.float().norm().item()
+        with path.open("a") as f:
+            f.write(json.dumps({"step": steps[0], "norms": norms}) + "\n")
+        return out
+
+    logged._acmoe_logged = True
+    config.finalize_model_grads_func = logged
+
+
 def forward_step(data_iterator, model):
-    from acmoe_megatron.labels import reset_labels
+    """One micro-batch: labels in from the previous stage, GPT forward, labels out to the next."""
+    from acmoe_megatron.labels import carrier_of, mark_backward, unwrap_chunk
 
     batch = next(data_iterator)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
@@ -245,9 +301,31 @@ def forward_step(data_iterator, model):
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
     position_ids = batch["position_ids"].to(device, non_blocking=True)
-    reset_labels(model)  # a new micro-batch: no AC router may see the previous one's labels
+    carrier = carrier_of(model)
+    transport = getattr(unwrap_chunk(model), "acmoe_transport", None)
+    if carrier is not None:
+        mb = carrier.begin_forward(training=torch.is_grad_enabled())
+        if transport is not None:
+            transport.receive(carrier, carrier.vp_stage, _local_tokens(tokens), tokens.device)
     output = model(tokens, position_ids, None, labels=labels)
+    if carrier is not None:
+        if transport is not None:
+            transport.send(carrier, carrier.vp_stage, _local_tokens(tokens), tokens.device)
+        if torch.is_grad_enabled():
+            output = mark_backward(output, carrier, mb)  # recompute replays find this micro-batch
     return output, partial(loss_func, loss_mask)
+
+
+def _local_tokens(tokens: torch.Tensor) -> int:
+    """Tokens a router of this rank sees per micro-batch: b × s / (TP if SP) / CP."""
+    from megatron.core import parallel_state
+    from megatron.training import get_args
+
+    args = get_args()
+    n = tokens.numel() // parallel_state.get_context_parallel_world_size()
+    if args.sequence_parallel:
+        n //= parallel_state.get_tensor_model_parallel_world_size()
+    return n
 
 
 def parse_cli(argv=None):
@@ -292,7 +370,7 @@ def main(argv=None) -> None:
         pretrain_cfg_container_from_args(args),
         make_datasets_provider(recipe),
         ModelType.encoder_or_decoder,
-        forward_step,
+        make_forward_step(recipe),
         model_provider=make_model_provider(recipe),
     )
     wall = time.time() - start

@@ -27,7 +27,7 @@ def test_weights_match_release(seed, missing):
     prev = _labels(T, E, k, gen, missing)
     W_ref, m_ref = official_weights(X, prev)
     K = W_ref.shape[0]
-    w = ac_stats.ac_weights(X, prev[:, 0], E, rows="release", max_label=prev.max())
+    w = ac_stats.ac_weights(X, prev[:, 0], E, mode="release", max_label=prev.max())
     torch.testing.assert_close(w[:K], W_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ac_stats.token_weights(w, prev[:, 0]), m_ref, rtol=1e-5, atol=1e-6)
 
@@ -37,7 +37,7 @@ def test_empty_and_singleton_clusters_follow_release():
     X = torch.randn(10, 6, generator=gen)
     prev = torch.tensor([[0, 1]] * 6 + [[3, 0]] * 3 + [[4, 0]])  # cluster 1, 2 empty as top-1; 4 singleton
     W_ref, _ = official_weights(X, prev)
-    w = ac_stats.ac_weights(X, prev[:, 0], 6, rows="release", max_label=prev.max())
+    w = ac_stats.ac_weights(X, prev[:, 0], 6, mode="release", max_label=prev.max())
     torch.testing.assert_close(w[:5], W_ref, rtol=1e-5, atol=1e-6)
     # empty rows 1, 2 and the singleton row 4 got MAD 0 -> the clipped maximum before normalising
     assert torch.isfinite(w).all()
@@ -76,11 +76,11 @@ def test_clip_and_feature_normalisation():
     torch.testing.assert_close(normed.mean(0), torch.ones(2))
 
 
-def test_nonempty_mode_gives_identity_to_small_clusters():
+def test_clean_mode_gives_identity_to_small_clusters():
     gen = torch.Generator().manual_seed(5)
     X = torch.randn(20, 4, generator=gen)
     labels = torch.tensor([0] * 10 + [1] * 9 + [2])
-    w = ac_stats.ac_weights(X, labels, 4, rows="nonempty", min_cluster_size=2)
+    w = ac_stats.ac_weights(X, labels, 4, mode="clean", min_cluster_size=2)
     assert torch.equal(w[2], torch.ones(4)) and torch.equal(w[3], torch.ones(4))
     torch.testing.assert_close(w[:2].mean(0), torch.ones(4))
 
@@ -122,4 +122,4 @@ def test_statistics_are_fp32_for_bf16_input():
 
 def test_unknown_row_mode_is_an_error():
     with pytest.raises(ValueError, match="release"):
-        ac_stats.ac_weights(torch.randn(4, 2), torch.zeros(4, dtype=torch.long), 2, rows="bogus")
+        ac_stats.ac_weights(torch.randn(4, 2), torch.zeros(4, dtype=torch.long), 2, mode="bogus")

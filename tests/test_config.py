@@ -56,7 +56,7 @@ def test_tiny_cpu_recipe_loads_with_the_documented_values():
     raw = yaml.safe_load(TINY.read_text())
     assert recipe.megatron == raw["megatron"]
     assert recipe.megatron["num_experts"] == 8 and recipe.megatron["expert_model_parallel_size"] == 2
-    assert recipe.acmoe == ACSettings(router="ac", first_ac_layer=3, eps=1e-4, clip=10.0, rows="release")
+    assert recipe.acmoe == ACSettings(router="ac", first_ac_layer=3, eps=1e-4, clip=10.0, mode="release")
     assert isinstance(recipe.acmoe.eps, float)
     assert recipe.data == DataSettings(path="data/stdlib_s256", prepare_stdlib=True, seed=1234)
     assert recipe.run == RunSettings(dir="runs/tiny_cpu", name="tiny_cpu")
@@ -137,7 +137,7 @@ def test_megatron_option_with_dashes_is_rejected():
 
 
 def test_unknown_dataclass_key_lists_the_known_keys():
-    with pytest.raises(ConfigError, match=r"known keys: \['clip', 'eps', 'first_ac_layer'"):
+    with pytest.raises(ConfigError, match=r"known keys: \['clip', 'ema_decay', 'eps', 'first_ac_layer'"):
         load_recipe(None, ["acmoe.zzz=1"])
 
 
@@ -206,9 +206,9 @@ def test_section_that_is_not_a_mapping_is_a_config_error(tmp_path):
     [
         ("acmoe.router=linear", r"acmoe.router='linear'.*\('ac', 'cosine', 'topk'\)"),
         ("acmoe.first_ac_layer=0", r"acmoe.first_ac_layer=0: must be >= 1"),
-        ("acmoe.rows=all", r"acmoe.rows='all'"),
-        ("acmoe.eps=0", r"eps and acmoe.clip must be > 0"),
-        ("acmoe.clip=-1.0", r"eps and acmoe.clip must be > 0"),
+        ("acmoe.mode=all", r"acmoe.mode='all'"),
+        ("acmoe.eps=0", r"acmoe.eps must be > 0"),
+        ("acmoe.clip=-1.0", r"acmoe.clip must be > 0"),
     ],
 )
 def test_acsettings_validation_errors_are_config_errors(override, match):
@@ -223,8 +223,8 @@ def test_acsettings_direct_validation():
         ACSettings(router="nope")
     with pytest.raises(ValueError, match="first_ac_layer"):
         ACSettings(first_ac_layer=-2)
-    for rows in ac_stats.ROW_MODES:  # every documented row mode is accepted
-        assert ACSettings(rows=rows).rows == rows
+    for mode in ac_stats.MODES:  # every documented weight mode is accepted
+        assert ACSettings(mode=mode).mode == mode
     assert ACSettings(router="topk", first_ac_layer=1).router == "topk"
 
 

@@ -163,7 +163,7 @@ def test_training_shims_are_idempotent_and_listed():
         assert training.initialize_megatron is wrapped  # not wrapped twice
         applied = list(cpu_runtime.APPLIED)
         assert len(applied) == len(set(applied)), applied
-        assert applied[-2:] == ["T1_T2_initialize_without_cuda", "T4_clip_grads"], applied
+        assert applied[-3:] == ["T1_T2_initialize_without_cuda", "T4_clip_grads", "T5_device_arch"], applied
         assert clip_grads.clip_grad_by_total_norm_fp32 is cpu_runtime._clip_grad_by_total_norm_fp32
         assert optimizer.clip_grad_by_total_norm_fp32 is cpu_runtime._clip_grad_by_total_norm_fp32
         # the clip shim scales grads by max_norm / total_norm, and leaves them when under the norm

@@ -37,3 +37,23 @@ def test_ep2_matches_single_process(tmp_path, router):
         report = json.loads((tmp_path / f"report_rank{rank}.json").read_text())
         assert report["loss_rel_err"] <= 1e-5, report
         assert report["grad_max_rel_err"] <= 1e-4, report
+
+
+def test_stage1_first_ac_layer_uses_stage0_last_moe_labels(tmp_path):
+    """PP=2: the labels MoE layer 2 produced on stage 0 are exactly those AC layer 3 uses on
+    stage 1, for each micro-batch (carried by label_transport beside the activations)."""
+    import torch
+
+    worker = Path(__file__).parent / "dist" / "label_handoff.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(_port()), str(worker), "--dir", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for mb in (0, 1):
+        sent = torch.load(tmp_path / f"stage0_mb{mb}.pt")
+        used = torch.load(tmp_path / f"stage1_mb{mb}.pt")
+        assert sent["layer"] == 2
+        assert torch.equal(sent["top1"], used["top1"])
+    a, b = (torch.load(tmp_path / f"stage0_mb{mb}.pt")["top1"] for mb in (0, 1))
+    assert not torch.equal(a, b)  # the two micro-batches differ, so a mix-up would show

@@ -161,7 +161,7 @@ def test_labels_are_recorded_and_missing_labels_fail_clearly():
 
     carrier = LabelCarrier([1, 2])
     ac = _router(ACRouter, carrier, ac=ACSettings())
-    with pytest.raises(RuntimeError, match="has not routed this micro-batch"):
+    with pytest.raises(RuntimeError, match="has not routed micro-batch 0"):
         ac(torch.randn(6, 1, 8))
     carrier.put(1, torch.eye(4)[[0, 1, 2]], torch.eye(4, dtype=torch.bool)[[0, 1, 2]])
     with pytest.raises(RuntimeError, match="6 tokens but MoE layer 1 labelled 3"):

@@ -77,3 +77,11 @@ def test_fp8_te_recipe_needs_transformer_engine(fake_hopper):
     else:
         with pytest.raises(ConfigError, match="Transformer Engine"):
             validate_args(args, recipe)
+
+
+def test_forced_random_routing_is_refused_with_the_ac_router():
+    args, recipe = _args("configs/tiny_cpu.yaml", "megatron.moe_router_force_load_balancing=true")
+    with pytest.raises(ConfigError, match="acmoe.router=topk"):
+        validate_args(args, recipe)
+    args, recipe = _args("configs/tiny_cpu.yaml", "megatron.moe_router_force_load_balancing=true", "acmoe.router=topk")
+    validate_args(args, recipe)

@@ -1,0 +1,110 @@
+"""Carry AC labels across pipeline stages, beside megatron's activations.
+
+megatron's pipeline schedules send exactly one activation tensor per micro-batch between stages
+(``[s/tp, b, h]``), and ``GPTModel.set_input_tensor`` accepts only that one; the hook for extra
+tensors (``adjust_tensor_shapes_fn``) exists only in the non-interleaved schedule. So the labels
+travel on a **process group of their own** over the same pipeline ranks:
+
+* after a chunk's forward, ``send`` posts a non-blocking send of the chunk's latest labels
+  (``[layer, max_label, top1...]``, int64, ``layer = -1`` before the first MoE layer) to the next
+  virtual stage: same pipeline group, next rank, or the next model chunk on rank 0 after the last
+  rank (interleaved schedule);
+* before a chunk's forward, ``receive`` takes them from the previous virtual stage and files them
+  in the chunk's ``LabelCarrier`` under the current micro-batch, so the first AC layer of the stage
+  finds "the previous MoE layer's labels" exactly as inside one stage (and recompute replays find
+  them later under the same micro-batch id).
+
+Why this is safe: every rank runs the same sequence of (chunk, micro-batch) forwards in every
+megatron schedule (1F1B, interleaved, forward-only evaluation), so sends and receives between a pair
+of ranks are posted in the same order on both sides; a separate communicator keeps them from
+interleaving with megatron's own activation p2p (NCCL matches p2p by order, not by tag), and the
+send is non-blocking so the sender never waits on a receiver that first waits for activations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from acmoe_megatron.labels import LabelCarrier, LayerLabels
+
+
+class LabelTransport:
+    """Sends/receives one int64 label tensor per (chunk, micro-batch) between virtual stages."""
+
+    def __init__(self, pp_ranks: list[int], vp_size: int | None):
+        self.pp_ranks = pp_ranks
+        self.pp_size = len(pp_ranks)
+        self.pp_rank = pp_ranks.index(dist.get_rank())
+        self.vp_size = vp_size or 1
+        self.group = _label_group(pp_ranks)
+        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+
+    @classmethod
+    def create(cls, vp_size: int | None) -> LabelTransport | None:
+        """Collective (every rank, same time): None when there is no pipeline parallelism."""
+        from megatron.core import parallel_state
+
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return None
+        ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+        return cls(list(ranks), vp_size)
+
+    # virtual stage (pp_rank, vp_stage) -> its neighbours
+    def _next(self, vp_stage: int) -> tuple[int, int] | None:
+        if self.pp_rank < self.pp_size - 1:
+            return self.pp_rank + 1, vp_stage
+        return (0, vp_stage + 1) if vp_stage + 1 < self.vp_size else None
+
+    def _prev(self, vp_stage: int) -> tuple[int, int] | None:
+        if self.pp_rank > 0:
+            return self.pp_rank - 1, vp_stage
+        return (self.pp_size - 1, vp_stage - 1) if vp_stage > 0 else None
+
+    def receive(self, carrier: LabelCarrier, vp_stage: int, num_tokens: int, device) -> None:
+        prev = self._prev(vp_stage)
+        if prev is None:
+            return
+        buf = torch.empty(num_tokens + 2, dtype=torch.long, device=device)
+        dist.recv(buf, src=self.pp_ranks[prev[0]], group=self.group, tag=vp_stage)
+        # The sender's latest MoE layer is known statically (no host read of buf[0]): the last
+        # MoE layer before this chunk's first layer.
+        layer = carrier.previous_moe_layer(carrier.local_layer_numbers[0])
+        if layer is not None:
+            carrier.put_labels(layer, LayerLabels(buf[2:], buf[1]))
+
+    def send(self, carrier: LabelCarrier, vp_stage: int, num_tokens: int, device) -> None:
+        nxt = self._next(vp_stage)
+        if nxt is None:
+            return
+        latest = carrier.latest()
+        buf = torch.full((num_tokens + 2,), -1, dtype=torch.long, device=device)
+        if latest is not None:
+            layer, labels = latest
+            buf[0] = layer
+            buf[1] = labels.max_label
+            buf[2:] = labels.top1_T
+        self._pending = [(w, t) for (w, t) in self._pending if not w.is_completed()]
+        work = dist.isend(buf, dst=self.pp_ranks[nxt[0]], group=self.group, tag=nxt[1])
+        self._pending.append((work, buf))
+
+    def wait_all(self) -> None:
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
+
+
+_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+
+
+def _label_group(pp_ranks: list[int]) -> dist.ProcessGroup:
+    """A new group per pipeline group; every rank must create all of them in the same order."""
+    key = tuple(pp_ranks)
+    if key not in _GROUPS:
+        world = dist.get_world_size()
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, key)
+        for ranks in sorted(set(everyone)):
+            group = dist.new_group(list(ranks))
+            _GROUPS.setdefault(ranks, group)
+    return _GROUPS[key]

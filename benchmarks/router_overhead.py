@@ -1,0 +1,107 @@
+"""CPU router overhead: forward+backward of the same tiny ACMoE GPT with megatron's top-k router
+everywhere vs the AC router (from MoE layer 3, the paper's placement), side by side in one
+process, timed in interleaved rounds; writes ``benchmarks/results/router_overhead.md``.
+
+    python benchmarks/router_overhead.py                 # the default configs/tiny_cpu.yaml shape
+    python benchmarks/router_overhead.py --hidden 256 --seq 512 --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--mbs", type=int, default=8)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per router")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 = one training rank's share of 2 cores)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "router_overhead.md"))
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    from acmoe_megatron import cpu_runtime
+
+    cpu_runtime.install()
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from acmoe_megatron.routers import ACSettings
+    from acmoe_megatron.testing import build_gpt, tiny_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(1234)
+    cfg = dict(num_layers=a.layers, hidden_size=a.hidden, num_attention_heads=4, ffn_hidden_size=2 * a.hidden,
+               num_moe_experts=a.experts, moe_ffn_hidden_size=2 * a.hidden, moe_z_loss_coeff=1e-3)
+    tokens = torch.randint(0, 256, (a.mbs, a.seq + 1), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(a.seq).unsqueeze(0).expand(a.mbs, -1)
+    models = {}
+    for router in ("topk", "ac"):
+        torch.manual_seed(0)
+        models[router] = build_gpt(tiny_config(**cfg), ACSettings(router=router, first_ac_layer=3),
+                                   vocab_size=256, max_sequence_length=a.seq)
+
+    def step(model):
+        if model.acmoe_labels is not None:
+            model.acmoe_labels.reset()
+        loss = model(tokens[:, :-1], pos, None, labels=tokens[:, 1:]).mean()
+        loss.backward()
+
+    times = {r: [] for r in models}
+    for r, m in models.items():  # warm-up
+        for _ in range(3):
+            step(m)
+    for _ in range(a.rounds):
+        for r, m in models.items():
+            for _ in range(max(1, a.steps // a.rounds)):
+                t0 = time.perf_counter()
+                step(m)
+                times[r].append(time.perf_counter() - t0)
+    med = {r: statistics.median(v) for r, v in times.items()}
+    ratio = med["ac"] / med["topk"]
+    n_ac = a.layers - 2
+    lines = [
+        "# Router overhead on CPU: megatron top-k vs AC router, same model",
+        "",
+        f"- date: {datetime.date.today().isoformat()}; machine: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch threads {a.threads}; torch {torch.__version__}",
+        f"- model: {a.layers} layers, all MoE, hidden {a.hidden}, {a.experts} experts top-2, "
+        f"{a.mbs} × {a.seq} tokens per step; AC on {n_ac} of {a.layers} MoE layers (from MoE layer 3)",
+        f"- command: `python benchmarks/router_overhead.py --layers {a.layers} --hidden {a.hidden} "
+        f"--experts {a.experts} --seq {a.seq} --mbs {a.mbs} --steps {a.steps} --rounds {a.rounds} "
+        f"--threads {a.threads}`",
+        "- timed: forward + backward of the whole model, median over interleaved rounds",
+        "",
+        "| router | median step ms | p10 ms |",
+        "|---|---|---|",
+    ]
+    for r, v in times.items():
+        lines.append(f"| {r} | {1e3 * med[r]:.1f} | {1e3 * sorted(v)[len(v) // 10]:.1f} |")
+    lines += ["", f"**AC / top-k step-time ratio: {ratio:.3f}** (goal on CPU: ≤ 1.03)"]
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

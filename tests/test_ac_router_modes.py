@@ -1,0 +1,116 @@
+"""AC router behaviour beyond the defaults: no host syncs, batch vs EMA statistics (the causal
+leak and its fix), presets, megatron router features on top of AC scores, label hand-off."""
+
+import pytest
+import torch
+
+from acmoe_megatron.routers import PRESETS, ACRouter, ACSettings
+from acmoe_megatron.testing import build_gpt, tiny_config
+
+pytestmark = pytest.mark.usefixtures("megatron_ws1")
+SEQ, VOCAB = 32, 128
+
+
+def _model(settings, **cfg):
+    torch.manual_seed(0)
+    return build_gpt(tiny_config(**cfg), settings, vocab_size=VOCAB, max_sequence_length=SEQ)
+
+
+def _tokens(seed=1, b=2):
+    return torch.randint(0, VOCAB, (b, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def _forward(model, tokens, labels=None):
+    model.acmoe_labels.reset()
+    pos = torch.arange(SEQ).unsqueeze(0).expand(tokens.shape[0], -1)
+    return model(tokens, pos, None, labels=labels)
+
+
+@pytest.mark.parametrize("source", ["batch", "ema"])
+@pytest.mark.parametrize("mode", ["release", "clean"])
+def test_ac_forward_backward_make_no_host_sync(monkeypatch, source, mode):
+    model = _model(ACSettings(first_ac_layer=2, source=source, mode=mode))
+    model.train()
+    tokens = _tokens()
+
+    def refuse(*_a, **_k):
+        raise AssertionError("host sync (.item()/.tolist()) on the AC path")
+
+    # route through the AC layers only (the layer objects, not megatron's dispatcher, which
+    # legitimately moves split sizes to the host)
+    x = torch.randn(SEQ, 2, 64, requires_grad=True)
+    src, ac = model.decoder.layers[0].mlp.router, model.decoder.layers[1].mlp.router
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    monkeypatch.setattr(torch.Tensor, "tolist", refuse)
+    src(x)
+    probs, _ = ac(x)
+    probs.sum().backward()
+    monkeypatch.undo()
+    assert torch.isfinite(probs).all() and tokens.shape == (2, SEQ)
+
+
+def test_batch_statistics_leak_future_tokens_and_ema_does_not():
+    """Under `batch` the logits at position t depend on tokens after t (the paper's statistics
+    include the whole micro-batch); under `ema` they do not."""
+    t = SEQ // 2
+    a = _tokens(seed=3, b=2)
+    b = a.clone()
+    b[:, t + 1:] = torch.randint(0, VOCAB, b[:, t + 1:].shape, generator=torch.Generator().manual_seed(9))
+
+    leaky = _model(ACSettings(first_ac_layer=2, source="batch"))
+    leaky.eval()
+    with torch.no_grad():
+        la, lb = _forward(leaky, a), _forward(leaky, b)
+    assert not torch.allclose(la[:, : t + 1], lb[:, : t + 1]), "batch statistics should leak"
+
+    causal = _model(ACSettings(first_ac_layer=2, source="ema"))
+    causal.train()
+    opt = torch.optim.SGD(causal.parameters(), lr=0.01)
+    for step in range(3):  # fill the running statistics
+        loss = _forward(causal, _tokens(seed=10 + step), labels=_tokens(seed=20 + step)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    routers = [m for m in causal.modules() if isinstance(m, ACRouter)]
+    assert all((r.ac_ema_count > 0).any() for r in routers)
+    causal.eval()
+    with torch.no_grad():
+        ca, cb = _forward(causal, a), _forward(causal, b)
+    torch.testing.assert_close(ca[:, : t + 1], cb[:, : t + 1], rtol=0, atol=0)
+    assert not torch.allclose(ca[:, t + 1:], cb[:, t + 1:])
+
+
+def test_ema_statistics_are_in_the_state_dict():
+    model = _model(ACSettings(first_ac_layer=2, source="ema"))
+    keys = [k for k in model.state_dict() if "ac_ema" in k]
+    assert len(keys) == 2 * 3  # count and MAD for each of the 3 AC layers
+    sharded = model.sharded_state_dict()
+    assert any("ac_ema_mad" in k for k in sharded)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_set_the_code_bases_constants(preset):
+    s = ACSettings(preset=preset)
+    assert s.constants() == PRESETS[preset]
+    assert ACSettings(preset=preset, clip=3.0).constants()["clip"] == 3.0
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(moe_router_load_balancing_type="seq_aux_loss"),
+    dict(moe_router_load_balancing_type="global_aux_loss"),
+    dict(moe_router_load_balancing_type="none", moe_router_enable_expert_bias=True,
+         moe_router_score_function="sigmoid", moe_aux_loss_coeff=0.0),
+    dict(moe_expert_capacity_factor=1.0, moe_token_drop_policy="probs"),
+    dict(moe_router_dtype="fp64"),
+    dict(moe_z_loss_coeff=1e-3),
+    dict(num_moe_experts=8, moe_router_num_groups=2, moe_router_group_topk=1),
+])
+def test_megatron_router_features_work_on_ac_scores(cfg):
+    model = _model(ACSettings(first_ac_layer=2), **cfg)
+    model.train()
+    loss = _forward(model, _tokens(), labels=_tokens(seed=2)).mean()
+    loss.backward()
+    ac = model.decoder.layers[1].mlp.router
+    assert isinstance(ac, ACRouter) and ac.weight.grad is not None and torch.isfinite(loss)
+    if cfg.get("moe_router_dtype") == "fp64":
+        assert ac.gating(torch.randn(SEQ, 2, 64)).dtype == torch.float64
