@@ -99,6 +99,11 @@ class LabelCarrier:
         top = max(layers)
         return top, self._labels[(mb, top)]
 
+    def previous_labels(self, layer_number: int) -> LayerLabels | None:
+        """The previous MoE layer's labels for the current micro-batch, or None (no error)."""
+        prev = self.previous_moe_layer(layer_number)
+        return None if prev is None else self._labels.get((self.current_mb, prev))
+
     def get(self, layer_number: int, num_tokens: int) -> LayerLabels:
         """Labels from the MoE layer before ``layer_number``; clear error when they are missing."""
         prev = self.previous_moe_layer(layer_number)

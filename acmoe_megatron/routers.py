@@ -101,10 +101,16 @@ def _router_dtype(config) -> torch.dtype:
 class LabelSourceRouter(TopKRouter):
     """Megatron's ``TopKRouter`` that also records each token's top-1 expert for the next layer."""
 
-    def __init__(self, *, config, pg_collection=None, is_mtp_layer=False, label_carrier=None, **kw):
+    def __init__(self, *, config, pg_collection=None, is_mtp_layer=False, label_carrier=None,
+                 metrics=None, **kw):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **kw)
-        # A plain attribute (not a submodule): the carrier belongs to the model chunk.
+        # Plain attributes (not submodules): carrier and metrics belong to the model chunk.
         self.label_carrier: LabelCarrier | None = label_carrier
+        self.metrics = metrics
+
+    def _recording(self) -> bool:
+        """Metrics once per step: training, and the grad-enabled pass under recompute."""
+        return self.metrics is not None and self.training and torch.is_grad_enabled() and not self.is_mtp_layer
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
@@ -117,6 +123,10 @@ class LabelSourceRouter(TopKRouter):
                     scores = scores + self.expert_bias.float()
                 labels = LayerLabels(scores.argmax(-1), labels_from_routing(probs, routing_map).max_label)
             self.label_carrier.put_labels(self.layer_number, labels)
+            if self._recording():
+                prev = self.label_carrier.previous_labels(self.layer_number)
+                self.metrics.record_routing(self.layer_number, logits, routing_map, labels.top1_T,
+                                            None if prev is None else prev.top1_T, self.topk)
         return probs, routing_map
 
 
@@ -140,9 +150,9 @@ class ACRouter(CosineRouter):
     """The Adaptive Clustering router: cosine scores in the space transformed by M_{c_i}."""
 
     def __init__(self, *, config, pg_collection=None, is_mtp_layer=False, label_carrier=None,
-                 ac: ACSettings = ACSettings(), **kw):
+                 metrics=None, ac: ACSettings = ACSettings(), **kw):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer,
-                         label_carrier=label_carrier, **kw)
+                         label_carrier=label_carrier, metrics=metrics, **kw)
         self.ac = ac
         self.ac_constants = ac.constants()
         if ac.source == "ema":  # running statistics, part of the checkpoint
@@ -177,6 +187,10 @@ class ACRouter(CosineRouter):
             stats.mad_KD, stats.counts_K, eps=c["eps"], clip=c["clip"], norm=c["norm"],
             mode=self.ac.mode, max_label=max_label, min_cluster_size=self.ac.min_cluster_size,
         )
+        if self._recording():
+            rows_K = ac_stats.cluster_rows(stats.counts_K, self.ac.mode, max_label, self.ac.min_cluster_size)
+            self.metrics.record_ac(self.layer_number, stats.counts_K, stats.mean_KD, stats.mad_KD, w_KD,
+                                   rows_K, c["eps"], c["clip"])
         return ac_stats.token_weights(w_KD, labels.top1_T)
 
     @torch.no_grad()

@@ -5,10 +5,11 @@ modules, ``moe_layer_freq`` patterns, pipeline/virtual-pipeline slicing all stay
 then replaces ``MoESubmodules.router`` of each MoE layer built on this stage:
 
   MoE layer ordinal (1-based among MoE layers)   router
-  < first_ac_layer                                LabelSourceRouter (megatron's linear top-k)
+  < first_ac_layer (or router=topk)               LabelSourceRouter (megatron's linear top-k)
   >= first_ac_layer                               ACRouter (router=ac) / CosineRouter (router=cosine)
 
-With ``router=topk`` the spec is megatron's, untouched. megatron shares one MoE layer spec object
+With ``router=topk`` every MoE layer gets ``LabelSourceRouter`` — megatron's ``TopKRouter``
+unchanged plus label/metric recording, so baselines get the same routing metrics. megatron shares one MoE layer spec object
 across layers, so each patched layer gets its own shallow copy (``dataclasses.replace``). The chunk's
 ``LabelCarrier`` knows all MoE layers of the model (global numbers), so an AC layer whose
 predecessor lives on an earlier pipeline stage finds the labels ``label_transport`` delivered.
@@ -28,6 +29,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from acmoe_megatron.labels import LabelCarrier
+from acmoe_megatron.metrics import RouterMetrics
 from acmoe_megatron.routers import ACRouter, ACSettings, CosineRouter, LabelSourceRouter
 
 
@@ -99,14 +101,14 @@ def acmoe_block_spec(
         config, use_transformer_engine=use_transformer_engine, normalization=normalization,
         vp_stage=vp_stage, pp_rank=pp_rank,
     )
-    if settings.router == "topk":
-        return block, None
     numbers = local_layer_numbers(config, vp_stage=vp_stage, pp_rank=pp_rank)
     if len(numbers) != len(block.layer_specs):
         raise AssertionError(f"layer numbering mismatch: {numbers} vs {len(block.layer_specs)} specs")
     moe_numbers = moe_layer_numbers(config)
     ac_numbers = set(ac_layer_numbers(config, settings))
     carrier = LabelCarrier(moe_numbers, local_layer_numbers=numbers, vp_stage=vp_stage)
+    metrics = RouterMetrics(config.num_moe_experts, moe_numbers) if moe_numbers else None
+    carrier.metrics = metrics
     scorer = ACRouter if settings.router == "ac" else CosineRouter
     layer_specs = []
     for n, layer_spec in zip(numbers, block.layer_specs):
@@ -115,9 +117,9 @@ def acmoe_block_spec(
                 raise AssertionError(f"layer {n} should be an MoE layer but its spec is {layer_spec}")
             if n in ac_numbers:
                 kw = {"ac": settings} if scorer is ACRouter else {}
-                builder = functools.partial(scorer, label_carrier=carrier, **kw)
+                builder = functools.partial(scorer, label_carrier=carrier, metrics=metrics, **kw)
             else:
-                builder = functools.partial(LabelSourceRouter, label_carrier=carrier)
+                builder = functools.partial(LabelSourceRouter, label_carrier=carrier, metrics=metrics)
             layer_spec = _with_router(layer_spec, builder)
         layer_specs.append(layer_spec)
     return dataclasses.replace(block, layer_specs=layer_specs), carrier

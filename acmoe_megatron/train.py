@@ -143,7 +143,7 @@ def validate_args(args, recipe) -> None:
             raise ConfigError(f"no CUDA GPU here, so this recipe cannot run; set {fixes}")
 
 
-def make_model_provider(recipe):
+def make_model_provider(recipe, metrics_registry: list | None = None):
     def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
         from megatron.core.models.gpt import GPTModel
         from megatron.training import get_args
@@ -176,6 +176,8 @@ def make_model_provider(recipe):
             pg_collection=pg_collection,
         )
         model.acmoe_labels = carrier
+        if carrier is not None and carrier.metrics is not None and metrics_registry is not None:
+            metrics_registry.append(carrier.metrics)
         if carrier is not None:
             if "transport" not in transport_holder:  # collective: all ranks build models together
                 transport_holder["transport"] = LabelTransport.create(args.virtual_pipeline_model_parallel_size)
@@ -365,13 +367,17 @@ def main(argv=None) -> None:
         print(f"[acmoe] runtime shims: {cpu_runtime.APPLIED + fixes or 'none (CUDA present)'}", flush=True)
         print(f"[acmoe] router: {recipe.acmoe}", flush=True)
         print(f"[acmoe] fused paths: {fused_paths(args)}", flush=True)
+    from acmoe_megatron import observability
+
+    metrics_registry: list = []
+    observability.install(metrics_registry)
     start = time.time()
     pretrain(
         pretrain_cfg_container_from_args(args),
         make_datasets_provider(recipe),
         ModelType.encoder_or_decoder,
         make_forward_step(recipe),
-        model_provider=make_model_provider(recipe),
+        model_provider=make_model_provider(recipe, metrics_registry),
     )
     wall = time.time() - start
     args = get_args()

@@ -4,10 +4,17 @@ Examples:
     acmoe-data prepare --source stdlib --out data/stdlib_s256 --seq-length 256
     acmoe-data prepare --source 'corpus/**/*.txt' --out data/mytext --seq-length 1024 \\
         --samples-per-shard 2048 --max-bytes 50000000
+    acmoe-data prepare --source enwik8.zip --out data/enwik8_s512 --seq-length 512
+    acmoe-data prepare --source wikitext-103-raw --out data/wt103 --seq-length 512 \\
+        --tokenizer tok/tokenizer.json
+    acmoe-data prepare --source wikitext-103-raw --out data/wt103_attacked --seq-length 512 \\
+        --tokenizer tok/tokenizer.json --splits valid test --corrupt word-swap:0.025
+    acmoe-data prepare --source 'dump/*.jsonl.gz' --text-field content --out data/mine --seq-length 1024
     acmoe-data info data/stdlib_s256
 
-``--source`` is ``stdlib`` (this Python's standard-library sources, the embedded default) or a
-directory, file or glob of plain-text files.
+``--source`` is ``stdlib`` (this Python's standard-library sources, the embedded default), enwik8
+(``enwik8.zip``), a WikiText directory, JSONL or Parquet files, or plain-text files (a directory,
+file or glob); ``--format`` overrides the detection (see ``sources.py``). See docs/data.md.
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from acmoe_megatron.data.corpus import SPLITS
+from acmoe_megatron.data.corrupt import parse_corruption
 from acmoe_megatron.data.manifest import Manifest, read_manifest
 from acmoe_megatron.data.shards import prepare
-from acmoe_megatron.data.sources import resolve_source
+from acmoe_megatron.data.sources import FORMATS, resolve_source
+from acmoe_megatron.data.tokenizer import load_tokenizer
 
 __all__ = ["main"]
 
@@ -36,8 +45,28 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="tokenize a corpus into webdataset shards + manifest.json")
     p.add_argument(
-        "--source", default="stdlib", help="'stdlib' (default) or a directory / file / glob of plain-text files"
+        "--source",
+        default="stdlib",
+        help="'stdlib' (default), enwik8.zip, a WikiText directory, or a directory / file / glob of "
+        "JSONL, Parquet or plain-text files",
     )
+    p.add_argument("--format", default="auto", choices=FORMATS, help="source format (default: detect from the name)")
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text (default: text)")
+    p.add_argument(
+        "--tokenizer",
+        default="bytes",
+        help="'bytes' (default: byte-level, vocab 257) or a local Hugging Face tokenizer.json (no hub names)",
+    )
+    p.add_argument("--eod-token", default=None, help="end-of-document token of a tokenizer.json (default: auto)")
+    p.add_argument(
+        "--corrupt",
+        default=None,
+        metavar="word-swap:P",
+        help="replace a fraction P of words (bytes) / non-special tokens (BPE) of the valid and test "
+        "splits by a marker, for robustness evaluation",
+    )
+    p.add_argument("--corrupt-marker", default="AAA", help="replacement word for --corrupt (default: AAA)")
+    p.add_argument("--corrupt-seed", type=int, default=0, help="seed of --corrupt (default: 0)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--seq-length", type=int, required=True, help="model sequence length; samples hold seq_length + 1 tokens"
@@ -47,10 +76,14 @@ def _parser() -> argparse.ArgumentParser:
         "--max-bytes",
         type=int,
         default=None,
-        help="cap on the source bytes read per split (whole files, in path order)",
+        help="cap on the source bytes read per split (whole documents in order; enwik8: a byte prefix)",
     )
-    p.add_argument("--valid-fraction", type=float, default=0.02, help="fraction of files for valid")
-    p.add_argument("--test-fraction", type=float, default=0.02, help="fraction of files for test")
+    p.add_argument(
+        "--valid-fraction", type=float, default=None, help="fraction of files/records for valid (default 0.02)"
+    )
+    p.add_argument(
+        "--test-fraction", type=float, default=None, help="fraction of files/records for test (default 0.02)"
+    )
     p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="splits to write (default: all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -61,8 +94,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    corpus = resolve_source(args.source, args.valid_fraction, args.test_fraction, args.max_bytes)
-    total = sum(corpus.num_bytes(split) for split in args.splits)
+    corpus = resolve_source(
+        args.source,
+        args.valid_fraction,
+        args.test_fraction,
+        args.max_bytes,
+        source_format=args.format,
+        text_field=args.text_field,
+    )
+    tokenizer = load_tokenizer(args.tokenizer, args.eod_token)
+    corruption = parse_corruption(args.corrupt, args.corrupt_marker, args.corrupt_seed)
+    sizes = [corpus.num_bytes(split) for split in args.splits]
+    total = None if None in sizes else sum(sizes)
     bar = None  # created on the first document, so errors before that print cleanly
 
     def progress(split: str, n_bytes: int) -> None:
@@ -84,6 +127,8 @@ def _prepare(args: argparse.Namespace) -> int:
                 splits=args.splits,
                 overwrite=args.overwrite,
                 progress=progress,
+                tokenizer=tokenizer,
+                corrupt=corruption,
             )
     finally:
         if bar is not None:
@@ -99,18 +144,25 @@ def summary(manifest: Manifest) -> str:
     """A short human-readable summary of a manifest."""
     tok = manifest.tokenizer
     src = manifest.source
+    files = f"{src['num_files']} files, " if "num_files" in src else ""
     lines = [
         f"format     {manifest.format} v{manifest.format_version}",
         f"tokenizer  {tok['name']} (vocab {tok['vocab_size']}, eod {tok['eod']}, hash {tok['hash'][:12]})",
         f"seq_length {manifest.seq_length} (samples of {manifest.sample_length} {manifest.dtype} tokens)",
-        f"source     {src.get('kind')} {src.get('spec', src.get('root'))} "
-        f"({src.get('num_files')} files, max_bytes={src.get('max_bytes')})",
+        f"source     {src.get('kind')} {src.get('spec', src.get('root', src.get('path')))} "
+        f"({files}max_bytes={src.get('max_bytes')})",
         f"{'split':<6} {'docs':>8} {'tokens':>12} {'samples':>9} {'shards':>6}",
     ]
     for name, info in manifest.splits.items():
         lines.append(
             f"{name:<6} {info.num_documents:>8} {info.num_tokens:>12} {info.num_samples:>9} {len(info.shards):>6}"
         )
+    if manifest.corruption is not None:
+        c = manifest.corruption
+        applied = ", ".join(
+            f"{split}: {n['replaced']}/{n['units']} replaced" for split, n in c.get("applied_to", {}).items()
+        )
+        lines.append(f"corrupted  {c['spec']} marker {c['marker']!r} seed {c['seed']} ({applied})")
     return "\n".join(lines)
 
 
@@ -121,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _prepare(args)
         print(summary(read_manifest(args.dir)))
         return 0
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as exc:
         print(f"acmoe-data {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

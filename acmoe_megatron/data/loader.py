@@ -19,128 +19,43 @@ How samples are assigned (sample-level, not shard-level, splitting):
   ``consumed_train_samples``; resuming with that number continues exactly where the run
   stopped. Every global step consumes a contiguous range of stream positions, so the
   composition of each global batch does not depend on dp_size.
-- This works with any number of shards (even fewer shards than replicas) and never reads the
+- Dataloader workers (``num_workers``/``worker_id``, or ``worker_loader.make_dataloader``) split
+  a replica's micro-batches round-robin: worker w yields micro-batches w, w + W, w + 2W, ...
+  A ``torch.utils.data.DataLoader`` returns worker outputs in that same round-robin order, so the
+  replica's stream is identical for every worker count (and resume is unchanged).
+- This works with any number of shards (even fewer shards than replicas × workers: nothing is
+  split by shard, so no replica or worker can be left without data and hang) and never reads the
   ``RANK``/``WORLD_SIZE`` environment variables: the caller passes ``dp_rank``/``dp_size`` from
   ``megatron.core.parallel_state.get_data_parallel_rank()/get_data_parallel_world_size()``, so
-  all TP/PP/CP ranks of one replica get the same batches.
+  all TP/PP/CP ranks of one replica get the same batches. A split with fewer samples than one
+  global step (``dp_size * micro_batch_size``) is refused.
 - ``infinite=False`` gives one pass over the stream positions ``[consumed_samples, N)`` of
   epoch 0. The final micro-batches are padded with fully loss-masked dummy samples so every
   replica yields the same number of full-shape micro-batches; the real samples of the pass are
-  covered exactly once across replicas. For Megatron's periodic evaluation (``eval_iters``
-  batches per round), use ``shuffle=False, infinite=True`` instead: the same file-order stream,
-  repeated.
+  covered exactly once across replicas, identically for every DP size and worker count. For
+  Megatron's periodic evaluation (``eval_iters`` batches per round), use ``shuffle=False,
+  infinite=True`` instead: the same file-order stream, repeated.
 
-The split is loaded into memory once (through a webdataset pipeline, shard by shard, with the
-node and worker splitters left out: every replica reads every shard and picks its samples). That
-is fine for corpora of up to a few hundred million tokens: it costs 2 bytes per token (uint16) per
-process.
-Do not wrap this iterator in a multi-worker DataLoader: it is already cheap and would be
-duplicated per worker.
+The split is loaded into memory once (``shard_reader.load_split_samples``: every replica reads
+every shard and picks its samples). That is fine for corpora of up to a few hundred million
+tokens: it costs 2 bytes per token (uint16; 4 for uint32) per process; dataloader workers forked
+after construction share it. A micro-batch is one vectorised gather of b rows plus two int64
+conversions (see ``benchmarks/data_throughput.py``).
 """
 
 from __future__ import annotations
 
-import io
+import copy
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 
-from acmoe_megatron.data.manifest import Manifest, ShardInfo, read_manifest, sample_key, sha256_file
+from acmoe_megatron.data.manifest import check_manifest_matches
+from acmoe_megatron.data.shard_reader import ShardError, load_split_samples
 
 __all__ = ["ShardError", "TokenBatches", "load_split_samples"]
-
-
-class ShardError(RuntimeError):
-    """A shard is missing, corrupt or does not match the manifest."""
-
-
-def _shard_error(path: Path, problem: str) -> ShardError:
-    return ShardError(
-        f"shard {path}: {problem}. The shard directory is damaged or incomplete; re-create it with "
-        f"`acmoe-data prepare ... --out {path.parent} --overwrite`"
-    )
-
-
-def _read_shard(path: Path, info: ShardInfo, sample_length: int, dtype: np.dtype) -> np.ndarray:
-    """Read one shard into an array [samples, sample_length], checking it against the manifest."""
-    out = np.empty((info.samples, sample_length), dtype=dtype)
-    # No nodesplitter/workersplitter stages: splitting happens at sample level in TokenBatches.
-    pipeline = wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples())
-    count = 0
-    try:
-        for sample in pipeline:
-            if count >= info.samples:
-                raise _shard_error(path, f"holds more than the {info.samples} samples in the manifest")
-            expected = sample_key(info.first_sample + count)
-            if sample.get("__key__") != expected or "tokens.npy" not in sample:
-                fields = sorted(k for k in sample if not k.startswith("__"))
-                raise _shard_error(
-                    path,
-                    f"sample {count} has key {sample.get('__key__')!r} and fields {fields}, "
-                    f"expected key {expected!r} with 'tokens.npy'",
-                )
-            tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
-            if tokens.shape != (sample_length,) or tokens.dtype != dtype:
-                raise _shard_error(
-                    path,
-                    f"sample {expected} has shape {tokens.shape} and dtype {tokens.dtype}, "
-                    f"expected ({sample_length},) {dtype}",
-                )
-            out[count] = tokens
-            count += 1
-    except ShardError:
-        raise
-    except Exception as exc:  # tarfile/numpy errors on corrupt bytes
-        raise _shard_error(path, f"cannot be read ({type(exc).__name__}: {exc})") from exc
-    if count != info.samples:
-        raise _shard_error(path, f"holds {count} samples, the manifest says {info.samples}")
-    return out
-
-
-def load_split_samples(
-    manifest_dir: str | os.PathLike, split: str, verify_checksums: bool = True
-) -> tuple[Manifest, np.ndarray]:
-    """Load every sample of ``split`` as an array [num_samples, seq_length + 1].
-
-    Each shard must exist with the size recorded in the manifest; with ``verify_checksums`` its
-    sha256 must match too. Any mismatch raises ``ShardError`` naming the shard.
-    """
-    manifest_dir = Path(manifest_dir)
-    manifest = read_manifest(manifest_dir)
-    if split not in manifest.splits:
-        raise KeyError(
-            f"split {split!r} is not in {manifest_dir} (it has {sorted(manifest.splits)}); "
-            "re-run acmoe-data prepare with that split"
-        )
-    info = manifest.splits[split]
-    if info.num_samples == 0:
-        raise ValueError(
-            f"split {split!r} in {manifest_dir} has no samples; prepare it from a larger source "
-            "(or raise --max-bytes / the split fraction)"
-        )
-    dtype = np.dtype(manifest.dtype)
-    parts = []
-    for shard in info.shards:
-        path = manifest_dir / shard.file
-        if not path.is_file():
-            raise _shard_error(path, "is missing")
-        size = path.stat().st_size
-        if size != shard.bytes:
-            raise _shard_error(path, f"has {size} bytes, the manifest says {shard.bytes}")
-        if verify_checksums and sha256_file(path) != shard.sha256:
-            raise _shard_error(path, "sha256 does not match the manifest")
-        parts.append(_read_shard(path, shard, manifest.sample_length, dtype))
-    samples = np.concatenate(parts)
-    if len(samples) != info.num_samples:
-        raise ValueError(
-            f"{manifest_dir}: split {split!r} shards hold {len(samples)} samples, the manifest "
-            f"total is {info.num_samples}; the manifest is inconsistent, re-create the directory"
-        )
-    return manifest, samples
 
 
 class TokenBatches(Iterator[dict[str, torch.Tensor]]):
@@ -157,8 +72,10 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
         shuffle: permute samples each epoch (False: file order).
         infinite: cycle through epochs forever (False: one pass, see the module docstring).
         verify_checksums: check every shard's sha256 against the manifest on load.
-        seq_length: if given, must equal the manifest's sequence length.
-        tokenizer_hash: if given, must equal the manifest's tokenizer hash.
+        seq_length, vocab_size, tokenizer_hash: if given, must match the manifest
+            (``manifest.check_manifest_matches``).
+        num_workers, worker_id: dataloader-worker split of this replica's micro-batches; the
+            default (1, 0) yields all of them.
     """
 
     def __init__(
@@ -176,6 +93,9 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
         verify_checksums: bool = True,
         seq_length: int | None = None,
         tokenizer_hash: str | None = None,
+        vocab_size: int | None = None,
+        num_workers: int = 1,
+        worker_id: int = 0,
     ):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
@@ -183,23 +103,27 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
             raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
         if consumed_samples < 0:
             raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
+        _check_worker(worker_id, num_workers)
         self.manifest, self._samples = load_split_samples(manifest_dir, split, verify_checksums)
-        if seq_length is not None and seq_length != self.manifest.seq_length:
-            raise ValueError(
-                f"{manifest_dir} was prepared with seq_length={self.manifest.seq_length} but the "
-                f"model uses {seq_length}; re-run acmoe-data prepare with --seq-length {seq_length}"
-            )
-        if tokenizer_hash is not None and tokenizer_hash != self.manifest.tokenizer["hash"]:
-            raise ValueError(
-                f"{manifest_dir} was tokenized with {self.manifest.tokenizer['name']!r} (hash "
-                f"{self.manifest.tokenizer['hash'][:12]}...), not the expected tokenizer "
-                f"(hash {tokenizer_hash[:12]}...); re-run acmoe-data prepare"
-            )
+        check_manifest_matches(
+            self.manifest,
+            seq_length=seq_length,
+            vocab_size=vocab_size,
+            tokenizer_hash=tokenizer_hash,
+            where=os.fspath(manifest_dir),
+        )
         self.split = split
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle, self.infinite = seed, shuffle, infinite
         self.num_samples = len(self._samples)
+        if self.num_samples < self.samples_per_step:
+            raise ValueError(
+                f"split {split!r} of {manifest_dir} has {self.num_samples} samples, fewer than one "
+                f"global step of dp_size {dp_size} x micro_batch_size {micro_batch_size} = "
+                f"{self.samples_per_step}; prepare more data for it (a larger source, --max-bytes or "
+                "split fraction) or use a smaller micro-batch size"
+            )
         if not infinite and consumed_samples > self.num_samples:
             raise ValueError(
                 f"consumed_samples={consumed_samples} is past the end of the single pass over "
@@ -208,8 +132,24 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
         self.start_samples = consumed_samples
         self._split_info = self.manifest.splits[split]
         self._eod = int(self.manifest.tokenizer["eod"])
-        self._next_batch = 0
-        self._perm_cache: dict[int, np.ndarray] = {}
+        # Real tokens of the split's last sample (the only one that can be EOD-padded).
+        self._last_length = self._split_info.sample_length(self.num_samples - 1, self.manifest.sample_length)
+        self._position_row = torch.arange(self.manifest.seq_length, dtype=torch.long)
+        # Templates cloned into every batch (a fresh tensor each time: callers may modify them).
+        self._positions = self._position_row.repeat(micro_batch_size, 1)
+        self._full_mask = torch.ones(micro_batch_size, self.manifest.seq_length, dtype=torch.float32)
+        self.num_workers, self.worker_id = num_workers, worker_id
+        self._next_batch = worker_id
+        self._perm_cache: dict[int, tuple[np.ndarray, int]] = {}
+
+    def worker_view(self, worker_id: int, num_workers: int) -> TokenBatches:
+        """A copy that yields only dataloader worker ``worker_id``'s micro-batches (shares the samples)."""
+        _check_worker(worker_id, num_workers)
+        view = copy.copy(self)
+        view._perm_cache = {}
+        view.num_workers, view.worker_id = num_workers, worker_id
+        view._next_batch = worker_id
+        return view
 
     # -- sample assignment -------------------------------------------------------------------
 
@@ -220,70 +160,104 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
 
     @property
     def consumed_samples(self) -> int:
-        """Global consumed count after the micro-batches this iterator has yielded so far."""
+        """Global consumed count after the micro-batches this iterator has yielded so far.
+
+        Only defined for the whole replica stream (``num_workers == 1``); with dataloader
+        workers, use Megatron's ``consumed_train_samples``.
+        """
+        if self.num_workers != 1:
+            raise TypeError(
+                "consumed_samples of a single dataloader worker's stream is undefined; use the trainer's count"
+            )
         return self.start_samples + self._next_batch * self.samples_per_step
 
+    @property
+    def next_batch_index(self) -> int:
+        """Replica-level index of the micro-batch the next ``next()`` returns (see ``batch``)."""
+        return self._next_batch
+
     def __len__(self) -> int:
-        """Number of micro-batches of a finite pass (``infinite=False`` only)."""
+        """Number of micro-batches of this replica's finite pass, all workers together (``infinite=False``)."""
         if self.infinite:
             raise TypeError("an infinite TokenBatches has no length")
         remaining = self.num_samples - self.start_samples
         return -(-remaining // self.samples_per_step)
 
     def _permutation(self, epoch: int) -> np.ndarray:
+        return self._epoch_order(epoch)[0]
+
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, int]:
+        """(permutation of epoch ``epoch``, position of the split's last sample in it)."""
         if epoch not in self._perm_cache:
-            # Keep the two latest epochs (a micro-batch usually spans at most two); a split smaller
-            # than one step recomputes permutations, which is slower but still correct.
+            # Keep the two latest epochs (a micro-batch spans at most two, since a split holds at
+            # least one global step of samples).
             if len(self._perm_cache) >= 2:
                 self._perm_cache.pop(min(self._perm_cache))
             if self.shuffle:
                 perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
             else:
                 perm = np.arange(self.num_samples)
-            self._perm_cache[epoch] = perm
+            last = self.num_samples - 1
+            self._perm_cache[epoch] = (perm, int(np.flatnonzero(perm == last)[0]) if self.shuffle else last)
         return self._perm_cache[epoch]
+
+    def _ids(self, batch_index: int) -> np.ndarray:
+        """Sample indices of micro-batch ``batch_index`` as an int64 array; -1 marks padding."""
+        return self._ids_and_flags(batch_index)[0]
+
+    def _ids_and_flags(self, batch_index: int) -> tuple[np.ndarray, bool, bool]:
+        """(sample indices, any padding slot?, holds the split's last sample?): ``batch``'s hot path."""
+        b, n = self.micro_batch_size, self.num_samples
+        first = self.start_samples + batch_index * self.samples_per_step + self.dp_rank * b
+        epoch, offset = divmod(first, n)
+        if offset + b <= n:  # the common case: one contiguous slice of one epoch's order
+            if not self.infinite and epoch > 0:
+                return np.full(b, -1, dtype=np.int64), True, False
+            perm, last_at = self._epoch_order(epoch)
+            return perm[offset : offset + b], False, offset <= last_at < offset + b
+        head = self._permutation(epoch)[offset:]
+        if self.infinite:
+            ids = np.concatenate([head, self._permutation(epoch + 1)[: b - len(head)]])
+            return ids, False, bool((ids == n - 1).any())
+        if epoch > 0:
+            head = np.full(len(head), -1, dtype=np.int64)
+        ids = np.concatenate([head, np.full(b - len(head), -1, dtype=np.int64)])
+        return ids, True, bool((ids == n - 1).any())
 
     def sample_ids(self, batch_index: int) -> list[int | None]:
         """Split-level sample indices of this replica's micro-batch ``batch_index``.
 
         ``None`` marks a padding slot (only at the end of a finite pass).
         """
-        ids: list[int | None] = []
-        for i in range(self.micro_batch_size):
-            position = (
-                self.start_samples
-                + batch_index * self.samples_per_step
-                + self.dp_rank * self.micro_batch_size
-                + i
-            )
-            epoch, offset = divmod(position, self.num_samples)
-            if not self.infinite and epoch > 0:
-                ids.append(None)
-            else:
-                ids.append(int(self._permutation(epoch)[offset]))
-        return ids
+        return [None if i < 0 else i for i in self._ids(batch_index).tolist()]
 
     # -- batches -----------------------------------------------------------------------------
 
     def batch(self, batch_index: int) -> dict[str, torch.Tensor]:
         """Build micro-batch ``batch_index`` of this replica (does not advance the iterator)."""
-        ids = self.sample_ids(batch_index)
+        ids, any_padding, has_last = self._ids_and_flags(batch_index)
         b, s = self.micro_batch_size, self.manifest.seq_length
-        block = np.full((b, s + 1), self._eod, dtype=np.int64)
-        lengths = np.zeros(b, dtype=np.int64)
-        for row, sample_id in enumerate(ids):
-            if sample_id is not None:
-                block[row] = self._samples[sample_id]
-                lengths[row] = self._split_info.sample_length(sample_id, s + 1)
-        block_t = torch.from_numpy(block)
-        positions = torch.arange(s, dtype=torch.long)
-        # Label j is block[j + 1]; it is real iff j + 1 < length.
-        loss_mask = (positions.unsqueeze(0) < torch.from_numpy(lengths - 1).unsqueeze(1)).float()
+        if any_padding:
+            padding = ids < 0
+            block = self._samples[np.where(padding, 0, ids)]
+            block[padding] = self._eod
+        else:
+            block = self._samples[ids]  # one gather of b rows
+        tokens = torch.from_numpy(block[:, :-1].astype(np.int64))
+        labels = torch.from_numpy(block[:, 1:].astype(np.int64))
+        # Only the split's last sample can be EOD-padded; padding slots are fully masked.
+        if any_padding or (has_last and self._last_length < s + 1):
+            lengths = np.where(ids == self.num_samples - 1, self._last_length, s + 1)
+            lengths[ids < 0] = 0
+            # Label j is block[j + 1]; it is real iff j + 1 < length.
+            loss_mask = (self._position_row.unsqueeze(0) < torch.from_numpy(lengths - 1).unsqueeze(1)).float()
+        else:
+            loss_mask = self._full_mask.clone()
         return {
-            "tokens": block_t[:, :-1].contiguous(),
-            "labels": block_t[:, 1:].contiguous(),
+            "tokens": tokens,
+            "labels": labels,
             "loss_mask": loss_mask,
-            "position_ids": positions.unsqueeze(0).repeat(b, 1),
+            "position_ids": self._positions.clone(),
         }
 
     def __iter__(self) -> TokenBatches:
@@ -293,13 +267,19 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
         if not self.infinite and self._next_batch >= len(self):
             raise StopIteration
         batch = self.batch(self._next_batch)
-        self._next_batch += 1
+        self._next_batch += self.num_workers
         return batch
 
     def __repr__(self) -> str:
+        workers = f", worker {self.worker_id}/{self.num_workers}" if self.num_workers != 1 else ""
         return (
             f"TokenBatches(split={self.split!r}, samples={self.num_samples}, "
             f"micro_batch_size={self.micro_batch_size}, dp_rank={self.dp_rank}, "
-            f"dp_size={self.dp_size}, consumed_samples={self.consumed_samples}, "
-            f"shuffle={self.shuffle}, infinite={self.infinite})"
+            f"dp_size={self.dp_size}, start_samples={self.start_samples}, "
+            f"shuffle={self.shuffle}, infinite={self.infinite}{workers})"
         )
+
+
+def _check_worker(worker_id: int, num_workers: int) -> None:
+    if num_workers < 1 or not 0 <= worker_id < num_workers:
+        raise ValueError(f"need 0 <= worker_id < num_workers, got worker_id={worker_id}, num_workers={num_workers}")

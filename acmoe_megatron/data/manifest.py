@@ -11,9 +11,11 @@ block is padded with EOD, and its real length follows from the manifest (a shard
 counts real tokens only, so only the split's last sample can be shorter; see
 ``SplitInfo.sample_length``). The loader masks the padded labels out of the loss.
 
-The manifest records the tokenizer (name, hash, vocab size), the sequence length, the token dtype,
-the source, and per split the shards with their sample count, real token count, size and sha256.
-It contains no timestamps, so re-running ``prepare`` on the same input reproduces it byte for byte.
+The manifest records the tokenizer (name, hash, vocab size, EOD id), the sequence length, the token
+dtype (uint16 while every id fits, i.e. vocab_size <= 65536, else uint32), the source, the eval-split
+corruption if any (``corrupt.py``), and per split the shards with their sample count, real token
+count, size and sha256. It contains no timestamps, so re-running ``prepare`` on the same input
+reproduces it byte for byte. ``check_manifest_matches`` compares it with a model configuration.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "check_manifest_matches",
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
@@ -92,6 +95,7 @@ class Manifest:
     splits: dict[str, SplitInfo]
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+    corruption: dict[str, Any] | None = None  # eval-split corruption (corrupt.py), None: clean
 
     @property
     def sample_length(self) -> int:
@@ -113,6 +117,8 @@ class Manifest:
             | {"num_shards": sum(len(s.shards) for s in self.splits.values())},
             "splits": {name: asdict(info) for name, info in self.splits.items()},
         }
+        if self.corruption is not None:  # absent for clean data: older readers ignore extra keys
+            data["corruption"] = self.corruption
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod
@@ -138,9 +144,48 @@ class Manifest:
                 dtype=data["dtype"],
                 source=data["source"],
                 splits=splits,
+                corruption=data.get("corruption"),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{where} is not a valid {FORMAT} manifest: {exc!r}") from exc
+
+
+def check_manifest_matches(
+    manifest: Manifest,
+    *,
+    seq_length: int | None = None,
+    vocab_size: int | None = None,
+    tokenizer_hash: str | None = None,
+    where: str = "the shard directory",
+) -> None:
+    """Raise ``ValueError`` if ``manifest`` disagrees with the model configuration.
+
+    Args:
+        seq_length: the model's sequence length (samples hold ``seq_length + 1`` tokens).
+        vocab_size: the model's vocabulary size before any padding (Megatron's ``--vocab-size``).
+        tokenizer_hash: the ``hash`` of the tokenizer the model was (or will be) trained with.
+        where: the shard directory, for the message.
+    Arguments left as None are not checked.
+    """
+    tok = manifest.tokenizer
+    if seq_length is not None and seq_length != manifest.seq_length:
+        raise ValueError(
+            f"{where} was prepared with seq_length={manifest.seq_length} but the model uses "
+            f"seq_length={seq_length}; re-run `acmoe-data prepare --seq-length {seq_length}` "
+            f"or set the model's seq_length to {manifest.seq_length}"
+        )
+    if vocab_size is not None and vocab_size != tok["vocab_size"]:
+        raise ValueError(
+            f"{where} was tokenized with {tok['name']!r} (vocab_size={tok['vocab_size']}) but the "
+            f"model uses vocab_size={vocab_size}; set the model's vocab_size to {tok['vocab_size']} "
+            "or re-run acmoe-data prepare with the model's tokenizer (--tokenizer)"
+        )
+    if tokenizer_hash is not None and tokenizer_hash != tok["hash"]:
+        raise ValueError(
+            f"{where} was tokenized with {tok['name']!r} (hash {tok['hash'][:12]}...) but the model "
+            f"expects the tokenizer with hash {tokenizer_hash[:12]}...; re-run acmoe-data prepare "
+            "with the model's tokenizer (--tokenizer), or point the model at shards made with it"
+        )
 
 
 def read_manifest(shard_dir: str | os.PathLike) -> Manifest:

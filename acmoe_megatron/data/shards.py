@@ -11,6 +11,10 @@ Notable:
 - Atomic: every shard and the manifest are written to a temporary file and renamed into place.
   When overwriting, the old manifest is removed first and written last, so a reader never sees a
   manifest that points at a half-written dataset.
+- Tokenizers: ``ByteTokenizer`` (``encode_bytes``) or any object with ``encode_batch``/``encode``/
+  ``eod``/``vocab_size``/``describe`` such as ``HFTokenizer``; ids are stored as uint16 while they
+  fit, else uint32.
+- ``corrupt`` (``corrupt.py``) corrupts the valid/test splits, never train.
 - Non-overlapping blocks mean the first token of each block is never a label; that costs
   1/(seq_length + 1) of the targets and keeps every sample independent.
 """
@@ -27,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from acmoe_megatron.data.corpus import SPLITS, Document, FileCorpus
+from acmoe_megatron.data.corpus import SPLITS, Corpus, Document
+from acmoe_megatron.data.corrupt import EVAL_SPLITS, Corruption, parse_corruption
 from acmoe_megatron.data.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -40,7 +45,7 @@ from acmoe_megatron.data.manifest import (
     write_bytes_atomic,
 )
 from acmoe_megatron.data.sources import resolve_source
-from acmoe_megatron.data.tokenizer import ByteTokenizer
+from acmoe_megatron.data.tokenizer import ByteTokenizer, load_tokenizer
 
 __all__ = ["pack_blocks", "prepare", "write_split"]
 
@@ -133,27 +138,86 @@ class _ShardSink:
             self._writer = self._file = self._tmp = None
 
 
+def _encoder(
+    tokenizer, corruption: Corruption | None, counts: dict[str, int]
+) -> Callable[[list[Document]], list[tuple[np.ndarray, int]]]:
+    """Documents -> [(token ids, source bytes)], corrupted if ``corruption`` is given (updating ``counts``)."""
+    if getattr(tokenizer, "byte_level", False):
+
+        def encode_one(doc: Document) -> tuple[np.ndarray, int]:
+            data = doc.utf8()
+            n_bytes = len(data)
+            if corruption is not None:
+                data, units, replaced = corruption.corrupt_bytes(data, doc.doc_id)
+                counts["units"] += units
+                counts["replaced"] += replaced
+            return tokenizer.encode_bytes(data), n_bytes
+
+        return lambda docs: [encode_one(doc) for doc in docs]
+
+    marker_ids = tokenizer.encode(corruption.marker) if corruption is not None else None
+    special_ids = getattr(tokenizer, "special_ids", frozenset())
+
+    def encode_many(docs: list[Document]) -> list[tuple[np.ndarray, int]]:
+        texts = [doc.as_text() for doc in docs]
+        results = []
+        for doc, text, ids in zip(docs, texts, tokenizer.encode_batch(texts), strict=True):
+            if corruption is not None:
+                ids, units, replaced = corruption.corrupt_tokens(ids, doc.doc_id, marker_ids, special_ids)
+                counts["units"] += units
+                counts["replaced"] += replaced
+            results.append((ids, len(doc.raw) if doc.raw is not None else len(text.encode("utf-8"))))
+        return results
+
+    return encode_many
+
+
+def _chunks(documents: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    chunk = []
+    for doc in documents:
+        chunk.append(doc)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def write_split(
     documents: Iterable[Document],
     out_dir: str | os.PathLike,
     split: str,
     seq_length: int,
     samples_per_shard: int,
-    tokenizer: ByteTokenizer,
+    tokenizer=None,
     progress: ProgressFn | None = None,
+    corruption: Corruption | None = None,
+    corruption_counts: dict[str, int] | None = None,
 ) -> SplitInfo:
-    """Tokenize, pack and write one split's documents as shards in ``out_dir``."""
+    """Tokenize, pack and write one split's documents as shards in ``out_dir``.
+
+    ``tokenizer`` defaults to ``ByteTokenizer``. With ``corruption``, every document is corrupted
+    before packing and ``corruption_counts`` (if given) gets the "units"/"replaced" totals.
+    """
+    tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
     dtype = np.dtype(token_dtype_name(tokenizer.vocab_size))
     stats = {"docs": 0, "text_bytes": 0}
+    counts = corruption_counts if corruption_counts is not None else {}
+    counts.setdefault("units", 0)
+    counts.setdefault("replaced", 0)
+    encode = _encoder(tokenizer, corruption, counts)
+
+    # Hugging Face tokenizers encode a batch of documents in parallel (Rust threads).
+    chunk_size = 1 if getattr(tokenizer, "byte_level", False) else 256
 
     def token_arrays() -> Iterator[np.ndarray]:
-        for doc in documents:
-            tokens = tokenizer.encode(doc.text)
-            stats["docs"] += 1
-            stats["text_bytes"] += len(tokens)  # byte tokenizer: one token per UTF-8 byte
-            if progress is not None:
-                progress(split, len(tokens))
-            yield tokens.astype(dtype, copy=False)
+        for chunk in _chunks(documents, chunk_size):
+            for tokens, n_bytes in encode(chunk):
+                stats["docs"] += 1
+                stats["text_bytes"] += n_bytes
+                if progress is not None:
+                    progress(split, n_bytes)
+                yield tokens.astype(dtype, copy=False)
 
     sink = _ShardSink(Path(out_dir), split, samples_per_shard)
     num_samples = num_tokens = 0
@@ -176,33 +240,43 @@ def write_split(
 
 
 def prepare(
-    source: str | FileCorpus,
+    source: str | Corpus,
     out_dir: str | os.PathLike,
     seq_length: int,
     samples_per_shard: int = 4096,
     *,
     splits: Iterable[str] = SPLITS,
-    valid_fraction: float = 0.02,
-    test_fraction: float = 0.02,
+    valid_fraction: float | None = None,
+    test_fraction: float | None = None,
     max_bytes: int | None = None,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    tokenizer=None,
+    source_format: str = "auto",
+    text_field: str = "text",
+    corrupt: str | Corruption | None = None,
 ) -> Manifest:
     """Tokenize ``source`` and write its splits as webdataset shards plus ``manifest.json``.
 
     Args:
-        source: "stdlib", a directory/file/glob of text files, or a ``FileCorpus``.
+        source: "stdlib", a path/glob (text, JSONL, Parquet, enwik8, WikiText; see
+            ``sources.py``), or a corpus object.
         out_dir: output directory (created if missing).
         seq_length: model sequence length; each sample holds ``seq_length + 1`` tokens.
         samples_per_shard: samples per tar shard.
         splits: which splits to write.
-        valid_fraction, test_fraction, max_bytes: see ``corpus.FileCorpus`` (ignored when
-            ``source`` already is a ``FileCorpus``).
+        valid_fraction, test_fraction: hash-split fractions (default 0.02 each; an error for
+            enwik8/WikiText, whose splits are fixed). Ignored when ``source`` is a corpus object.
+        max_bytes: cap on the source bytes per split (see the corpus classes).
         overwrite: replace an existing dataset in ``out_dir`` (otherwise that is an error).
         progress: optional callback ``(split, n_bytes)`` called after each document.
+        tokenizer: None/"bytes" (byte-level), a local tokenizer.json path, or a tokenizer object.
+        source_format, text_field: see ``sources.resolve_source``.
+        corrupt: "word-swap:P" or a ``Corruption``: applied to the valid/test splits only.
 
     Returns:
-        The manifest that was written.
+        The manifest that was written. A source with no documents in any written split is an
+        error (nothing is written); a single empty split only warns.
     """
     if seq_length < 1:
         raise ValueError(f"seq_length must be >= 1, got {seq_length}")
@@ -212,34 +286,63 @@ def prepare(
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown or not splits:
         raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits}")
-    corpus = resolve_source(source, valid_fraction, test_fraction, max_bytes)
-    tokenizer = ByteTokenizer()
+    corruption = parse_corruption(corrupt)
+    if corruption is not None and not set(splits) & set(EVAL_SPLITS):
+        raise ValueError(
+            f"corruption applies to the evaluation splits {EVAL_SPLITS} only, but only {splits} are "
+            "being written; add --splits valid test"
+        )
+    corpus = resolve_source(
+        source, valid_fraction, test_fraction, max_bytes, source_format=source_format, text_field=text_field
+    )
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clear_previous_dataset(out, overwrite)
 
-    infos = {}
+    infos, corruption_counts = {}, {}
     for split in splits:
+        split_corruption = corruption if split in EVAL_SPLITS else None
+        counts = corruption_counts.setdefault(split, {}) if split_corruption is not None else None
         infos[split] = write_split(
-            corpus.documents(split), out, split, seq_length, samples_per_shard, tokenizer, progress
+            corpus.documents(split),
+            out,
+            split,
+            seq_length,
+            samples_per_shard,
+            tokenizer,
+            progress,
+            corruption=split_corruption,
+            corruption_counts=counts,
         )
-        if infos[split].num_samples == 0:
+    if all(info.num_text_bytes == 0 for info in infos.values()):
+        for info in infos.values():  # documents of zero bytes still made EOD-only shards
+            for shard in info.shards:
+                (out / shard.file).unlink(missing_ok=True)
+        described = corpus.describe()
+        where = described.get("spec") or described.get("root") or described.get("path") or ""
+        raise ValueError(
+            f"source {corpus.kind!r} {where} has no text in splits {splits} "
+            f"({sum(i.num_documents for i in infos.values())} documents, 0 bytes): the corpus is "
+            "empty. Check the input (and --max-bytes, --text-field, the split fractions)"
+        )
+    for split, info in infos.items():
+        if info.num_samples == 0:
             warnings.warn(
                 f"split {split!r} of source {corpus.kind!r} is empty (no documents selected); "
                 "use a larger source or --max-bytes, or larger split fractions",
                 stacklevel=2,
             )
     manifest = Manifest(
-        tokenizer={
-            "name": tokenizer.name,
-            "hash": tokenizer.hash,
-            "vocab_size": tokenizer.vocab_size,
-            "eod": tokenizer.eod,
-        },
+        tokenizer=tokenizer.describe(),
         seq_length=seq_length,
         dtype=token_dtype_name(tokenizer.vocab_size),
         source=corpus.describe(),
         splits=infos,
+        corruption=None
+        if corruption is None
+        else corruption.describe() | {"applied_to": corruption_counts},
     )
     write_bytes_atomic(out / MANIFEST_NAME, manifest.to_json().encode("utf-8"))
     return manifest

@@ -16,7 +16,44 @@ from pathlib import Path
 
 from acmoe_megatron.data.corpus import FileCorpus
 
-__all__ = ["text_files_corpus"]
+__all__ = ["select_files", "text_files_corpus"]
+
+
+def select_files(spec: str, suffixes: tuple[str, ...] | None = None, what: str = "text") -> tuple[Path, list[str]]:
+    """The files named by a directory, a file or a glob: ``(root, relative posix paths)``.
+
+    ``suffixes`` (e.g. ``(".jsonl",)``) restricts what a directory contributes; ``what`` names
+    the kind of file in error messages.
+    """
+    if glob.has_magic(spec):
+        root = _literal_prefix_dir(spec)
+        files = [Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
+        relpaths = [Path(os.path.relpath(p, root)).as_posix() for p in files]
+    elif os.path.isdir(spec):
+        root = Path(spec)
+        relpaths = [
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*")
+            if p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+            and (suffixes is None or p.name.lower().endswith(suffixes))
+        ]
+    elif os.path.isfile(spec):
+        root = Path(spec).parent
+        relpaths = [Path(spec).name]
+    else:
+        raise FileNotFoundError(
+            f"{what} source {spec!r} does not exist (no such file or directory, and not a glob "
+            f"pattern); pass an existing {what} file or directory, a glob such as "
+            f"'DIR/**/*{(suffixes or ('.txt',))[0]}', or --source stdlib"
+        )
+    if not relpaths:
+        raise FileNotFoundError(
+            f"{what} source {spec!r} matched no files"
+            + (f" ending in {' or '.join(suffixes)}" if suffixes else "")
+            + "; check the path or pattern (use '**' with a glob to match files in subdirectories)"
+        )
+    return root, relpaths
 
 
 def text_files_corpus(
@@ -27,30 +64,7 @@ def text_files_corpus(
 ) -> FileCorpus:
     """A ``FileCorpus`` over the text files named by a directory or a glob pattern."""
     spec = os.fspath(path_or_glob)
-    if glob.has_magic(spec):
-        root = _literal_prefix_dir(spec)
-        files = [Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
-        relpaths = [Path(os.path.relpath(p, root)).as_posix() for p in files]
-    elif os.path.isdir(spec):
-        root = Path(spec)
-        relpaths = [
-            p.relative_to(root).as_posix()
-            for p in root.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        ]
-    elif os.path.isfile(spec):
-        root = Path(spec).parent
-        relpaths = [Path(spec).name]
-    else:
-        raise FileNotFoundError(
-            f"text source {spec!r} is neither an existing file or directory nor a glob pattern; "
-            "pass a directory of text files, a glob such as 'DIR/**/*.txt', or --source stdlib"
-        )
-    if not relpaths:
-        raise FileNotFoundError(
-            f"text source {spec!r} matched no files; check the path or pattern "
-            "(use '**' with a glob to match files in subdirectories)"
-        )
+    root, relpaths = select_files(spec)
     return FileCorpus(
         kind="text",
         root=root,

@@ -8,16 +8,19 @@ Notable:
   by mistake.
 - ``tokenize``/``detokenize``/``eod``/``vocab_size`` mirror the names Megatron's tokenizers use, so
   the object can be handed to code that expects them.
+- ``load_tokenizer`` turns a ``--tokenizer`` argument into a tokenizer: "bytes" (the default) or a
+  local Hugging Face ``tokenizer.json`` (``hf_tokenizer.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["EOD_ID", "VOCAB_SIZE", "ByteTokenizer"]
+__all__ = ["EOD_ID", "VOCAB_SIZE", "ByteTokenizer", "load_tokenizer"]
 
 EOD_ID = 256
 VOCAB_SIZE = 257
@@ -29,6 +32,7 @@ class ByteTokenizer:
     name = "bytes"
     vocab_size = VOCAB_SIZE
     eod = EOD_ID
+    byte_level = True  # encodes raw bytes (``encode_bytes``); word-swap corruption works on bytes
 
     # Bump the version suffix if encode/decode ever change behaviour: old shards then stop matching.
     _description = "acmoe_megatron.data.ByteTokenizer v1: utf-8 bytes 0..255, eod=256, vocab_size=257"
@@ -41,6 +45,14 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         """Return the UTF-8 bytes of ``text`` as a uint16 array of token ids (no EOD appended)."""
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+
+    def encode_bytes(self, data: bytes) -> np.ndarray:
+        """Return ``data`` as a uint16 array of token ids, one per byte (no EOD appended)."""
+        return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
+
+    def describe(self) -> dict:
+        """The manifest's ``tokenizer`` entry."""
+        return {"name": self.name, "hash": self.hash, "vocab_size": self.vocab_size, "eod": self.eod}
 
     def decode(self, ids: Iterable[int] | np.ndarray, eod_text: str = "") -> str:
         """Turn token ids back into text.
@@ -74,6 +86,19 @@ class ByteTokenizer:
 
     def __repr__(self) -> str:
         return f"ByteTokenizer(vocab_size={self.vocab_size}, eod={self.eod})"
+
+
+def load_tokenizer(spec: str | os.PathLike | None = None, eod_token: str | None = None):
+    """The tokenizer named by ``spec``: None or "bytes" -> ``ByteTokenizer``; a local
+    ``tokenizer.json`` (or a directory holding one) -> ``HFTokenizer``. Hub names are refused:
+    nothing is downloaded at run time."""
+    if spec is None or spec == "bytes":
+        if eod_token is not None:
+            raise ValueError("eod_token applies to Hugging Face tokenizers only; the byte tokenizer's EOD is 256")
+        return ByteTokenizer()
+    from acmoe_megatron.data.hf_tokenizer import HFTokenizer
+
+    return HFTokenizer(spec, eod_token=eod_token)
 
 
 def _bytes_to_text(byte_ids: np.ndarray) -> str:

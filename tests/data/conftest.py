@@ -8,6 +8,7 @@ from typing import NamedTuple
 import pytest
 
 from acmoe_megatron.data.shards import prepare
+from data_synthetic import synthetic_words, wikitext_file_text
 
 
 class ShardDir(NamedTuple):
@@ -31,3 +32,32 @@ def one_shard(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one_shard")
     prepare("stdlib", out, 32, 100_000, max_bytes=20_000, splits=["train"])
     return out
+
+
+# -- synthetic inputs for the other sources -------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def wikitext_dir(tmp_path_factory) -> Path:
+    """A small WikiText-103-raw-like directory: wiki.{train,valid,test}.raw."""
+    d = tmp_path_factory.mktemp("wikitext-103-raw")
+    for seed, (split, n, words) in enumerate([("train", 60, 100), ("valid", 60, 250), ("test", 8, 60)]):
+        (d / f"wiki.{split}.raw").write_text(wikitext_file_text(seed, n, words), encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_file(tmp_path_factory) -> Path:
+    """A tiny byte-level BPE tokenizer.json (trained here with the tokenizers library)."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([" ".join(synthetic_words(s, 2000)) for s in range(5)], trainer)
+    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
+    tok.save(str(path))
+    return path

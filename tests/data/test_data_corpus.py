@@ -88,5 +88,7 @@ def test_unknown_sources_fail_clearly(tmp_path):
         resolve_source("nope")
     with pytest.raises(ValueError, match="matched no files"):
         resolve_source(f"{tmp_path}/*.txt")
-    with pytest.raises(ValueError, match="only 'stdlib' and plain-text"):
-        resolve_source("data.jsonl")
+    with pytest.raises(ValueError, match=r"unknown source 'data\.jsonl'.*jsonl source"):
+        resolve_source("data.jsonl")  # missing input, detected as JSONL by its name
+    with pytest.raises(ValueError, match=r"looks like a \.tar file.*--format text"):
+        resolve_source("shards.tar")

@@ -199,3 +199,108 @@ def test_replica_r_gets_micro_batch_r_of_a_single_replica_run(small_shards):
         tb = TokenBatches(small_shards.path, "train", 4, r, 3, seed=2)
         for step in range(3):
             assert tb.sample_ids(step) == one.sample_ids(step * 3 + r)
+
+
+def test_manifest_vs_model_config(small_shards):
+    from acmoe_megatron.data.manifest import check_manifest_matches
+
+    manifest = read_manifest(small_shards.path)
+    check_manifest_matches(manifest, seq_length=64, vocab_size=257, tokenizer_hash=manifest.tokenizer["hash"])
+    with pytest.raises(ValueError, match=r"seq_length=64 but the model uses seq_length=128.*--seq-length 128"):
+        check_manifest_matches(manifest, seq_length=128)
+    vocab_hint = r"vocab_size=257\) but the model uses vocab_size=50304.*set the model's vocab_size to 257"
+    with pytest.raises(ValueError, match=vocab_hint):
+        check_manifest_matches(manifest, vocab_size=50304)
+    hash_hint = r"'bytes' \(hash [0-9a-f]{12}\.\.\.\) but the model expects .* hash 0123456789ab"
+    with pytest.raises(ValueError, match=hash_hint):
+        check_manifest_matches(manifest, tokenizer_hash="0123456789abcdef")
+    with pytest.raises(ValueError, match=r"model uses vocab_size=300"):
+        TokenBatches(small_shards.path, "valid", 2, 0, 1, seed=0, vocab_size=300)
+
+
+def test_split_smaller_than_a_global_step_is_refused(small_shards):
+    n = read_manifest(small_shards.path).splits["valid"].num_samples
+    mbs = n // 2 + 1
+    numbers = rf"has {n} samples, fewer than one global step of dp_size 2 x micro_batch_size {mbs} = {2 * mbs}"
+    with pytest.raises(ValueError, match=numbers):
+        TokenBatches(small_shards.path, "valid", mbs, 0, 2, seed=0)
+    TokenBatches(small_shards.path, "valid", n // 2, 1, 2, seed=0)  # exactly one step is fine
+
+
+def test_truncated_tar_is_detected_by_the_reader(damaged):
+    """Even when the size check is bypassed (manifest edited), a short tar is an error."""
+    import json
+
+    from acmoe_megatron.data.manifest import sha256_file
+
+    shard = damaged / "valid-000000.tar"
+    shard.write_bytes(shard.read_bytes()[: 512 * 41 + 100])  # cut inside a member's payload
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    info = manifest["splits"]["valid"]["shards"][0]
+    info["bytes"], info["sha256"] = shard.stat().st_size, sha256_file(shard)
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"valid-000000\.tar: (cannot be read|holds \d+ samples, the manifest says)"):
+        TokenBatches(damaged, "valid", 2, 0, 1, seed=0)
+
+
+def test_sample_with_wrong_dtype_is_an_error(tmp_path):
+    """A shard whose samples are not (seq_length + 1,) of the manifest dtype is refused."""
+    import json
+
+    import webdataset as wds
+
+    from acmoe_megatron.data.manifest import sha256_file
+    from acmoe_megatron.data.shards import prepare
+
+    prepare("stdlib", tmp_path, 16, 100_000, max_bytes=20_000, splits=["train"])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    info = manifest["splits"]["train"]["shards"][0]
+    shard = tmp_path / info["file"]
+    with wds.TarWriter(str(shard)) as sink:
+        for i in range(info["samples"]):
+            sink.write({"__key__": f"{i:010d}", "tokens.npy": np.zeros(17, dtype=np.uint16 if i != 3 else np.int32)})
+    info["bytes"], info["sha256"] = shard.stat().st_size, sha256_file(shard)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"sample 0000000003 has shape \(17,\) and dtype int32, expected \(17,\) uint16"):
+        TokenBatches(tmp_path, "train", 1, 0, 1, seed=0)
+
+
+def _check_batches_against_reference(tb, samples, info, batches):
+    s, n = tb.manifest.seq_length, len(samples)
+    seen_last = False
+    for k in batches:
+        got = tb.batch(k)
+        for row, i in enumerate(tb.sample_ids(k)):
+            block = samples[i].astype(np.int64) if i is not None else np.full(s + 1, 256)
+            length = 0 if i is None else info.sample_length(i, s + 1)
+            seen_last |= i == n - 1
+            assert torch.equal(got["tokens"][row], torch.from_numpy(block[:-1]))
+            assert torch.equal(got["labels"][row], torch.from_numpy(block[1:]))
+            assert got["loss_mask"][row].tolist() == [1.0] * (length - 1) + [0.0] * (s - max(length - 1, 0))
+        assert torch.equal(got["position_ids"], torch.arange(s).repeat(tb.micro_batch_size, 1))
+    return seen_last
+
+
+@pytest.mark.parametrize("shuffle, infinite", [(True, True), (False, True), (False, False)])
+def test_vectorised_batches_match_a_per_sample_reference(small_shards, shuffle, infinite):
+    """``batch`` (one gather per micro-batch) equals a row-by-row build from ``sample_ids``,
+    wherever the split's EOD-padded last sample falls in a micro-batch."""
+    manifest, samples = load_split_samples(small_shards.path, "valid")
+    info, s, n = manifest.splits["valid"], manifest.seq_length, len(samples)
+    assert info.sample_length(n - 1, s + 1) < s + 1  # the split ends with an EOD-padded sample
+    mbs, dp = 5, 2
+    probe = TokenBatches(small_shards.path, "valid", 1, 0, 1, seed=4, shuffle=shuffle, verify_checksums=False)
+    where_last = next(p for p in range(mbs, 2 * n) if probe.sample_ids(p) == [n - 1])
+    for slot in range(mbs):  # replica 1's micro-batch holds the last sample in slot `slot`
+        consumed = (where_last - mbs - slot) % (mbs * dp)
+        if not infinite and where_last >= n:
+            continue
+        tb = TokenBatches(small_shards.path, "valid", mbs, 1, dp, seed=4, shuffle=shuffle, infinite=infinite,
+                          consumed_samples=consumed, verify_checksums=False)
+        k = (where_last - consumed - mbs) // (mbs * dp)
+        assert tb.sample_ids(k)[slot] == n - 1
+        assert _check_batches_against_reference(tb, samples, info, [k])
+    tb = TokenBatches(small_shards.path, "valid", mbs, 1, dp, seed=4, shuffle=shuffle, infinite=infinite,
+                      consumed_samples=3, verify_checksums=False)
+    batches = range(2 * n // (mbs * dp) + 2) if infinite else range(len(tb))
+    assert _check_batches_against_reference(tb, samples, info, batches)
