@@ -52,6 +52,44 @@ def ensure_data(recipe) -> None:
         raise SystemExit(rc)
 
 
+EXIT_STOPPED_EARLY = 75  # EX_TEMPFAIL: checkpoint saved before train_iters; run again to resume
+
+# Keys that may change between a run and its resumption; any other difference is refused.
+RESUMABLE_CHANGES = {
+    "megatron": {"train_iters", "exit_interval", "exit_duration_in_mins", "exit_signal_handler", "exit_signal",
+                 "save_interval", "eval_interval", "eval_iters", "log_interval", "lr_decay_iters",
+                 "override_opt_param_scheduler", "tensorboard_dir", "load", "save", "finetune",
+                 "no_load_optim", "no_load_rng"},
+    "run": {"name", "log_router_grad_norms"},
+    "data": {"verify_checksums"},
+}
+
+
+def check_resume_compatible(recipe, run_dir: Path) -> None:
+    """Resuming a run directory that has checkpoints with a different recipe: name the keys."""
+    import yaml
+
+    previous_path = run_dir / "config.yaml"
+    ckpt = Path(recipe.megatron.get("load") or recipe.megatron.get("save") or run_dir / "checkpoints")
+    if not previous_path.is_file() or not (ckpt / "latest_checkpointed_iteration.txt").is_file():
+        return
+    previous = yaml.safe_load(previous_path.read_text()) or {}
+    current = recipe.to_dict()
+    diffs = []
+    for section, values in current.items():
+        old = previous.get(section, {}) or {}
+        for key in sorted(set(values) | set(old)):
+            if key in RESUMABLE_CHANGES.get(section, set()):
+                continue
+            if values.get(key) != old.get(key):
+                diffs.append(f"{section}.{key}: {old.get(key)!r} -> {values.get(key)!r}")
+    if diffs:
+        raise ConfigError(
+            f"{run_dir} holds checkpoints of a run with a different configuration; resuming would mix "
+            "them. Differences: " + "; ".join(diffs) + ". Use a new run.dir, or restore these values."
+        )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="acmoe-pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny_cpu.yaml")
@@ -59,19 +97,23 @@ def main(argv=None) -> int:
                         help="processes on this machine (default: GPUs, or 2 without a GPU)")
     parser.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides")
     cli = parser.parse_args(argv)
+    nproc = cli.nproc
+    if nproc is None:
+        import torch
+
+        nproc = torch.cuda.device_count() or 2
     try:
+        from acmoe_megatron.train import check_world_size
+
         recipe = load_recipe(cli.config, cli.overrides)
+        check_world_size(recipe, world=nproc)
+        check_resume_compatible(recipe, Path(recipe.run.dir))
         ensure_data(recipe)
     except ConfigError as err:
         print(f"acmoe-pretrain: config error: {err}", file=sys.stderr)
         return 2
     run_dir = Path(recipe.run.dir)
     resolved = write_resolved(recipe, run_dir)
-    nproc = cli.nproc
-    if nproc is None:
-        import torch
-
-        nproc = torch.cuda.device_count() or 2
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
@@ -87,6 +129,11 @@ def main(argv=None) -> int:
         return rc
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if summary.get("stopped_early"):
+        print(f"[acmoe] stopped early at iteration {summary.get('iterations')} of {summary.get('train_iters')}; "
+              f"checkpoint in {summary.get('checkpoint_dir')}. Run the same command again to resume "
+              f"(exit {EXIT_STOPPED_EARLY}).")
+        return EXIT_STOPPED_EARLY
     print("\n[acmoe] run finished")
     print(f"  TensorBoard logs : {summary.get('tensorboard_dir', run_dir / 'tensorboard')}"
           f"   (tensorboard --logdir {run_dir / 'tensorboard'})")

@@ -47,7 +47,7 @@ def _last(series, tag):
     return points[-1][1] if points else None
 
 
-def write_summary(recipe, args, manifest, wall_time_s: float, runtime_shims=()) -> Path:
+def write_summary(recipe, args, manifest, wall_time_s: float, runtime_shims=(), stopped_early: bool = False) -> Path:
     from acmoe_megatron.precision import fused_paths
 
     run_dir = Path(recipe.run.dir)
@@ -62,6 +62,7 @@ def write_summary(recipe, args, manifest, wall_time_s: float, runtime_shims=()) 
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "iterations": int(args.consumed_train_samples) // int(args.global_batch_size),
         "train_iters": args.train_iters,
+        "stopped_early": stopped_early,
         "final_train_loss": train,
         "final_valid_loss": valid,
         "final_valid_ppl": math.exp(valid) if valid is not None and valid < 50 else None,

@@ -330,6 +330,52 @@ def _local_tokens(tokens: torch.Tensor) -> int:
     return n
 
 
+def _install_fault_injection() -> None:
+    """Test hook: ``ACMOE_FAULT_SAVE_DELAY_S=<s>`` sleeps after a checkpoint's shards are written
+    and before megatron records it in ``latest_checkpointed_iteration.txt`` — the window in which
+    a kill must leave the previous checkpoint as the one to resume from (tests/test_reliability)."""
+    delay = float(os.environ.get("ACMOE_FAULT_SAVE_DELAY_S", "0") or 0)
+    only = os.environ.get("ACMOE_FAULT_SAVE_ITER")  # e.g. "4": only the save of iter_0000004
+    if delay <= 0:
+        return
+    import megatron.core.dist_checkpointing as dist_checkpointing
+
+    save = dist_checkpointing.save
+
+    def slow_save(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+        out = save(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+        if only and not str(checkpoint_dir).rstrip("/").endswith(f"iter_{int(only):07d}"):
+            return out
+        print(f"[acmoe] fault injection: checkpoint shards written, sleeping {delay} s before the "
+              "tracker update", flush=True)
+        time.sleep(delay)
+        return out
+
+    dist_checkpointing.save = slow_save
+
+
+def check_world_size(recipe, world: int | None = None) -> None:
+    """Parallel sizes must tile the processes: clear error before megatron's assertions."""
+    from acmoe_megatron.config import ConfigError
+
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
+    mg = recipe.megatron
+    tp, pp = int(mg.get("tensor_model_parallel_size") or 1), int(mg.get("pipeline_model_parallel_size") or 1)
+    cp, ep = int(mg.get("context_parallel_size") or 1), int(mg.get("expert_model_parallel_size") or 1)
+    etp = int(mg.get("expert_tensor_parallel_size") or tp)
+    if world % (tp * pp * cp):
+        raise ConfigError(
+            f"{world} processes cannot be split into tensor {tp} x pipeline {pp} x context {cp} "
+            f"(= {tp * pp * cp}) model-parallel groups: use a multiple of {tp * pp * cp} processes "
+            "or change megatron.tensor/pipeline/context_model_parallel_size"
+        )
+    if world % (etp * ep * pp):
+        raise ConfigError(
+            f"{world} processes cannot hold expert parallel {ep} x expert-tensor {etp} x pipeline {pp}: "
+            "use a multiple of their product, or change megatron.expert_model_parallel_size"
+        )
+
+
 def parse_cli(argv=None):
     parser = argparse.ArgumentParser(
         prog="acmoe-train", description="ACMoE pretraining worker (run under torchrun)"
@@ -358,6 +404,7 @@ def main(argv=None) -> None:
 
     cli = parse_cli(argv)
     recipe = load_recipe(cli.config, cli.overrides)
+    check_world_size(recipe)
     manifest = read_manifest(recipe.data.path)
     sys.argv = ["acmoe-train"] + build_argv(recipe, manifest)
     args = parse_and_validate_args()
@@ -371,21 +418,32 @@ def main(argv=None) -> None:
 
     metrics_registry: list = []
     observability.install(metrics_registry)
+    _install_fault_injection()
     start = time.time()
-    pretrain(
-        pretrain_cfg_container_from_args(args),
-        make_datasets_provider(recipe),
-        ModelType.encoder_or_decoder,
-        make_forward_step(recipe),
-        model_provider=make_model_provider(recipe, metrics_registry),
-    )
+    stopped_early = False
+    try:
+        pretrain(
+            pretrain_cfg_container_from_args(args),
+            make_datasets_provider(recipe),
+            ModelType.encoder_or_decoder,
+            make_forward_step(recipe),
+            model_provider=make_model_provider(recipe, metrics_registry),
+        )
+    except SystemExit as exc:  # megatron's early exits: signal handler, exit interval/duration
+        if exc.code not in (0, None):
+            raise
+        stopped_early = True
     wall = time.time() - start
     args = get_args()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank == int(os.environ.get("WORLD_SIZE", "1")) - 1:  # megatron's TensorBoard writer rank
-        path = write_summary(recipe, args, manifest, wall_time_s=wall, runtime_shims=cpu_runtime.APPLIED + fixes)
+        path = write_summary(recipe, args, manifest, wall_time_s=wall, runtime_shims=cpu_runtime.APPLIED + fixes,
+                             stopped_early=stopped_early)
         print(f"[acmoe] run summary: {path}", flush=True)
+    if stopped_early and rank == 0:
+        print("[acmoe] stopped before train_iters (signal, exit interval or time budget); the latest "
+              "checkpoint is complete: start the same command again to resume", flush=True)
 
 
 if __name__ == "__main__":

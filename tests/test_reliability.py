@@ -1,0 +1,136 @@
+"""Reliability with real processes: bit-exact resume, kill -9 inside a checkpoint save, SIGTERM.
+
+Each run is Megatron's trainer through ``acmoe-pretrain`` (2-core CPU, gloo). "Bit-exact" means the
+per-step train losses in TensorBoard are equal as floats between an uninterrupted run of 2N steps
+and a run stopped after N steps and resumed.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from acmoe_megatron.launcher import EXIT_STOPPED_EARLY
+from acmoe_megatron.summary import read_scalars
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 3
+BASE = ["megatron.seq_length=64", "megatron.max_position_embeddings=64", "megatron.micro_batch_size=4",
+        "megatron.global_batch_size=8", "megatron.lr_warmup_iters=1", "megatron.eval_iters=0",
+        "megatron.eval_interval=1000", "megatron.log_interval=1", f"megatron.train_iters={2 * N}",
+        f"megatron.save_interval={N}", "acmoe.first_ac_layer=2", "megatron.exit_signal_handler=true"]
+
+
+def _cmd(run_dir, data, nproc, *extra):
+    return [sys.executable, "-m", "acmoe_megatron.launcher", "--config", "configs/tiny_cpu.yaml", "--nproc",
+            str(nproc), *BASE, f"data.path={data}", f"run.dir={run_dir}", *extra]
+
+
+def _run(run_dir, data, nproc, *extra, env=None):
+    out = subprocess.run(_cmd(run_dir, data, nproc, *extra), cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env=env)
+    return out.returncode, out.stdout + out.stderr
+
+
+def _losses(run_dir):
+    return [v for _, v in sorted(read_scalars(Path(run_dir) / "tensorboard")["lm loss"])]
+
+
+def _latest(run_dir):
+    return (Path(run_dir) / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from acmoe_megatron.data import prepare
+
+    out = tmp_path_factory.mktemp("rel") / "data"
+    prepare(source="stdlib", out_dir=out, seq_length=64, max_bytes=200_000)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    runs = {}
+    for ep in (1, 2):
+        run = tmp_path_factory.mktemp(f"a_ep{ep}") / "run"
+        rc, log = _run(run, data, ep if ep > 1 else 1, f"megatron.expert_model_parallel_size={ep}")
+        assert rc == 0, log[-3000:]
+        runs[ep] = _losses(run)
+        assert len(runs[ep]) == 2 * N
+    return runs
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_stop_and_resume_is_bit_exact(data, uninterrupted, tmp_path, ep):
+    run = tmp_path / "run"
+    common = [f"megatron.expert_model_parallel_size={ep}"]
+    rc, log = _run(run, data, ep, *common, f"megatron.exit_interval={N}")
+    assert rc == EXIT_STOPPED_EARLY, log[-3000:]
+    assert "Run the same command again to resume" in log and _latest(run) == str(N)
+    rc, log = _run(run, data, ep, *common)
+    assert rc == 0, log[-3000:]
+    assert _losses(run) == uninterrupted[ep]  # float equality, step by step
+
+
+def test_kill_9_inside_a_save_keeps_the_previous_checkpoint(data, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, ACMOE_FAULT_SAVE_DELAY_S="60", ACMOE_FAULT_SAVE_ITER=str(2 * N))
+    proc = subprocess.Popen(_cmd(run, data, 1, "megatron.expert_model_parallel_size=1"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        for line in proc.stdout:
+            if "fault injection: checkpoint shards written" in line:
+                break
+            assert time.time() < deadline, "the run never reached the slowed-down save"
+        else:
+            pytest.fail("the run ended without reaching the slowed-down save")
+        os.killpg(proc.pid, signal.SIGKILL)  # every process of the run, mid-save
+    finally:
+        proc.wait(timeout=60)
+    assert (run / "checkpoints" / f"iter_{2 * N:07d}").exists()  # half-finished save is on disk...
+    assert _latest(run) == str(N)  # ...but not recorded: the previous checkpoint stays the latest
+    rc, log = _run(run, data, 1, "megatron.expert_model_parallel_size=1")
+    assert rc == 0, log[-3000:]
+    assert "successfully loaded checkpoint" in log and _latest(run) == str(2 * N)
+    assert _losses(run) == uninterrupted[1]
+
+
+def test_sigterm_saves_stops_and_resumes_exactly(data, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(run, data, 1, "megatron.expert_model_parallel_size=1", "megatron.train_iters=200", "megatron.save_interval=1000",
+                                 "megatron.lr_decay_iters=200"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    worker_pids = []
+    for line in proc.stdout:
+        if " iteration        2/" in line:
+            # the workers (python -u -m acmoe_megatron.train), not torchrun, whose command line
+            # also names the module: Megatron's handler in each worker takes the signal
+            out = subprocess.run(["pgrep", "-f", "--", f"-u -m acmoe_megatron.train --config {run}/config.yaml"],
+                                 capture_output=True, text=True)
+            worker_pids = [int(p) for p in out.stdout.split()]
+            for pid in worker_pids:
+                os.kill(pid, signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    rc = proc.wait(timeout=300)
+    assert worker_pids, "no worker found"
+    assert rc == EXIT_STOPPED_EARLY, rest[-3000:]
+    stopped_at = int(_latest(run))
+    assert 2 <= stopped_at < 200
+    # Compare with an uninterrupted run of the same schedule, both stopping 2 steps later.
+    until = [f"megatron.exit_interval={stopped_at + 2}"]
+    rc, log = _run(tmp_path / "ref", data, 1, "megatron.expert_model_parallel_size=1", "megatron.train_iters=200",
+                   "megatron.save_interval=1000", "megatron.lr_decay_iters=200", *until)
+    assert rc == EXIT_STOPPED_EARLY, log[-3000:]
+    rc, log = _run(run, data, 1, "megatron.expert_model_parallel_size=1", "megatron.train_iters=200",
+                   "megatron.save_interval=1000", "megatron.lr_decay_iters=200", *until)
+    assert rc == EXIT_STOPPED_EARLY and "successfully loaded checkpoint" in log, log[-3000:]
+    assert len(_losses(run)) == stopped_at + 2
+    assert _losses(run) == _losses(tmp_path / "ref")
