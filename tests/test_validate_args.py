@@ -85,3 +85,33 @@ def test_forced_random_routing_is_refused_with_the_ac_router():
         validate_args(args, recipe)
     args, recipe = _args("configs/tiny_cpu.yaml", "megatron.moe_router_force_load_balancing=true", "acmoe.router=topk")
     validate_args(args, recipe)
+
+
+def test_resume_with_a_different_config_names_the_keys(tmp_path):
+    from acmoe_megatron.config import load_recipe, write_resolved
+    from acmoe_megatron.launcher import check_resume_compatible
+
+    run = tmp_path / "run"
+    first = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}"])
+    write_resolved(first, run)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("10")
+    same_but_longer = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "megatron.train_iters=800"])
+    check_resume_compatible(same_but_longer, run)  # allowed change
+    changed = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "megatron.num_layers=6", "acmoe.scope=local"])
+    with pytest.raises(ConfigError, match=r"megatron.num_layers: 4 -> 6; acmoe.scope: 'tp' -> 'local'"):
+        check_resume_compatible(changed, run)
+
+
+@pytest.mark.parametrize("world, overrides, message", [
+    (3, [], "cannot be split|cannot hold expert parallel 2"),
+    (2, ["megatron.tensor_model_parallel_size=4"], "tensor 4 x pipeline 1 x context 1"),
+    (4, ["megatron.pipeline_model_parallel_size=2", "megatron.expert_model_parallel_size=4"], "expert parallel 4"),
+])
+def test_process_count_must_tile_the_parallel_sizes(world, overrides, message):
+    from acmoe_megatron.config import load_recipe
+    from acmoe_megatron.train import check_world_size
+
+    with pytest.raises(ConfigError, match=message):
+        check_world_size(load_recipe("configs/tiny_cpu.yaml", overrides), world=world)
+    check_world_size(load_recipe("configs/tiny_cpu.yaml"), world=2)
