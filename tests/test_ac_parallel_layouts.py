@@ -93,11 +93,12 @@ def reference(setup):
 LAYOUTS = {
     "ep2": (2, ["megatron.expert_model_parallel_size=2"]),
     "tp2_sp": (2, ["megatron.tensor_model_parallel_size=2", "megatron.sequence_parallel=true"]),
-    "pp2": (2, ["megatron.pipeline_model_parallel_size=2"]),
     "pp2_vpp2": (2, ["megatron.pipeline_model_parallel_size=2",
                      "megatron.num_layers_per_virtual_pipeline_stage=1"]),
     "ep2_tp2": (4, ["megatron.expert_model_parallel_size=2", "megatron.tensor_model_parallel_size=2",
                     "megatron.sequence_parallel=true", "megatron.expert_tensor_parallel_size=1"]),
+    # PP=2 (stage 0: layers 1-2, stage 1: 3-4) with full recompute: labels cross the stage boundary
+    # and recompute replays on stage 1 find them under the right micro-batch
     "pp2_full_recompute": (2, ["megatron.pipeline_model_parallel_size=2",
                                "megatron.recompute_granularity=full", "megatron.recompute_method=uniform",
                                "megatron.recompute_num_layers=1"]),
