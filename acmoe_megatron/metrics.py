@@ -169,4 +169,8 @@ def flush(all_metrics: list[RouterMetrics], writer, iteration: int) -> dict:
         for tag, value in scalars.items():
             if math.isfinite(value):
                 writer.add_scalar(tag, value, iteration)
+        for i, layer in enumerate(ref.moe_layer_numbers):  # the load distribution as a histogram
+            slots = values[i, :E]
+            if float(slots.sum()) > 0:
+                writer.add_histogram(f"moe/layer{layer:02d}/load_fraction", slots / slots.sum(), iteration)
     return scalars

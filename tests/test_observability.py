@@ -120,3 +120,22 @@ def test_throughput_memory_and_bits_are_logged(pp2_run):
         assert math.isclose(bits, loss[step] / math.log(2), rel_tol=1e-4)
     (step, vbits), = s["lm loss validation bits-per-token"][-1:]
     assert math.isclose(vbits, dict(s["lm loss validation"])[step] / math.log(2), rel_tol=1e-4)
+
+
+def test_load_histogram_is_written(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from acmoe_megatron.metrics import flush
+
+    m = RouterMetrics(4, [1])
+    logits = torch.randn(32, 4)
+    rmap = torch.zeros(32, 4, dtype=torch.bool).scatter(1, logits.topk(2, -1).indices, True)
+    m.record_routing(1, logits, rmap, logits.argmax(-1), None, topk=2)
+    writer = SummaryWriter(str(tmp_path))
+    scalars = flush([m], writer, iteration=7)
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert "moe/layer01/load_fraction" in acc.Tags()["histograms"]
+    assert math.isclose(sum(scalars[f"moe/layer01/load_fraction/expert{j:02d}"] for j in range(4)), 1.0, rel_tol=1e-6)
