@@ -68,6 +68,7 @@ class RunSettings:
     dir: str = "runs/default"  # TensorBoard in dir/tensorboard, checkpoints in dir/checkpoints
     name: str = ""  # free-form label written to the summary
     log_router_grad_norms: bool = False  # per step, per router: dir/router_grad_norms_rank*.jsonl
+    keep_last_checkpoints: int = 0  # after each save keep only the newest N iter_* dirs (0 = keep all)
 
 
 @dataclass

@@ -354,6 +354,36 @@ def _install_fault_injection() -> None:
     dist_checkpointing.save = slow_save
 
 
+def install_checkpoint_retention(keep_last: int) -> None:
+    """Keep only the newest ``keep_last`` checkpoints: after megatron's save_checkpoint returns (the
+    tracker names the new one), rank 0 deletes older ``iter_*`` directories. A directory newer than
+    the tracker (a save still in flight) and the tracked one are never touched."""
+    if keep_last <= 0:
+        return
+    import shutil
+
+    import megatron.training.training as training
+    from megatron.training import get_args
+
+    save = training.save_checkpoint
+
+    def save_and_prune(*args, **kwargs):
+        out = save(*args, **kwargs)
+        margs = get_args()
+        if torch.distributed.get_rank() == 0 and margs.save:
+            root = Path(margs.save)
+            tracker = root / "latest_checkpointed_iteration.txt"
+            if tracker.is_file() and tracker.read_text().strip().isdigit():
+                latest = int(tracker.read_text().strip())
+                done = sorted(int(d.name[5:]) for d in root.glob("iter_*") if d.name[5:].isdigit()
+                              and int(d.name[5:]) <= latest)
+                for it in done[:-keep_last]:
+                    shutil.rmtree(root / f"iter_{it:07d}", ignore_errors=True)
+        return out
+
+    training.save_checkpoint = save_and_prune
+
+
 def check_world_size(recipe, world: int | None = None) -> None:
     """Parallel sizes must tile the processes: clear error before megatron's assertions."""
     from acmoe_megatron.config import ConfigError
@@ -419,6 +449,7 @@ def main(argv=None) -> None:
     metrics_registry: list = []
     observability.install(metrics_registry)
     _install_fault_injection()
+    install_checkpoint_retention(recipe.run.keep_last_checkpoints)
     start = time.time()
     stopped_early = False
     try:

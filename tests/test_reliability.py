@@ -134,3 +134,13 @@ def test_sigterm_saves_stops_and_resumes_exactly(data, uninterrupted, tmp_path):
     assert rc == EXIT_STOPPED_EARLY and "successfully loaded checkpoint" in log, log[-3000:]
     assert len(_losses(run)) == stopped_at + 2
     assert _losses(run) == _losses(tmp_path / "ref")
+
+
+def test_keep_last_checkpoints(data, tmp_path):
+    run = tmp_path / "run"
+    rc, log = _run(run, data, 1, "megatron.expert_model_parallel_size=1", "megatron.save_interval=1",
+                   "run.keep_last_checkpoints=2")
+    assert rc == 0, log[-3000:]
+    kept = sorted(d.name for d in (run / "checkpoints").glob("iter_*"))
+    assert kept == [f"iter_{2 * N - 1:07d}", f"iter_{2 * N:07d}"]
+    assert _latest(run) == str(2 * N)
