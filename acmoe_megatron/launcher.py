@@ -53,6 +53,7 @@ def ensure_data(recipe) -> None:
 
 
 EXIT_STOPPED_EARLY = 75  # EX_TEMPFAIL: checkpoint saved before train_iters; run again to resume
+EXIT_NONFINITE = 16  # megatron's rerun state machine stopped on a reproducible NaN/Inf (checkpoint saved)
 
 # Keys that may change between a run and its resumption; any other difference is refused.
 RESUMABLE_CHANGES = {
@@ -123,11 +124,16 @@ def main(argv=None) -> int:
         "-m", "acmoe_megatron.train", "--config", str(resolved),
     ]
     print("[acmoe] " + " ".join(cmd), flush=True)
+    summary_path = run_dir / "summary.json"
+    summary_path.unlink(missing_ok=True)  # a stale summary must not describe this run
     rc = subprocess.call(cmd, env=env)
+    if rc != 0 and summary_path.is_file() and json.loads(summary_path.read_text()).get("stopped_on_nonfinite"):
+        print("acmoe-pretrain: stopped on a non-finite loss/gradient; the latest checkpoint is the last "
+              f"good state (see the log above). Exit {EXIT_NONFINITE}.", file=sys.stderr)
+        return EXIT_NONFINITE
     if rc != 0:
         print(f"acmoe-pretrain: training failed (exit {rc}); see the log above", file=sys.stderr)
         return rc
-    summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if summary.get("stopped_early"):
         print(f"[acmoe] stopped early at iteration {summary.get('iterations')} of {summary.get('train_iters')}; "

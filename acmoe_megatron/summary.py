@@ -47,7 +47,8 @@ def _last(series, tag):
     return points[-1][1] if points else None
 
 
-def write_summary(recipe, args, manifest, wall_time_s: float, runtime_shims=(), stopped_early: bool = False) -> Path:
+def write_summary(recipe, args, manifest, wall_time_s: float, runtime_shims=(), stopped_early: bool = False,
+                  nonfinite: bool = False) -> Path:
     from acmoe_megatron.precision import fused_paths
 
     run_dir = Path(recipe.run.dir)
@@ -63,6 +64,7 @@ def write_summary(recipe, args, manifest, wall_time_s: float, runtime_shims=(), 
         "iterations": int(args.consumed_train_samples) // int(args.global_batch_size),
         "train_iters": args.train_iters,
         "stopped_early": stopped_early,
+        "stopped_on_nonfinite": nonfinite,
         "final_train_loss": train,
         "final_valid_loss": valid,
         "final_valid_ppl": math.exp(valid) if valid is not None and valid < 50 else None,

@@ -34,6 +34,9 @@ import torch
 from acmoe_megatron import cpu_runtime
 
 
+EXIT_NONFINITE = 16  # megatron's rerun state machine: reproducible NaN/Inf, checkpoint saved, exit
+
+
 def _early_runtime():
     cpu_runtime.install()
     cpu_runtime.install_training()
@@ -310,12 +313,25 @@ def forward_step(data_iterator, model):
         if transport is not None:
             transport.receive(carrier, carrier.vp_stage, _local_tokens(tokens), tokens.device)
     output = model(tokens, position_ids, None, labels=labels)
+    output = _maybe_inject_nan(output)
     if carrier is not None:
         if transport is not None:
             transport.send(carrier, carrier.vp_stage, _local_tokens(tokens), tokens.device)
         if torch.is_grad_enabled():
             output = mark_backward(output, carrier, mb)  # recompute replays find this micro-batch
     return output, partial(loss_func, loss_mask)
+
+
+def _maybe_inject_nan(output: torch.Tensor) -> torch.Tensor:
+    """Test hook: ``ACMOE_FAULT_NAN_AT_ITER=k`` makes the loss of training iteration k NaN."""
+    at = os.environ.get("ACMOE_FAULT_NAN_AT_ITER")
+    if not at or not torch.is_grad_enabled():
+        return output
+    from megatron.training import get_args
+
+    if get_args().curr_iteration + 1 == int(at):
+        return output * float("nan")
+    return output
 
 
 def _local_tokens(tokens: torch.Tensor) -> int:
@@ -452,6 +468,7 @@ def main(argv=None) -> None:
     install_checkpoint_retention(recipe.run.keep_last_checkpoints)
     start = time.time()
     stopped_early = False
+    nonfinite_exit = None
     try:
         pretrain(
             pretrain_cfg_container_from_args(args),
@@ -461,7 +478,9 @@ def main(argv=None) -> None:
             model_provider=make_model_provider(recipe, metrics_registry),
         )
     except SystemExit as exc:  # megatron's early exits: signal handler, exit interval/duration
-        if exc.code not in (0, None):
+        if exc.code == EXIT_NONFINITE:
+            nonfinite_exit = exc
+        elif exc.code not in (0, None):
             raise
         stopped_early = True
     wall = time.time() - start
@@ -469,9 +488,23 @@ def main(argv=None) -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank == int(os.environ.get("WORLD_SIZE", "1")) - 1:  # megatron's TensorBoard writer rank
+        if nonfinite_exit is not None:
+            from megatron.training.global_vars import get_tensorboard_writer
+
+            writer = get_tensorboard_writer()
+            if writer is not None:
+                writer.add_scalar("faults/nonfinite_loss_or_grad", 1.0, args.curr_iteration + 1)
+                writer.flush()
         path = write_summary(recipe, args, manifest, wall_time_s=wall, runtime_shims=cpu_runtime.APPLIED + fixes,
-                             stopped_early=stopped_early)
+                             stopped_early=stopped_early, nonfinite=nonfinite_exit is not None)
         print(f"[acmoe] run summary: {path}", flush=True)
+    if nonfinite_exit is not None:
+        if rank == 0:
+            print(f"[acmoe] non-finite loss or gradient at iteration {args.curr_iteration + 1}: megatron re-ran "
+                  "the step, found it reproducible, saved the state before that step and stopped. The "
+                  "latest checkpoint is the last good one; inspect the data/learning rate, then resume.",
+                  flush=True)
+        raise nonfinite_exit
     if stopped_early and rank == 0:
         print("[acmoe] stopped before train_iters (signal, exit interval or time budget); the latest "
               "checkpoint is complete: start the same command again to resume", flush=True)

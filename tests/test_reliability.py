@@ -144,3 +144,18 @@ def test_keep_last_checkpoints(data, tmp_path):
     kept = sorted(d.name for d in (run / "checkpoints").glob("iter_*"))
     assert kept == [f"iter_{2 * N - 1:07d}", f"iter_{2 * N:07d}"]
     assert _latest(run) == str(2 * N)
+
+
+def test_nonfinite_loss_stops_with_the_last_good_checkpoint(data, tmp_path):
+    """A NaN loss at iteration 5 (ACMOE_FAULT_NAN_AT_ITER): megatron re-runs the step, finds the NaN
+    reproducible, saves the state of iteration 4 and stops; exit 16, TensorBoard marks the fault."""
+    run = tmp_path / "run"
+    env = dict(os.environ, ACMOE_FAULT_NAN_AT_ITER="5")
+    rc, log = _run(run, data, 1, "megatron.expert_model_parallel_size=1", "megatron.train_iters=8",
+                   "megatron.save_interval=3", "megatron.lr_decay_iters=8", env=env)
+    assert rc == 16, log[-3000:]
+    assert "non-finite loss or gradient at iteration 5" in log
+    assert _latest(run) == "4"
+    scalars = read_scalars(run / "tensorboard")
+    assert scalars["faults/nonfinite_loss_or_grad"] == [(5, 1.0)]
+    assert all(step <= 4 for step, _ in scalars["lm loss"])
