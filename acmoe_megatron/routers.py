@@ -102,11 +102,18 @@ class LabelSourceRouter(TopKRouter):
     """Megatron's ``TopKRouter`` that also records each token's top-1 expert for the next layer."""
 
     def __init__(self, *, config, pg_collection=None, is_mtp_layer=False, label_carrier=None,
-                 metrics=None, **kw):
+                 metrics=None, ema_buffers: bool = False, **kw):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **kw)
         # Plain attributes (not submodules): carrier and metrics belong to the model chunk.
         self.label_carrier: LabelCarrier | None = label_carrier
         self.metrics = metrics
+        if ema_buffers:
+            # AC running statistics (used by ACRouter with source=ema). Every MoE router of such a
+            # model carries them, because megatron's torch_dist checkpoint stacks a layer's state
+            # across all MoE layers and refuses keys that only some layers have.
+            device = self.weight.device
+            self.register_buffer("ac_ema_count", torch.zeros(self.num_experts, device=device))
+            self.register_buffer("ac_ema_mad", torch.zeros(self.num_experts, config.hidden_size, device=device))
 
     def _recording(self) -> bool:
         """Metrics once per step: training, and the grad-enabled pass under recompute."""
@@ -151,14 +158,11 @@ class ACRouter(CosineRouter):
 
     def __init__(self, *, config, pg_collection=None, is_mtp_layer=False, label_carrier=None,
                  metrics=None, ac: ACSettings = ACSettings(), **kw):
+        kw["ema_buffers"] = ac.source == "ema"  # running statistics, part of the checkpoint
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer,
                          label_carrier=label_carrier, metrics=metrics, **kw)
         self.ac = ac
         self.ac_constants = ac.constants()
-        if ac.source == "ema":  # running statistics, part of the checkpoint
-            device = self.weight.device
-            self.register_buffer("ac_ema_count", torch.zeros(self.num_experts, device=device))
-            self.register_buffer("ac_ema_mad", torch.zeros(self.num_experts, config.hidden_size, device=device))
 
     def _group(self, scope: str):
         group = {"local": None, "tp": self.tp_cp_group, "dp": self.tp_dp_cp_group}[scope]

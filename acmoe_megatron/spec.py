@@ -119,7 +119,8 @@ def acmoe_block_spec(
                 kw = {"ac": settings} if scorer is ACRouter else {}
                 builder = functools.partial(scorer, label_carrier=carrier, metrics=metrics, **kw)
             else:
-                builder = functools.partial(LabelSourceRouter, label_carrier=carrier, metrics=metrics)
+                builder = functools.partial(LabelSourceRouter, label_carrier=carrier, metrics=metrics,
+                                            ema_buffers=settings.router == "ac" and settings.source == "ema")
             layer_spec = _with_router(layer_spec, builder)
         layer_specs.append(layer_spec)
     return dataclasses.replace(block, layer_specs=layer_specs), carrier

@@ -159,3 +159,16 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint(data, tmp_path):
     scalars = read_scalars(run / "tensorboard")
     assert scalars["faults/nonfinite_loss_or_grad"] == [(5, 1.0)]
     assert all(step <= 4 for step, _ in scalars["lm loss"])
+
+
+def test_ema_statistics_survive_stop_and_resume(data, tmp_path):
+    """acmoe.source=ema keeps running statistics in router buffers: they are in the checkpoint, so
+    a stopped-and-resumed run equals an uninterrupted one bit for bit."""
+    ema = ["megatron.expert_model_parallel_size=1", "acmoe.source=ema"]
+    rc, log = _run(tmp_path / "a", data, 1, *ema)
+    assert rc == 0, log[-3000:]
+    rc, log = _run(tmp_path / "b", data, 1, *ema, f"megatron.exit_interval={N}")
+    assert rc == EXIT_STOPPED_EARLY, log[-3000:]
+    rc, log = _run(tmp_path / "b", data, 1, *ema)
+    assert rc == 0, log[-3000:]
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
