@@ -61,7 +61,7 @@ RESUMABLE_CHANGES = {
                  "save_interval", "eval_interval", "eval_iters", "log_interval", "lr_decay_iters",
                  "override_opt_param_scheduler", "tensorboard_dir", "load", "save", "finetune",
                  "no_load_optim", "no_load_rng"},
-    "run": {"name", "log_router_grad_norms", "keep_last_checkpoints"},
+    "run": {"dir", "name", "log_router_grad_norms", "keep_last_checkpoints"},
     "data": {"verify_checksums"},
 }
 

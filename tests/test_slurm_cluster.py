@@ -1,0 +1,434 @@
+"""slurm/pretrain.sbatch on a real SLURM cluster: two slurmd "nodes" on this machine.
+
+The module fixture installs Debian's ``slurm-wlm`` and ``munge`` when they are missing (apt-get;
+the tests are skipped, with the reason, only where that is impossible: not root, no apt-get, no
+package mirror), writes a slurm.conf into a temporary directory and starts, as children of this
+process and on loopback only: ``munged`` (its own key and socket), ``slurmctld`` and two ``slurmd``
+(``-N n1``, ``-N n2``: NodeAddr 127.0.0.1, one port each). Every daemon is stopped by its pid when
+the module ends, whatever happened (jobs still queued are cancelled first).
+
+The jobs are CPU ACMoE runs of configs/tiny_cpu.yaml with small overrides (sequence 64, 4 x 2
+samples per step) on a small stdlib corpus, expert parallel 2 over gloo, one torchrun per node with
+one worker each (world size 2: one expert-parallel rank per node, so every MoE all-to-all crosses
+the "nodes"):
+
+1. submitted with ``acmoe-launch slurm --nodes 2``: log, final loss, TensorBoard events, run files;
+2. submitted with plain ``sbatch --nodes=2 slurm/pretrain.sbatch`` and signalled mid-run with
+   ``scancel --signal=USR1`` (what ``--signal=USR1@T`` does before the time limit): Megatron saves
+   and exits, the script requeues the job, the second start resumes from the checkpoint and
+   finishes with the full step count;
+3. one task per process (``LAUNCHER=srun``) instead of torchrun.
+
+About 3 minutes on 2 CPU cores (plus the package install on a fresh machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from acmoe_megatron.summary import read_scalars
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs" / "tiny_cpu.yaml"
+PACKAGES = ("slurm-wlm", "munge")
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def small_run(data: Path, train_iters: int, **extra) -> list[str]:
+    """Overrides of configs/tiny_cpu.yaml for a short CPU run on the small corpus."""
+    values = {
+        "megatron.train_iters": train_iters, "megatron.lr_warmup_iters": 2,
+        "megatron.eval_interval": train_iters // 2, "megatron.eval_iters": 2, "megatron.log_interval": 1,
+        "megatron.seq_length": 64, "megatron.max_position_embeddings": 64,
+        "megatron.micro_batch_size": 4, "megatron.global_batch_size": 8,
+        "megatron.save_interval": 1000, "data.path": str(data),
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+# ---------------------------------------------------------------------------------------------
+# the cluster
+
+
+def _find(binary: str) -> str | None:
+    return shutil.which(binary) or next(
+        (str(p) for p in (Path("/usr/sbin") / binary, Path("/usr/bin") / binary) if p.is_file()), None
+    )
+
+
+def _install_slurm() -> str | None:
+    """None when SLURM and munge are there (installing them if needed), else why not."""
+    if all(_find(b) for b in BINARIES):
+        return None
+    if os.geteuid() != 0:
+        return "slurm-wlm/munge are not installed and installing them needs root"
+    if not shutil.which("apt-get"):
+        return "slurm-wlm/munge are not installed and there is no apt-get (not Debian/Ubuntu)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    steps = [["apt-get", "update"],
+             ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]]
+    for cmd in steps:
+        try:
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return f"`{' '.join(cmd)}` failed: {err}"
+        if out.returncode != 0:
+            return f"`{' '.join(cmd)}` failed (exit {out.returncode}): {(out.stdout + out.stderr)[-1500:]}"
+    missing = [b for b in BINARIES if not _find(b)]
+    return f"installed {PACKAGES} but {missing} are still missing" if missing else None
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Cluster:
+    """munged + slurmctld + slurmd n1 + slurmd n2 on this machine, all children of this process."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.conf = base / "slurm.conf"
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))
+                    and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        self.env.update(SLURM_CONF=str(self.conf), OMP_NUM_THREADS="1")
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def write_config(self) -> None:
+        b = self.base
+        for d in ("munge", "state", "log", "spool/n1", "spool/n2"):
+            (b / d).mkdir(parents=True, exist_ok=True)
+        (b / "munge").chmod(0o700)
+        key = b / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        host = socket.gethostname().split(".")[0]
+        ctld_port, n1_port, n2_port = _free_ports(3)
+        self.conf.write_text(f"""\
+ClusterName=acmoetest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={b}/munge/munge.socket
+StateSaveLocation={b}/state
+SlurmdSpoolDir={b}/spool/%n
+SlurmctldPidFile={b}/slurmctld.pid
+SlurmdPidFile={b}/slurmd.%n.pid
+SlurmctldLogFile={b}/log/slurmctld.log
+SlurmdLogFile={b}/log/slurmd.%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SwitchType=switch/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+SlurmdParameters=config_overrides
+JobRequeue=1
+MinJobAge=600
+KillWait=10
+NodeName=n1 NodeHostname={host} NodeAddr=127.0.0.1 Port={n1_port} CPUs=2 RealMemory=2000 State=UNKNOWN
+NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port={n2_port} CPUs=2 RealMemory=2000 State=UNKNOWN
+PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
+""")
+
+    def _start(self, name: str, cmd: list[str]) -> None:
+        log = open(self.base / "log" / f"{name}.out", "w")
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True)
+        log.close()
+
+    def start(self) -> None:
+        self.write_config()
+        b = self.base
+        self._start("munged", [_find("munged"), "--foreground", "--force",
+                               f"--socket={b}/munge/munge.socket", f"--key-file={b}/munge/munge.key",
+                               f"--pid-file={b}/munge/munged.pid", f"--seed-file={b}/munge/seed",
+                               f"--log-file={b}/log/munged.log"])
+        self._wait(lambda: (b / "munge" / "munge.socket").exists(), 20, "munged's socket")
+        self._start("slurmctld", [_find("slurmctld"), "-D", "-i", "-f", str(self.conf)])
+        self._wait(lambda: self.run("sinfo", "-h", check=False).returncode == 0, 30, "slurmctld")
+        for node in ("n1", "n2"):
+            self._start(f"slurmd-{node}", [_find("slurmd"), "-D", "-N", node, "-f", str(self.conf)])
+        self._wait(lambda: self.node_states() == ["idle", "idle"], 60, "two idle nodes")
+
+    def _wait(self, ready, timeout: float, what: str) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited ({proc.returncode}) while waiting for {what}:\n{self.logs()}")
+            if ready():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"timed out waiting for {what}:\n{self.logs()}")
+
+    # -- use ---------------------------------------------------------------------------------
+
+    def run(self, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        out = subprocess.run([_find(cmd[0]) or cmd[0], *cmd[1:]], env=kw.pop("env", self.env),
+                             capture_output=True, text=True, timeout=kw.pop("timeout", 60), **kw)
+        if check and out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stdout}{out.stderr}")
+        return out
+
+    def node_states(self) -> list[str]:
+        out = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False)
+        return [line.split()[1].rstrip("*") for line in sorted(out.stdout.splitlines()) if line.strip()]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        text = self.run("scontrol", "show", "job", "-o", job_id).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", text))
+
+    def wait_job(self, job_id: str, timeout: float, until=None) -> dict[str, str]:
+        until = until or (lambda j: j["JobState"] in FINAL_STATES)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            job = self.job(job_id)
+            if until(job):
+                return job
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} still {self.job(job_id)} after {timeout} s:\n{self.logs()}")
+
+    def logs(self, tail: int = 2000) -> str:
+        parts = []
+        for path in sorted((self.base / "log").glob("*")):
+            parts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-tail:]}")
+        return "\n".join(parts)
+
+    # -- tear-down ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            jobs = self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+            for job in jobs:
+                self.run("scancel", job, check=False)
+            deadline = time.time() + 30
+            while jobs and time.time() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
+                time.sleep(0.5)
+        for name in ("slurmd-n2", "slurmd-n1", "slurmctld", "munged"):  # reverse start order
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = _install_slurm()
+    if why:
+        print(f"\n[test_slurm_cluster] skipped: {why}", file=sys.stderr)
+        pytest.skip(why)
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from acmoe_megatron.data import prepare
+
+    data = tmp_path_factory.mktemp("slurm_data") / "stdlib_s64"
+    prepare(source="stdlib", out_dir=data, seq_length=64, max_bytes=200_000)
+    return data
+
+
+def sbatch(cluster: Cluster, run_dir: Path, overrides: list[str], *sbatch_args: str, **env) -> str:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job_env = {**cluster.env, "CONFIG": str(RECIPE), "RUN_DIR": str(run_dir), "DATA": overrides_data(overrides),
+               "ACMOE_PYTHON": sys.executable, **env}
+    out = cluster.run("sbatch", "--parsable", "--nodes=2", "--time=30", f"--output={run_dir}/job-%j.out",
+                      *sbatch_args, str(ROOT / "slurm" / "pretrain.sbatch"), *overrides, env=job_env, cwd=ROOT)
+    return out.stdout.strip().split(";")[0]
+
+
+def overrides_data(overrides: list[str]) -> str:
+    return next(o.split("=", 1)[1] for o in overrides if o.startswith("data.path="))
+
+
+def iterations(log: str, total: int) -> list[int]:
+    return [int(m) for m in re.findall(rf"\] iteration\s+(\d+)/\s*{total} \|", log)]
+
+
+def assert_lm_loss_learned(run_dir: Path, total: int) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    scalars = read_scalars(run_dir / "tensorboard")
+    steps = [s for s, _ in scalars["lm loss"]]
+    assert steps == list(range(1, total + 1)), steps
+    losses = [v for _, v in scalars["lm loss"]]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0] - 0.5, losses  # byte-level loss starts near ln 257
+    valid = summary["final_valid_loss"]
+    assert valid is not None and math.isfinite(valid) and 0 < valid < math.log(256), summary
+    assert valid == pytest.approx(scalars["lm loss validation"][-1][1])
+    for tag in ("load_balancing_loss", "learning-rate", "lm loss validation"):
+        assert tag in scalars, sorted(scalars)
+    assert summary["iterations"] == total and summary["world_size"] == 2
+    assert not summary.get("stopped_early")  # the final start ran to train_iters
+    assert summary["parallel"] == {"tp": 1, "pp": 1, "ep": 2, "dp": 2}
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(420)
+def test_two_node_run_submitted_by_acmoe_launch(cluster, corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "acmoe_megatron.slurm_launch", "slurm", "--config", str(RECIPE),
+           "--nodes", "2", "--gpus-per-node", "0", "--time", "30", "--run-dir", str(run_dir),
+           *small_run(corpus, 12)]
+    out = subprocess.run(cmd, env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job_id = re.search(r"submitted job (\d+)", out.stdout).group(1)
+    job = cluster.wait_job(job_id, 300)
+    log_path = run_dir / "slurm_logs" / f"acmoe-tiny_cpu-{job_id}.out"
+    log = log_path.read_text() if log_path.is_file() else f"(no {log_path})"
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", f"{job}\n{log[-6000:]}\n{cluster.logs()}"
+    assert job["NodeList"] == "n[1-2]" and job["NumNodes"] == "2" and job["Restarts"] == "0"
+
+    # the log: the allocation, one torchrun per node, the rendezvous on the head node, training
+    assert f"[acmoe-slurm] job {job_id} restart 0: 2 node(s) [n[1-2]] x 1 process(es) = world size 2, launcher torchrun" in log
+    port = 61000 + int(job_id) % 4536
+    assert f"head node n1 address 127.0.0.1 port {port}" in log  # n1's NodeAddr (n1 is not in DNS)
+    assert "[acmoe-node n1] torchrun started" in log and "[acmoe-node n2] torchrun started" in log
+    assert "parallel layout: world 2, tp 1, pp 1, cp 1, ep 2, etp 1, dp 2" in log
+    assert iterations(log, 12) == list(range(1, 13))
+    assert "validation loss at iteration 12" in log
+    assert "[acmoe-slurm] run finished: iteration 12 of 12 (restarts: 0)" in log
+    assert (run_dir / "slurm_logs" / f"train-{job_id}.log").is_file()
+
+    # final loss and TensorBoard events
+    assert_lm_loss_learned(run_dir, 12)
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents*"))) == 1
+
+    # the run directory: resolved recipe (+ preemption flags), git SHA, checkpoint, rendered script
+    from acmoe_megatron.config import load_recipe
+
+    recipe = load_recipe(run_dir / "config.yaml")
+    assert recipe.run.dir == str(run_dir) and recipe.data.path == str(corpus)
+    assert recipe.megatron["exit_signal_handler"] is True and recipe.megatron["exit_signal"] == "SIGUSR1"
+    assert recipe.megatron["train_iters"] == 12
+    assert re.match(r"^[0-9a-f]{40}|^unknown", (run_dir / "git_sha.txt").read_text())
+    assert (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
+    assert len(list((run_dir / "slurm_logs").glob("pretrain-*.sbatch"))) == 1
+
+
+@pytest.mark.timeout(420)
+def test_signalled_job_saves_requeues_and_resumes(cluster, corpus, tmp_path):
+    run_dir = tmp_path / "requeue"
+    total = 40
+    job_id = sbatch(cluster, run_dir, small_run(corpus, total))
+    log_path = run_dir / f"job-{job_id}.out"
+
+    # mid-run: after the third logged iteration, signal the job steps as --signal=USR1@T would
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        text = log_path.read_text() if log_path.is_file() else ""
+        if re.search(rf"\] iteration\s+3/\s*{total} \|", text):
+            break
+        job = cluster.job(job_id)
+        assert job["JobState"] not in FINAL_STATES, f"{job}\n{text[-5000:]}"
+        time.sleep(0.3)
+    else:
+        raise AssertionError(f"no iteration 3 after 240 s:\n{log_path.read_text()[-5000:]}\n{cluster.logs()}")
+    cluster.run("scancel", "--signal=USR1", job_id)
+
+    # the batch script requeues the job; SLURM holds a requeued job back for ~2 minutes (its
+    # BeginTime); wait until the first start is cleaned up on both nodes, then release it now
+    cluster.wait_job(job_id, 180, until=lambda j: j["JobState"] in FINAL_STATES
+                     or (j["JobState"] == "PENDING" and j["Restarts"] == "1"))
+    job = cluster.job(job_id)
+    assert job["JobState"] == "PENDING", f"{job}\n{log_path.read_text()[-6000:]}"
+    deadline = time.time() + 60
+    while cluster.node_states() != ["idle", "idle"] and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)  # a job restarted within the second its old credential was revoked is refused
+    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+    job = cluster.wait_job(job_id, 300)
+    log = log_path.read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", f"{job}\n{log[-6000:]}\n{cluster.logs()}"
+    assert job["Restarts"] == "1"
+
+    first, second = log.split(f"[acmoe-slurm] job {job_id} restart 1:", 1)
+    # first start: the signal reached the workers through the per-node wrapper, Megatron saved at
+    # the iteration it was in and exited 0, the script saw an unfinished run and requeued it
+    assert "[acmoe-node n1] SIGUSR1 received: forwarding to the workers" in first
+    assert "[acmoe-node n2] SIGUSR1 received: forwarding to the workers" in first
+    saved = int(re.search(r"saving checkpoint at iteration\s+(\d+)", first).group(1))
+    assert 3 <= saved < total, saved
+    assert "exiting program after receiving SIGTERM" in first  # megatron's message for any exit signal
+    assert f"stopped early at iteration {saved} of {total} (checkpoint saved); requeueing job {job_id} (restart 1)" in first
+    assert iterations(first, total) == list(range(1, saved + 1))
+    # second start: same job id, the resolved recipe re-used, resumed from the checkpoint
+    assert "restart: re-using the resolved recipe" in second
+    assert f"checkpoint at iteration {saved} in {run_dir}/checkpoints" in second
+    assert re.search(rf"loading distributed checkpoint from \S+/checkpoints at iteration {saved}\b", second)
+    assert iterations(second, total) == list(range(saved + 1, total + 1))  # no step repeated or lost
+    assert f"[acmoe-slurm] run finished: iteration {total} of {total} (restarts: 1)" in second
+
+    ckpt = run_dir / "checkpoints"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(total)
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == [f"iter_{saved:07d}", f"iter_{total:07d}"]
+    # TensorBoard: both starts wrote into the run's directory; together every step 1..40 once
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents*"))) == 2
+    assert_lm_loss_learned(run_dir, total)
+
+
+@pytest.mark.timeout(300)
+def test_one_task_per_process_launcher(cluster, corpus, tmp_path):
+    run_dir = tmp_path / "per_task"
+    job_id = sbatch(cluster, run_dir, small_run(corpus, 6), LAUNCHER="srun")
+    job = cluster.wait_job(job_id, 240)
+    log = (run_dir / f"job-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", f"{job}\n{log[-6000:]}\n{cluster.logs()}"
+    assert "world size 2, launcher srun" in log and "torchrun started" not in log
+    assert iterations(log, 6) == list(range(1, 7))
+    assert "[acmoe-slurm] run finished: iteration 6 of 6 (restarts: 0)" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["iterations"] == 6 and summary["world_size"] == 2
+    assert summary["parallel"] == {"tp": 1, "pp": 1, "ep": 2, "dp": 2}
