@@ -9,6 +9,7 @@ records (UTF-8 bytes of their text, whole records). Subclasses only implement ``
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from acmoe_megatron.data.text_corpus import select_files
 __all__ = ["RecordCorpus"]
 
 
-class RecordCorpus:
+class RecordCorpus(abc.ABC):
     """Base class: files named by a path/directory/glob, each a sequence of text records."""
 
     kind = "records"
@@ -45,9 +46,9 @@ class RecordCorpus:
         self.text_field = text_field
         self.valid_fraction, self.test_fraction, self.max_bytes = valid_fraction, test_fraction, max_bytes
 
+    @abc.abstractmethod
     def records(self, path: Path) -> Iterator[tuple[int, str]]:
         """Yield ``(record number, text)`` for every record of one file, in file order."""
-        raise NotImplementedError
 
     def documents(self, split: str) -> Iterator[Document]:
         check_split(split)
