@@ -8,7 +8,13 @@ Modules:
   config        - YAML recipes -> megatron flags + AC settings (unknown keys are errors)
   cpu_runtime   - what megatron-core needs to run on CPU/gloo (applied only without CUDA)
   train         - model/data providers and the forward step for ``megatron.training.pretrain``
-  data          - byte tokenizer, embedded stdlib corpus, webdataset shards and loader
+  megatron_args - recipe -> Megatron flags, and the checks made before any model is built
+  run_hooks     - checkpoint retention, router-grad logging, fault-injection test hooks
+  label_transport - AC labels across pipeline stages, beside megatron's activations
+  metrics, observability - routing metrics and the extra TensorBoard scalars
+  precision     - FP8 rules and the report of active fused paths
+  launcher, slurm_launch, plot - the acmoe-pretrain, acmoe-launch and acmoe-plot commands
+  data          - tokenizers, corpora, webdataset shards and the resumable loader
 """
 
 __version__ = "0.1.0"

@@ -104,7 +104,7 @@ def main(argv=None) -> int:
 
         nproc = torch.cuda.device_count() or 2
     try:
-        from acmoe_megatron.train import check_world_size
+        from acmoe_megatron.megatron_args import check_world_size
 
         recipe = load_recipe(cli.config, cli.overrides)
         check_world_size(recipe, world=nproc)

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from acmoe_megatron import cpu_runtime
+from acmoe_megatron import cpu_runtime, run_hooks
+from acmoe_megatron.megatron_args import build_argv, check_world_size, validate_args
 
 
 EXIT_NONFINITE = 16  # megatron's rerun state machine: reproducible NaN/Inf, checkpoint saved, exit
@@ -41,109 +42,6 @@ def _early_runtime():
     cpu_runtime.install()
     cpu_runtime.install_training()
     return cpu_runtime.install_wheel_fixes()
-
-
-def build_argv(recipe, manifest) -> list[str]:
-    """Megatron flags for a recipe: its ``megatron`` section + run paths + data-derived flags."""
-    from acmoe_megatron.config import ConfigError, megatron_argv
-
-    mg = dict(recipe.megatron)
-    run_dir = Path(recipe.run.dir)
-    mg.setdefault("tensorboard_dir", str(run_dir / "tensorboard"))
-    mg.setdefault("save", str(run_dir / "checkpoints"))
-    mg.setdefault("load", mg["save"])
-    mg.setdefault("dataloader_type", "external")
-    if mg["dataloader_type"] != "external":
-        raise ConfigError("megatron.dataloader_type must be 'external': data comes from data.path shards")
-    seq = manifest.seq_length
-    if mg.setdefault("seq_length", seq) != seq:
-        raise ConfigError(
-            f"megatron.seq_length={mg['seq_length']} but the shards in {recipe.data.path} hold "
-            f"{seq}-token samples; re-run `acmoe-data prepare --seq-length {mg['seq_length']}` "
-            "or change megatron.seq_length"
-        )
-    mg.setdefault("max_position_embeddings", seq)
-    mg.setdefault("tokenizer_type", "NullTokenizer")
-    vocab = manifest.tokenizer["vocab_size"]
-    if mg["tokenizer_type"] == "NullTokenizer":
-        if mg.setdefault("vocab_size", vocab) != vocab:
-            raise ConfigError(
-                f"megatron.vocab_size={mg['vocab_size']} but the shard manifest says {vocab} "
-                f"(tokenizer {manifest.tokenizer['name']}); remove the key or fix it"
-            )
-    return megatron_argv(mg)
-
-
-def validate_args(args, recipe) -> None:
-    """Checks megatron does not make, before any model is built."""
-    from acmoe_megatron.config import ConfigError
-    from acmoe_megatron.spec import moe_layer_numbers
-
-    if not args.num_experts:
-        raise ConfigError("megatron.num_experts is not set: ACMoE needs an MoE model")
-    if args.moe_router_topk > args.num_experts:
-        raise ConfigError(
-            f"megatron.moe_router_topk={args.moe_router_topk} > num_experts={args.num_experts}"
-        )
-    if args.num_experts % args.expert_model_parallel_size:
-        raise ConfigError(
-            f"megatron.num_experts={args.num_experts} is not divisible by "
-            f"expert_model_parallel_size={args.expert_model_parallel_size}"
-        )
-
-    class _Shape:  # what spec.moe_layer_numbers reads
-        num_layers = args.num_layers
-        moe_layer_freq = args.moe_layer_freq
-        num_moe_experts = args.num_experts
-
-    n_moe = len(moe_layer_numbers(_Shape))
-    if recipe.acmoe.router != "topk" and recipe.acmoe.first_ac_layer > n_moe:
-        raise ConfigError(
-            f"acmoe.first_ac_layer={recipe.acmoe.first_ac_layer} but the model has only {n_moe} MoE "
-            f"layers; choose 1..{n_moe} (the paper uses 3 with 6 MoE layers)"
-        )
-    if recipe.acmoe.router != "topk" and getattr(args, "moe_router_force_load_balancing", False):
-        raise ConfigError(
-            "megatron.moe_router_force_load_balancing replaces router logits by random ones, which "
-            f"makes acmoe.router={recipe.acmoe.router} meaningless; use acmoe.router=topk for that benchmark"
-        )
-    decay = args.lr_decay_iters or args.train_iters
-    if args.train_iters and args.lr_warmup_iters >= decay:
-        raise ConfigError(
-            f"megatron.lr_warmup_iters={args.lr_warmup_iters} must be smaller than the decay length "
-            f"{decay} (lr_decay_iters, or train_iters when unset)"
-        )
-    from acmoe_megatron.precision import check_fp8, have_nvidia_apex, have_transformer_engine
-
-    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-    try:
-        check_fp8(args.fp8, args.fp8_recipe, have_transformer_engine(), capability)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    if (
-        torch.cuda.is_available()
-        and args.transformer_impl == "local"
-        and not args.no_persist_layer_norm
-        and not have_nvidia_apex()
-    ):
-        raise ConfigError(
-            "megatron's local layers use torch's LayerNorm here (no NVIDIA Apex), which cannot "
-            "persist: set megatron.no_persist_layer_norm: true, or install Apex / use "
-            "transformer_impl: transformer_engine"
-        )
-    if not torch.cuda.is_available():
-        needs = {
-            "distributed_backend": ("gloo", args.distributed_backend),
-            "transformer_impl": ("local", args.transformer_impl),
-            "use_cpu_initialization": (True, args.use_cpu_initialization),
-            "bf16": (False, args.bf16),
-            "fp16": (False, args.fp16),
-            "fp8": (None, args.fp8),
-        }
-        wrong = {k: v for k, v in needs.items() if v[0] != v[1]}
-        if wrong:
-            fixes = ", ".join(f"megatron.{k}: {v[0]} (is {v[1]})" for k, v in wrong.items())
-            raise ConfigError(f"no CUDA GPU here, so this recipe cannot run; set {fixes}")
 
 
 def make_model_provider(recipe, metrics_registry: list | None = None):
@@ -255,45 +153,10 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def make_forward_step(recipe):
     def step(data_iterator, model):
         if recipe.run.log_router_grad_norms:
-            _log_router_grad_norms(model, Path(recipe.run.dir))
+            run_hooks.log_router_grad_norms(model, Path(recipe.run.dir))
         return forward_step(data_iterator, model)
 
     return step
-
-
-def _log_router_grad_norms(model, run_dir: Path) -> None:
-    """Wrap megatron's finalize_model_grads (once) to append each step's reduced router gradient
-    norms, by global layer number, to ``run_dir/router_grad_norms_rank<R>.jsonl`` (for parity
-    checks across parallel layouts)."""
-    import json
-
-    from megatron.core.transformer.moe.router import TopKRouter
-
-    from acmoe_megatron.labels import unwrap_chunk
-
-    config = unwrap_chunk(model).config
-    finalize = config.finalize_model_grads_func
-    if finalize is None or getattr(finalize, "_acmoe_logged", False):
-        return
-    path = run_dir / f"router_grad_norms_rank{torch.distributed.get_rank()}.jsonl"
-    steps = [0]
-
-    def logged(chunks, *args, **kwargs):
-        out = finalize(chunks, *args, **kwargs)
-        steps[0] += 1
-        norms = {}
-        for chunk in chunks:
-            for module in chunk.modules():
-                if isinstance(module, TopKRouter):
-                    grad = getattr(module.weight, "main_grad", None)
-                    grad = module.weight.grad if grad is None else grad
-                    norms[module.layer_number] = None if grad is None else grad.float().norm().item()
-        with path.open("a") as f:
-            f.write(json.dumps({"step": steps[0], "norms": norms}) + "\n")
-        return out
-
-    logged._acmoe_logged = True
-    config.finalize_model_grads_func = logged
 
 
 def forward_step(data_iterator, model):
@@ -313,25 +176,13 @@ def forward_step(data_iterator, model):
         if transport is not None:
             transport.receive(carrier, carrier.vp_stage, _local_tokens(tokens), tokens.device)
     output = model(tokens, position_ids, None, labels=labels)
-    output = _maybe_inject_nan(output)
+    output = run_hooks.maybe_inject_nan(output)
     if carrier is not None:
         if transport is not None:
             transport.send(carrier, carrier.vp_stage, _local_tokens(tokens), tokens.device)
         if torch.is_grad_enabled():
             output = mark_backward(output, carrier, mb)  # recompute replays find this micro-batch
     return output, partial(loss_func, loss_mask)
-
-
-def _maybe_inject_nan(output: torch.Tensor) -> torch.Tensor:
-    """Test hook: ``ACMOE_FAULT_NAN_AT_ITER=k`` makes the loss of training iteration k NaN."""
-    at = os.environ.get("ACMOE_FAULT_NAN_AT_ITER")
-    if not at or not torch.is_grad_enabled():
-        return output
-    from megatron.training import get_args
-
-    if get_args().curr_iteration + 1 == int(at):
-        return output * float("nan")
-    return output
 
 
 def _local_tokens(tokens: torch.Tensor) -> int:
@@ -344,82 +195,6 @@ def _local_tokens(tokens: torch.Tensor) -> int:
     if args.sequence_parallel:
         n //= parallel_state.get_tensor_model_parallel_world_size()
     return n
-
-
-def _install_fault_injection() -> None:
-    """Test hook: ``ACMOE_FAULT_SAVE_DELAY_S=<s>`` sleeps after a checkpoint's shards are written
-    and before megatron records it in ``latest_checkpointed_iteration.txt`` — the window in which
-    a kill must leave the previous checkpoint as the one to resume from (tests/test_reliability)."""
-    delay = float(os.environ.get("ACMOE_FAULT_SAVE_DELAY_S", "0") or 0)
-    only = os.environ.get("ACMOE_FAULT_SAVE_ITER")  # e.g. "4": only the save of iter_0000004
-    if delay <= 0:
-        return
-    import megatron.core.dist_checkpointing as dist_checkpointing
-
-    save = dist_checkpointing.save
-
-    def slow_save(sharded_state_dict, checkpoint_dir, *args, **kwargs):
-        out = save(sharded_state_dict, checkpoint_dir, *args, **kwargs)
-        if only and not str(checkpoint_dir).rstrip("/").endswith(f"iter_{int(only):07d}"):
-            return out
-        print(f"[acmoe] fault injection: checkpoint shards written, sleeping {delay} s before the "
-              "tracker update", flush=True)
-        time.sleep(delay)
-        return out
-
-    dist_checkpointing.save = slow_save
-
-
-def install_checkpoint_retention(keep_last: int) -> None:
-    """Keep only the newest ``keep_last`` checkpoints: after megatron's save_checkpoint returns (the
-    tracker names the new one), rank 0 deletes older ``iter_*`` directories. A directory newer than
-    the tracker (a save still in flight) and the tracked one are never touched."""
-    if keep_last <= 0:
-        return
-    import shutil
-
-    import megatron.training.training as training
-    from megatron.training import get_args
-
-    save = training.save_checkpoint
-
-    def save_and_prune(*args, **kwargs):
-        out = save(*args, **kwargs)
-        margs = get_args()
-        if torch.distributed.get_rank() == 0 and margs.save:
-            root = Path(margs.save)
-            tracker = root / "latest_checkpointed_iteration.txt"
-            if tracker.is_file() and tracker.read_text().strip().isdigit():
-                latest = int(tracker.read_text().strip())
-                done = sorted(int(d.name[5:]) for d in root.glob("iter_*") if d.name[5:].isdigit()
-                              and int(d.name[5:]) <= latest)
-                for it in done[:-keep_last]:
-                    shutil.rmtree(root / f"iter_{it:07d}", ignore_errors=True)
-        return out
-
-    training.save_checkpoint = save_and_prune
-
-
-def check_world_size(recipe, world: int | None = None) -> None:
-    """Parallel sizes must tile the processes: clear error before megatron's assertions."""
-    from acmoe_megatron.config import ConfigError
-
-    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
-    mg = recipe.megatron
-    tp, pp = int(mg.get("tensor_model_parallel_size") or 1), int(mg.get("pipeline_model_parallel_size") or 1)
-    cp, ep = int(mg.get("context_parallel_size") or 1), int(mg.get("expert_model_parallel_size") or 1)
-    etp = int(mg.get("expert_tensor_parallel_size") or tp)
-    if world % (tp * pp * cp):
-        raise ConfigError(
-            f"{world} processes cannot be split into tensor {tp} x pipeline {pp} x context {cp} "
-            f"(= {tp * pp * cp}) model-parallel groups: use a multiple of {tp * pp * cp} processes "
-            "or change megatron.tensor/pipeline/context_model_parallel_size"
-        )
-    if world % (etp * ep * pp):
-        raise ConfigError(
-            f"{world} processes cannot hold expert parallel {ep} x expert-tensor {etp} x pipeline {pp}: "
-            "use a multiple of their product, or change megatron.expert_model_parallel_size"
-        )
 
 
 def parse_cli(argv=None):
@@ -464,8 +239,8 @@ def main(argv=None) -> None:
 
     metrics_registry: list = []
     observability.install(metrics_registry)
-    _install_fault_injection()
-    install_checkpoint_retention(recipe.run.keep_last_checkpoints)
+    run_hooks.install_fault_injection()
+    run_hooks.install_checkpoint_retention(recipe.run.keep_last_checkpoints)
     start = time.time()
     stopped_early = False
     nonfinite_exit = None

@@ -28,7 +28,7 @@ from acmoe_megatron.config import (
 )
 from acmoe_megatron.data import Manifest, prepare
 from acmoe_megatron.routers import ACSettings
-from acmoe_megatron.train import build_argv, validate_args
+from acmoe_megatron.megatron_args import build_argv, validate_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.yaml"

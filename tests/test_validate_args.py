@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from acmoe_megatron.config import ConfigError, load_recipe, megatron_argv
-from acmoe_megatron.train import validate_args
+from acmoe_megatron.megatron_args import validate_args
 
 
 def _args(recipe_path, *overrides):
@@ -110,7 +110,7 @@ def test_resume_with_a_different_config_names_the_keys(tmp_path):
 ])
 def test_process_count_must_tile_the_parallel_sizes(world, overrides, message):
     from acmoe_megatron.config import load_recipe
-    from acmoe_megatron.train import check_world_size
+    from acmoe_megatron.megatron_args import check_world_size
 
     with pytest.raises(ConfigError, match=message):
         check_world_size(load_recipe("configs/tiny_cpu.yaml", overrides), world=world)

@@ -1,0 +1,140 @@
+"""Recipe → Megatron's command-line arguments, and the checks made before any model is built.
+
+``build_argv`` turns a recipe's ``megatron`` section into Megatron's flags and adds the run paths
+and the data-derived flags (sequence length, tokenizer, vocabulary from the shard manifest; a
+mismatch is an error). ``check_world_size`` runs before any process starts (launcher) and again in
+each worker; ``validate_args`` runs on Megatron's parsed arguments before ``pretrain`` builds
+anything. Each error names the setting and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def build_argv(recipe, manifest) -> list[str]:
+    """Megatron flags for a recipe: its ``megatron`` section + run paths + data-derived flags."""
+    from acmoe_megatron.config import ConfigError, megatron_argv
+
+    mg = dict(recipe.megatron)
+    run_dir = Path(recipe.run.dir)
+    mg.setdefault("tensorboard_dir", str(run_dir / "tensorboard"))
+    mg.setdefault("save", str(run_dir / "checkpoints"))
+    mg.setdefault("load", mg["save"])
+    mg.setdefault("dataloader_type", "external")
+    if mg["dataloader_type"] != "external":
+        raise ConfigError("megatron.dataloader_type must be 'external': data comes from data.path shards")
+    seq = manifest.seq_length
+    if mg.setdefault("seq_length", seq) != seq:
+        raise ConfigError(
+            f"megatron.seq_length={mg['seq_length']} but the shards in {recipe.data.path} hold "
+            f"{seq}-token samples; re-run `acmoe-data prepare --seq-length {mg['seq_length']}` "
+            "or change megatron.seq_length"
+        )
+    mg.setdefault("max_position_embeddings", seq)
+    mg.setdefault("tokenizer_type", "NullTokenizer")
+    vocab = manifest.tokenizer["vocab_size"]
+    if mg["tokenizer_type"] == "NullTokenizer":
+        if mg.setdefault("vocab_size", vocab) != vocab:
+            raise ConfigError(
+                f"megatron.vocab_size={mg['vocab_size']} but the shard manifest says {vocab} "
+                f"(tokenizer {manifest.tokenizer['name']}); remove the key or fix it"
+            )
+    return megatron_argv(mg)
+
+
+def validate_args(args, recipe) -> None:
+    """Checks megatron does not make, before any model is built."""
+    from acmoe_megatron.config import ConfigError
+    from acmoe_megatron.spec import moe_layer_numbers
+
+    if not args.num_experts:
+        raise ConfigError("megatron.num_experts is not set: ACMoE needs an MoE model")
+    if args.moe_router_topk > args.num_experts:
+        raise ConfigError(
+            f"megatron.moe_router_topk={args.moe_router_topk} > num_experts={args.num_experts}"
+        )
+    if args.num_experts % args.expert_model_parallel_size:
+        raise ConfigError(
+            f"megatron.num_experts={args.num_experts} is not divisible by "
+            f"expert_model_parallel_size={args.expert_model_parallel_size}"
+        )
+
+    class _Shape:  # what spec.moe_layer_numbers reads
+        num_layers = args.num_layers
+        moe_layer_freq = args.moe_layer_freq
+        num_moe_experts = args.num_experts
+
+    n_moe = len(moe_layer_numbers(_Shape))
+    if recipe.acmoe.router != "topk" and recipe.acmoe.first_ac_layer > n_moe:
+        raise ConfigError(
+            f"acmoe.first_ac_layer={recipe.acmoe.first_ac_layer} but the model has only {n_moe} MoE "
+            f"layers; choose 1..{n_moe} (the paper uses 3 with 6 MoE layers)"
+        )
+    if recipe.acmoe.router != "topk" and getattr(args, "moe_router_force_load_balancing", False):
+        raise ConfigError(
+            "megatron.moe_router_force_load_balancing replaces router logits by random ones, which "
+            f"makes acmoe.router={recipe.acmoe.router} meaningless; use acmoe.router=topk for that benchmark"
+        )
+    decay = args.lr_decay_iters or args.train_iters
+    if args.train_iters and args.lr_warmup_iters >= decay:
+        raise ConfigError(
+            f"megatron.lr_warmup_iters={args.lr_warmup_iters} must be smaller than the decay length "
+            f"{decay} (lr_decay_iters, or train_iters when unset)"
+        )
+    from acmoe_megatron.precision import check_fp8, have_nvidia_apex, have_transformer_engine
+
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    try:
+        check_fp8(args.fp8, args.fp8_recipe, have_transformer_engine(), capability)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if (
+        torch.cuda.is_available()
+        and args.transformer_impl == "local"
+        and not args.no_persist_layer_norm
+        and not have_nvidia_apex()
+    ):
+        raise ConfigError(
+            "megatron's local layers use torch's LayerNorm here (no NVIDIA Apex), which cannot "
+            "persist: set megatron.no_persist_layer_norm: true, or install Apex / use "
+            "transformer_impl: transformer_engine"
+        )
+    if not torch.cuda.is_available():
+        needs = {
+            "distributed_backend": ("gloo", args.distributed_backend),
+            "transformer_impl": ("local", args.transformer_impl),
+            "use_cpu_initialization": (True, args.use_cpu_initialization),
+            "bf16": (False, args.bf16),
+            "fp16": (False, args.fp16),
+            "fp8": (None, args.fp8),
+        }
+        wrong = {k: v for k, v in needs.items() if v[0] != v[1]}
+        if wrong:
+            fixes = ", ".join(f"megatron.{k}: {v[0]} (is {v[1]})" for k, v in wrong.items())
+            raise ConfigError(f"no CUDA GPU here, so this recipe cannot run; set {fixes}")
+
+
+def check_world_size(recipe, world: int | None = None) -> None:
+    """Parallel sizes must tile the processes: clear error before megatron's assertions."""
+    from acmoe_megatron.config import ConfigError
+
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
+    mg = recipe.megatron
+    tp, pp = int(mg.get("tensor_model_parallel_size") or 1), int(mg.get("pipeline_model_parallel_size") or 1)
+    cp, ep = int(mg.get("context_parallel_size") or 1), int(mg.get("expert_model_parallel_size") or 1)
+    etp = int(mg.get("expert_tensor_parallel_size") or tp)
+    if world % (tp * pp * cp):
+        raise ConfigError(
+            f"{world} processes cannot be split into tensor {tp} x pipeline {pp} x context {cp} "
+            f"(= {tp * pp * cp}) model-parallel groups: use a multiple of {tp * pp * cp} processes "
+            "or change megatron.tensor/pipeline/context_model_parallel_size"
+        )
+    if world % (etp * ep * pp):
+        raise ConfigError(
+            f"{world} processes cannot hold expert parallel {ep} x expert-tensor {etp} x pipeline {pp}: "
+            "use a multiple of their product, or change megatron.expert_model_parallel_size"
+        )
