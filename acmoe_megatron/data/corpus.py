@@ -93,6 +93,11 @@ def check_fractions(valid_fraction: float, test_fraction: float) -> None:
         )
 
 
+def check_max_bytes(max_bytes: int | None) -> None:
+    if max_bytes is not None and max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive (or None for no cap), got {max_bytes}")
+
+
 @dataclass(frozen=True)
 class FileCorpus:
     """A sorted list of text files under ``root`` with a hash-based train/valid/test split.
@@ -116,8 +121,7 @@ class FileCorpus:
 
     def __post_init__(self) -> None:
         check_fractions(self.valid_fraction, self.test_fraction)
-        if self.max_bytes is not None and self.max_bytes <= 0:
-            raise ValueError(f"max_bytes must be positive (or None for no cap), got {self.max_bytes}")
+        check_max_bytes(self.max_bytes)
         object.__setattr__(self, "root", Path(self.root))
         object.__setattr__(self, "relpaths", tuple(sorted(self.relpaths)))
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from acmoe_megatron.data.corpus import SPLITS, Document, check_split
+from acmoe_megatron.data.corpus import SPLITS, Document, check_max_bytes, check_split
 from acmoe_megatron.data.manifest import sha256_file
 
 __all__ = ["ENWIK8_SPLIT_BYTES", "ENWIK8_URL", "Enwik8Corpus"]
@@ -50,8 +50,7 @@ class Enwik8Corpus:
                 f"enwik8 input {self.path} does not exist; download {ENWIK8_URL} and pass the zip "
                 "(or the extracted 'enwik8' file) as --source"
             )
-        if max_bytes is not None and max_bytes <= 0:
-            raise ValueError(f"max_bytes must be positive (or None for no cap), got {max_bytes}")
+        check_max_bytes(max_bytes)
         self.max_bytes = max_bytes
         self.split_bytes = tuple(split_bytes)
         self.is_zip = zipfile.is_zipfile(self.path)

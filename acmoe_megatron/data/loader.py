@@ -236,7 +236,7 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
     def batch(self, batch_index: int) -> dict[str, torch.Tensor]:
         """Build micro-batch ``batch_index`` of this replica (does not advance the iterator)."""
         ids, any_padding, has_last = self._ids_and_flags(batch_index)
-        b, s = self.micro_batch_size, self.manifest.seq_length
+        s = self.manifest.seq_length
         if any_padding:
             padding = ids < 0
             block = self._samples[np.where(padding, 0, ids)]

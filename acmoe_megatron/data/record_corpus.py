@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from acmoe_megatron.data.corpus import Document, check_fractions, check_split, split_of
+from acmoe_megatron.data.corpus import Document, check_fractions, check_max_bytes, check_split, split_of
 from acmoe_megatron.data.text_corpus import select_files
 
 __all__ = ["RecordCorpus"]
@@ -38,8 +38,7 @@ class RecordCorpus(abc.ABC):
         check_fractions(valid_fraction, test_fraction)
         if not text_field:
             raise ValueError(f"text_field must name the field holding the text, got {text_field!r}")
-        if max_bytes is not None and max_bytes <= 0:
-            raise ValueError(f"max_bytes must be positive (or None for no cap), got {max_bytes}")
+        check_max_bytes(max_bytes)
         self.spec = os.fspath(spec)
         self.root, relpaths = select_files(self.spec, self.suffixes, self.kind)
         self.relpaths = tuple(sorted(relpaths))

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from acmoe_megatron.data.corpus import SPLITS, Document, check_split
+from acmoe_megatron.data.corpus import SPLITS, Document, check_max_bytes, check_split
 
 __all__ = ["WIKITEXT_VARIANTS", "WikiTextCorpus", "is_wikitext_dir", "split_articles"]
 
@@ -65,8 +65,7 @@ class WikiTextCorpus:
                 f"WikiText directory {self.directory} does not exist; unzip wikitext-103-raw-v1.zip "
                 "and pass the directory holding wiki.train.raw"
             )
-        if max_bytes is not None and max_bytes <= 0:
-            raise ValueError(f"max_bytes must be positive (or None for no cap), got {max_bytes}")
+        check_max_bytes(max_bytes)
         self.max_bytes = max_bytes
         present = [ext for ext in WIKITEXT_VARIANTS if any(self.directory.glob(f"wiki.*{ext}"))]
         if len(present) != 1:
