@@ -40,7 +40,10 @@ from megatron.core.transformer.moe.router import TopKRouter
 from acmoe_megatron import ac_stats
 from acmoe_megatron.labels import LabelCarrier, LayerLabels, labels_from_routing
 
-ROUTER_TYPES = ("ac", "cosine", "topk")
+# ac / cosine route MoE layers from ``first_ac_layer`` on (earlier ones: megatron's top-k); the
+# baselines (baseline_routers.py) route every MoE layer, as in their papers' and ACMoE's scripts.
+BASELINE_ROUTERS = ("xmoe", "stablemoe", "stablemoe-lite", "usmoe", "etr")
+ROUTER_TYPES = ("ac", "cosine", "topk") + BASELINE_ROUTERS
 SCOPES = ("local", "tp", "dp")
 SOURCES = ("batch", "ema")
 # The constant sets of the three official code bases (spec §3.4): eps, clip, normalisation.
@@ -53,9 +56,13 @@ PRESETS = {
 
 @dataclass(frozen=True)
 class ACSettings:
-    """The AC router's own settings (YAML section ``acmoe``; defaults = the LM release)."""
+    """Router settings (YAML section ``acmoe``; AC defaults = the LM release).
 
-    router: str = "ac"  # ac | cosine | topk
+    The ``xmoe_*``, ``usmoe_*``, ``etr_*`` and ``stablemoe_*`` keys belong to the baseline routers
+    of ``baseline_routers.py`` (see each class for the paper's equation).
+    """
+
+    router: str = "ac"  # ac | cosine | topk | xmoe | stablemoe | stablemoe-lite | usmoe | etr
     first_ac_layer: int = 3  # 1-based ordinal among MoE layers where AC starts (paper: 3)
     preset: str = "lm"  # lm | swin | softmoe: eps/clip/norm of that code base (spec §3.4)
     eps: float | None = None  # ε in 1 / (MAD + ε); None = the preset's
@@ -66,6 +73,12 @@ class ACSettings:
     scope: str = "tp"  # local | tp | dp: tokens the statistics are computed over
     source: str = "batch"  # batch (paper) | ema (causal-safe running statistics)
     ema_decay: float = 0.99
+    xmoe_dim: int | None = None  # XMoE routing-space dimension; None = num_experts // 2 (ACMoE's runs: 8 for 16)
+    usmoe_rate: float = 0.5  # USMoE r in (1 - r)·softmax + r·(2/E)·sigmoid (official code: 0.5)
+    etr_trainable_affinity: bool = False  # ETR: learn the block-diagonal affinity entries (Eq. 3 fixes them)
+    stablemoe_stage1_fraction: float = 0.1  # StableMoE: fraction of train_iters before the router is frozen
+    stablemoe_distill_dim: int = 50  # StableMoE distilled router: token-embedding dimension (paper: 50)
+    stablemoe_distill_coeff: float = 0.3  # StableMoE: weight of the stage-1 distillation loss (paper: 0.3)
 
     def __post_init__(self):
         checks = [
@@ -82,6 +95,11 @@ class ACSettings:
             (self.clip is None or self.clip > 0, "acmoe.clip must be > 0"),
             (0.0 < self.ema_decay < 1.0, "acmoe.ema_decay must be in (0, 1)"),
             (self.min_cluster_size >= 1, "acmoe.min_cluster_size must be >= 1"),
+            (self.xmoe_dim is None or self.xmoe_dim >= 1, "acmoe.xmoe_dim must be >= 1 (or null)"),
+            (0.0 <= self.usmoe_rate <= 1.0, "acmoe.usmoe_rate must be in [0, 1]"),
+            (0.0 <= self.stablemoe_stage1_fraction <= 1.0, "acmoe.stablemoe_stage1_fraction must be in [0, 1]"),
+            (self.stablemoe_distill_dim >= 1, "acmoe.stablemoe_distill_dim must be >= 1"),
+            (self.stablemoe_distill_coeff >= 0, "acmoe.stablemoe_distill_coeff must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -121,8 +139,16 @@ class LabelSourceRouter(TopKRouter):
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        self._record(logits, probs, routing_map)
+        return probs, routing_map
+
+    def _record(self, logits: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor,
+                preferred_T: torch.Tensor | None = None) -> None:
+        """Labels for the next AC layer (and metrics). ``preferred_T``: a router's own top-1."""
         if self.label_carrier is not None and not self.is_mtp_layer:
-            if self.config.moe_expert_capacity_factor is None:
+            if preferred_T is not None:
+                labels = LayerLabels(preferred_T, labels_from_routing(probs, routing_map).max_label)
+            elif self.config.moe_expert_capacity_factor is None:
                 labels = labels_from_routing(probs, routing_map)
             else:  # a dropped token keeps the expert it chose: top-1 by routing score, pre-drop
                 scores = logits.detach().reshape(-1, self.num_experts).float()
@@ -134,7 +160,6 @@ class LabelSourceRouter(TopKRouter):
                 prev = self.label_carrier.previous_labels(self.layer_number)
                 self.metrics.record_routing(self.layer_number, logits, routing_map, labels.top1_T,
                                             None if prev is None else prev.top1_T, self.topk)
-        return probs, routing_map
 
 
 class CosineRouter(LabelSourceRouter):

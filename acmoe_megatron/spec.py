@@ -8,7 +8,8 @@ then replaces ``MoESubmodules.router`` of each MoE layer built on this stage:
   < first_ac_layer (or router=topk)               LabelSourceRouter (megatron's linear top-k)
   >= first_ac_layer                               ACRouter (router=ac) / CosineRouter (router=cosine)
 
-With ``router=topk`` every MoE layer gets ``LabelSourceRouter`` — megatron's ``TopKRouter``
+The baselines (``xmoe``, ``stablemoe``, ``stablemoe-lite``, ``usmoe``, ``etr``; baseline_routers.py)
+route every MoE layer, as in their papers. With ``router=topk`` every MoE layer gets ``LabelSourceRouter`` — megatron's ``TopKRouter``
 unchanged plus label/metric recording, so baselines get the same routing metrics. megatron shares one MoE layer spec object
 across layers, so each patched layer gets its own shallow copy (``dataclasses.replace``). The chunk's
 ``LabelCarrier`` knows all MoE layers of the model (global numbers), so an AC layer whose
@@ -30,7 +31,9 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from acmoe_megatron.labels import LabelCarrier
 from acmoe_megatron.metrics import RouterMetrics
+from acmoe_megatron.baseline_routers import BASELINE_CLASSES
 from acmoe_megatron.routers import ACRouter, ACSettings, CosineRouter, LabelSourceRouter
+from acmoe_megatron.step_inputs import StepInputs
 
 
 def moe_layer_pattern(config) -> list[int]:
@@ -55,7 +58,7 @@ def moe_layer_numbers(config) -> list[int]:
 
 def ac_layer_numbers(config, settings: ACSettings) -> list[int]:
     """Global layer numbers whose router is AC (or cosine): MoE ordinals >= first_ac_layer."""
-    if settings.router == "topk":
+    if settings.router not in ("ac", "cosine"):
         return []
     return moe_layer_numbers(config)[settings.first_ac_layer - 1 :]
 
@@ -95,8 +98,12 @@ def acmoe_block_spec(
     normalization: str | None = None,
     vp_stage: int | None = None,
     pp_rank: int | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[TransformerBlockSubmodules, LabelCarrier | None]:
-    """Megatron's GPT decoder block spec with our routers; also returns the chunk's label carrier."""
+    """Megatron's GPT decoder block spec with our routers; also returns the chunk's label carrier.
+
+    ``vocab_size`` (the padded vocabulary) is needed by ``stablemoe`` only (its distilled router
+    embeds token ids)."""
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_transformer_engine, normalization=normalization,
         vp_stage=vp_stage, pp_rank=pp_rank,
@@ -109,13 +116,18 @@ def acmoe_block_spec(
     carrier = LabelCarrier(moe_numbers, local_layer_numbers=numbers, vp_stage=vp_stage)
     metrics = RouterMetrics(config.num_moe_experts, moe_numbers) if moe_numbers else None
     carrier.metrics = metrics
+    carrier.step_inputs = StepInputs()  # token ids / progress for routers that need them
     scorer = ACRouter if settings.router == "ac" else CosineRouter
+    baseline = BASELINE_CLASSES.get(settings.router)
     layer_specs = []
     for n, layer_spec in zip(numbers, block.layer_specs):
         if n in moe_numbers:
             if not is_moe_layer_spec(layer_spec):
                 raise AssertionError(f"layer {n} should be an MoE layer but its spec is {layer_spec}")
-            if n in ac_numbers:
+            if baseline is not None:
+                kw = {"vocab_size": vocab_size} if settings.router == "stablemoe" else {}
+                builder = functools.partial(baseline, label_carrier=carrier, metrics=metrics, ac=settings, **kw)
+            elif n in ac_numbers:
                 kw = {"ac": settings} if scorer is ACRouter else {}
                 builder = functools.partial(scorer, label_carrier=carrier, metrics=metrics, **kw)
             else:

@@ -35,7 +35,7 @@ def build_gpt(config, settings, vocab_size=128, max_sequence_length=64, use_te=F
 
     from acmoe_megatron.spec import acmoe_block_spec
 
-    spec, carrier = acmoe_block_spec(config, settings, use_transformer_engine=use_te)
+    spec, carrier = acmoe_block_spec(config, settings, use_transformer_engine=use_te, vocab_size=vocab_size)
     model = GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
         max_sequence_length=max_sequence_length, position_embedding_type="rope", **gpt_kw,

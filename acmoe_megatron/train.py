@@ -58,7 +58,7 @@ def make_model_provider(recipe, metrics_registry: list | None = None):
             config = core_transformer_config_from_args(args)
         spec, carrier = acmoe_block_spec(
             config, recipe.acmoe, use_transformer_engine=args.transformer_impl == "transformer_engine",
-            normalization=args.normalization, vp_stage=vp_stage,
+            normalization=args.normalization, vp_stage=vp_stage, vocab_size=args.padded_vocab_size,
         )
         model = GPTModel(
             config=config,
@@ -173,6 +173,7 @@ def forward_step(data_iterator, model):
     transport = getattr(unwrap_chunk(model), "acmoe_transport", None)
     if carrier is not None:
         mb = carrier.begin_forward(training=torch.is_grad_enabled())
+        _record_step_inputs(carrier, mb, tokens)
         if transport is not None:
             transport.receive(carrier, carrier.vp_stage, _local_tokens(tokens), tokens.device)
     output = model(tokens, position_ids, None, labels=labels)
@@ -183,6 +184,20 @@ def forward_step(data_iterator, model):
         if torch.is_grad_enabled():
             output = mark_backward(output, carrier, mb)  # recompute replays find this micro-batch
     return output, partial(loss_func, loss_mask)
+
+
+def _record_step_inputs(carrier, mb: int, tokens: torch.Tensor) -> None:
+    """Token ids and progress for routers that route by token id (StableMoE's distilled router)."""
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+    from megatron.training import get_args
+
+    inputs = getattr(carrier, "step_inputs", None)
+    if inputs is None:
+        return
+    args = get_args()
+    iteration = getattr(args, "curr_iteration", None)
+    inputs.set_progress(args.iteration if iteration is None else iteration, args.train_iters)
+    inputs.put_tokens(mb, tokens, keep=get_num_microbatches() if torch.is_grad_enabled() else 1)
 
 
 def _local_tokens(tokens: torch.Tensor) -> int:

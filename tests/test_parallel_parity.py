@@ -29,7 +29,8 @@ def _torchrun(nproc, *args):
     return out
 
 
-@pytest.mark.parametrize("router", ["ac"])
+# usmoe / etr: a variable number of experts per token through megatron's all-to-all dispatcher
+@pytest.mark.parametrize("router", ["ac", "usmoe", "etr"])
 def test_ep2_matches_single_process(tmp_path, router):
     _torchrun(1, "--ep", "1", "--dir", str(tmp_path), "--router", router)
     _torchrun(2, "--ep", "2", "--dir", str(tmp_path), "--router", router)

@@ -48,7 +48,8 @@ def main():
     parallel_state.initialize_model_parallel(expert_model_parallel_size=a.ep)
     model_parallel_cuda_manual_seed(1234)
     torch.manual_seed(1234)
-    config = tiny_config(num_layers=4, num_moe_experts=NUM_EXPERTS, expert_model_parallel_size=a.ep)
+    extra = {"moe_expert_capacity_factor": 1.0} if a.router == "etr" else {}  # ETR's expert choice
+    config = tiny_config(num_layers=4, num_moe_experts=NUM_EXPERTS, expert_model_parallel_size=a.ep, **extra)
     model = build_gpt(config, ACSettings(router=a.router, first_ac_layer=2), vocab_size=VOCAB,
                       max_sequence_length=SEQ)
     g = torch.Generator().manual_seed(7)
