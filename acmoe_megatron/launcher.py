@@ -66,6 +66,20 @@ RESUMABLE_CHANGES = {
 }
 
 
+def _schedule_length_change(old: dict, new: dict) -> list[str]:
+    """megatron refuses to resume when the lr schedule's length changes (train_iters when
+    lr_decay_iters is unset) unless told which schedule to keep; say so before it asserts."""
+    if new.get("override_opt_param_scheduler") or new.get("use_checkpoint_opt_param_scheduler"):
+        return []
+    before = old.get("lr_decay_iters") or old.get("train_iters")
+    after = new.get("lr_decay_iters") or new.get("train_iters")
+    if before == after:
+        return []
+    return [f"the learning-rate decay length {before} -> {after} (lr_decay_iters, or train_iters when unset), "
+            f"which megatron refuses on resume: set megatron.lr_decay_iters={before} to keep the old "
+            "schedule, or megatron.override_opt_param_scheduler=true to take the new one"]
+
+
 def check_resume_compatible(recipe, run_dir: Path) -> None:
     """Resuming a run directory that has checkpoints with a different recipe: name the keys."""
     import yaml
@@ -84,6 +98,7 @@ def check_resume_compatible(recipe, run_dir: Path) -> None:
                 continue
             if values.get(key) != old.get(key):
                 diffs.append(f"{section}.{key}: {old.get(key)!r} -> {values.get(key)!r}")
+    diffs += _schedule_length_change(previous.get("megatron", {}) or {}, current.get("megatron", {}))
     if diffs:
         raise ConfigError(
             f"{run_dir} holds checkpoints of a run with a different configuration; resuming would mix "

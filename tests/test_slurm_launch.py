@@ -483,7 +483,10 @@ def test_resolve_refuses_to_mix_checkpoints_of_another_configuration(tmp_path, c
     (run_dir / "checkpoints").mkdir()
     (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("5")
     capsys.readouterr()
-    assert slurm_launch.main([*base, "megatron.train_iters=500"]) == 0  # a longer run: fine
+    # a longer run: fine when the lr schedule's length stays (megatron refuses a changed one)
+    assert slurm_launch.main([*base, "megatron.train_iters=500", "megatron.lr_decay_iters=400"]) == 0
+    assert slurm_launch.main([*base, "megatron.train_iters=500"]) == 2
+    assert "megatron.lr_decay_iters=400 to keep the old schedule" in capsys.readouterr().err
     assert slurm_launch.main([*base, "megatron.hidden_size=64"]) == 2
     assert "megatron.hidden_size: 128 -> 64" in capsys.readouterr().err
 

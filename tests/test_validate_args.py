@@ -96,8 +96,12 @@ def test_resume_with_a_different_config_names_the_keys(tmp_path):
     write_resolved(first, run)
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("10")
-    same_but_longer = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "megatron.train_iters=800"])
-    check_resume_compatible(same_but_longer, run)  # allowed change
+    longer = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "megatron.train_iters=800"])
+    with pytest.raises(ConfigError, match=r"decay length 400 -> 800 .*lr_decay_iters=400"):
+        check_resume_compatible(longer, run)  # megatron would refuse the longer lr schedule
+    for keep_schedule in ("megatron.lr_decay_iters=400", "megatron.override_opt_param_scheduler=true"):
+        longer = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "megatron.train_iters=800", keep_schedule])
+        check_resume_compatible(longer, run)  # allowed change
     changed = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "megatron.num_layers=6", "acmoe.scope=local"])
     with pytest.raises(ConfigError, match=r"megatron.num_layers: 4 -> 6; acmoe.scope: 'tp' -> 'local'"):
         check_resume_compatible(changed, run)
