@@ -1,11 +1,13 @@
 """YAML run recipes: megatron flags + our AC/data/run settings, with overrides and strict keys.
 
-A recipe has four sections (all optional except ``megatron``):
+A recipe has five sections (all optional except ``megatron``):
 
     megatron:  any argument of Megatron's trainer, by its argparse name with underscores
                (``num_layers: 4`` → ``--num-layers 4``; ``true`` on a switch adds it,
                ``false`` on a ``--no-*`` switch adds that). Checked against megatron's own parser.
     acmoe:     ``routers.ACSettings`` (router type, first AC layer, eps, clip, cluster rows).
+    elliptical: ``elliptical.EllipticalSettings`` (Elliptical Attention on/off, first layer,
+               source ``sequence``/``prefix``, scale ``standard``/``none``); works with every router.
     data:      ``DataSettings`` (webdataset shard directory with its manifest, shuffle seed).
     run:       ``RunSettings`` (run directory; TensorBoard/checkpoint paths are derived from it).
 
@@ -28,9 +30,10 @@ from typing import Any
 
 import yaml
 
+from acmoe_megatron.elliptical import EllipticalSettings
 from acmoe_megatron.routers import ACSettings
 
-SECTIONS = ("megatron", "acmoe", "data", "run")
+SECTIONS = ("megatron", "acmoe", "elliptical", "data", "run")
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -75,6 +78,7 @@ class RunSettings:
 class Recipe:
     megatron: dict[str, Any] = field(default_factory=dict)
     acmoe: ACSettings = field(default_factory=ACSettings)
+    elliptical: EllipticalSettings = field(default_factory=EllipticalSettings)
     data: DataSettings = field(default_factory=DataSettings)
     run: RunSettings = field(default_factory=RunSettings)
 
@@ -82,6 +86,7 @@ class Recipe:
         return {
             "megatron": dict(self.megatron),
             "acmoe": dataclasses.asdict(self.acmoe),
+            "elliptical": dataclasses.asdict(self.elliptical),
             "data": dataclasses.asdict(self.data),
             "run": dataclasses.asdict(self.run),
         }
@@ -149,6 +154,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     return Recipe(
         megatron=megatron,
         acmoe=_build_dataclass(ACSettings, "acmoe", raw["acmoe"]),
+        elliptical=_build_dataclass(EllipticalSettings, "elliptical", raw["elliptical"]),
         data=_build_dataclass(DataSettings, "data", raw["data"]),
         run=_build_dataclass(RunSettings, "run", raw["run"]),
     )

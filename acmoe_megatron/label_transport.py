@@ -1,4 +1,5 @@
-"""Carry AC labels across pipeline stages, beside megatron's activations.
+"""Carry AC labels (and elliptical attention's values) across pipeline stages, beside megatron's
+activations.
 
 megatron's pipeline schedules send exactly one activation tensor per micro-batch between stages
 (``[s/tp, b, h]``), and ``GPTModel.set_input_tensor`` accepts only that one; the hook for extra
@@ -13,6 +14,12 @@ travel on a **process group of their own** over the same pipeline ranks:
   in the chunk's ``LabelCarrier`` under the current micro-batch, so the first AC layer of the stage
   finds "the previous MoE layer's labels" exactly as inside one stage (and recompute replays find
   them later under the same micro-batch id).
+* with elliptical attention (``carrier.value_handoff`` set by the spec) a second message follows:
+  the values of the chunk's last attention layer (float32, flat; the reader reshapes them to its
+  own values' shape), sent only when the next stage's first layer applies the metric and filed
+  there under that layer's predecessor — so its first elliptical layer sees exactly the values it
+  would see inside one stage. Both sides decide statically (from the layer numbers), so nothing
+  is sent when elliptical attention is off.
 
 Why this is safe: every rank runs the same sequence of (chunk, micro-batch) forwards in every
 megatron schedule (1F1B, interleaved, forward-only evaluation), so sends and receives between a pair
@@ -26,11 +33,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from acmoe_megatron.labels import LabelCarrier, LayerLabels
+from acmoe_megatron.labels import VALUES, LabelCarrier, LayerLabels
 
 
 class LabelTransport:
-    """Sends/receives one int64 label tensor per (chunk, micro-batch) between virtual stages."""
+    """Sends/receives one int64 label tensor per (chunk, micro-batch) between virtual stages
+    (plus one float32 value tensor with elliptical attention)."""
 
     def __init__(self, pp_ranks: list[int], vp_size: int | None):
         self.pp_ranks = pp_ranks
@@ -72,6 +80,12 @@ class LabelTransport:
         layer = carrier.previous_moe_layer(carrier.local_layer_numbers[0])
         if layer is not None:
             carrier.put_labels(layer, LayerLabels(buf[2:], buf[1]))
+        handoff = carrier.value_handoff
+        layer = None if handoff is None else handoff.layer_to_receive(carrier.local_layer_numbers)
+        if layer is not None:
+            values = torch.empty(handoff.numel(num_tokens), dtype=torch.float32, device=device)
+            dist.recv(values, src=self.pp_ranks[prev[0]], group=self.group, tag=self._value_tag(vp_stage))
+            carrier.put_state(VALUES, layer, values)
 
     def send(self, carrier: LabelCarrier, vp_stage: int, num_tokens: int, device) -> None:
         nxt = self._next(vp_stage)
@@ -87,6 +101,31 @@ class LabelTransport:
         self._pending = [(w, t) for (w, t) in self._pending if not w.is_completed()]
         work = dist.isend(buf, dst=self.pp_ranks[nxt[0]], group=self.group, tag=nxt[1])
         self._pending.append((work, buf))
+        handoff = carrier.value_handoff
+        layer = None if handoff is None else handoff.layer_to_send(carrier.local_layer_numbers)
+        if layer is not None:
+            values = carrier.get_state(VALUES, layer)
+            if values is None:
+                raise RuntimeError(
+                    f"elliptical attention: layer {layer} stored no values for micro-batch "
+                    f"{carrier.current_mb}, but the next pipeline stage needs them; run the chunk's "
+                    "forward before LabelTransport.send"
+                )
+            flat = values.detach().reshape(-1).to(torch.float32).contiguous()
+            if flat.numel() != handoff.numel(num_tokens):
+                raise RuntimeError(
+                    f"elliptical attention: layer {layer} has {flat.numel()} value elements, the next "
+                    f"stage expects {handoff.numel(num_tokens)} for {num_tokens} tokens (context "
+                    "parallelism and packed sequences are not supported)"
+                )
+            if flat.data_ptr() == values.data_ptr():
+                flat = flat.clone()  # the send buffer must not alias the live activation
+            work = dist.isend(flat, dst=self.pp_ranks[nxt[0]], group=self.group, tag=self._value_tag(nxt[1]))
+            self._pending.append((work, flat))
+
+    def _value_tag(self, vp_stage: int) -> int:
+        """Value messages get tags of their own (labels use the receiving virtual stage)."""
+        return self.vp_size + vp_stage
 
     def wait_all(self) -> None:
         for work, _ in self._pending:

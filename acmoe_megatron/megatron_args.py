@@ -51,8 +51,14 @@ def validate_args(args, recipe) -> None:
     from acmoe_megatron.config import ConfigError
     from acmoe_megatron.spec import moe_layer_numbers
 
+    elliptical = getattr(recipe, "elliptical", None)
+    if elliptical is not None and elliptical.enabled:
+        _check_elliptical(args, elliptical)
     if not args.num_experts:
-        raise ConfigError("megatron.num_experts is not set: ACMoE needs an MoE model")
+        if elliptical is not None and elliptical.enabled and recipe.acmoe.router == "topk":
+            return _check_common(args)  # a dense model with elliptical attention
+        raise ConfigError("megatron.num_experts is not set: ACMoE needs an MoE model (a dense model "
+                          "runs only with elliptical.enabled=true and acmoe.router=topk)")
     if args.moe_router_topk > args.num_experts:
         raise ConfigError(
             f"megatron.moe_router_topk={args.moe_router_topk} > num_experts={args.num_experts}"
@@ -79,6 +85,31 @@ def validate_args(args, recipe) -> None:
             "megatron.moe_router_force_load_balancing replaces router logits by random ones, which "
             f"makes acmoe.router={recipe.acmoe.router} meaningless; use acmoe.router=topk for that benchmark"
         )
+    _check_common(args)
+
+
+def _check_elliptical(args, elliptical) -> None:
+    """Elliptical attention: what its estimator cannot do (elliptical.check_supported at build)."""
+    from acmoe_megatron.config import ConfigError
+
+    if (args.context_parallel_size or 1) > 1:
+        raise ConfigError(
+            f"elliptical.enabled=true with megatron.context_parallel_size={args.context_parallel_size}: the "
+            "metric is a mean over each whole sequence and context parallelism shards the sequence; set "
+            "megatron.context_parallel_size: 1 or elliptical.enabled: false"
+        )
+    if elliptical.first_layer > args.num_layers:
+        raise ConfigError(f"elliptical.first_layer={elliptical.first_layer} but the model has only "
+                          f"{args.num_layers} layers; choose 2..{args.num_layers}")
+    if getattr(args, "multi_latent_attention", False):
+        raise ConfigError("elliptical.enabled=true needs standard self-attention: remove "
+                          "megatron.multi_latent_attention or set elliptical.enabled: false")
+
+
+def _check_common(args) -> None:
+    """Checks for every model, MoE or dense."""
+    from acmoe_megatron.config import ConfigError
+
     decay = args.lr_decay_iters or args.train_iters
     if args.train_iters and args.lr_warmup_iters >= decay:
         raise ConfigError(

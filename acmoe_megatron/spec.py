@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from acmoe_megatron.elliptical import EllipticalSettings, elliptical_layer_specs
 from acmoe_megatron.labels import LabelCarrier
 from acmoe_megatron.metrics import RouterMetrics
 from acmoe_megatron.baseline_routers import BASELINE_CLASSES
@@ -99,6 +100,7 @@ def acmoe_block_spec(
     vp_stage: int | None = None,
     pp_rank: int | None = None,
     vocab_size: int | None = None,
+    elliptical: EllipticalSettings | None = None,
 ) -> tuple[TransformerBlockSubmodules, LabelCarrier | None]:
     """Megatron's GPT decoder block spec with our routers; also returns the chunk's label carrier.
 
@@ -135,4 +137,6 @@ def acmoe_block_spec(
                                             ema_buffers=settings.router == "ac" and settings.source == "ema")
             layer_spec = _with_router(layer_spec, builder)
         layer_specs.append(layer_spec)
+    # Elliptical attention (elliptical.py): core attention of the layers from first_layer − 1 on.
+    layer_specs = elliptical_layer_specs(config, elliptical, numbers, layer_specs, carrier)
     return dataclasses.replace(block, layer_specs=layer_specs), carrier

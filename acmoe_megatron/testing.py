@@ -1,7 +1,8 @@
 """Small builders shared by the tests, the benchmarks and the parity scripts (not used in training).
 
 ``tiny_config`` is a CPU-safe megatron ``TransformerConfig`` for a small MoE GPT; ``build_gpt``
-builds megatron's ``GPTModel`` with our routers (spec.acmoe_block_spec) and attaches the chunk's
+builds megatron's ``GPTModel`` with our routers (spec.acmoe_block_spec; ``elliptical=``
+``EllipticalSettings`` for elliptical attention) and attaches the chunk's
 label carrier, exactly as the training model provider does.
 """
 
@@ -30,12 +31,13 @@ def tiny_config(**overrides):
     return TransformerConfig(**kw)
 
 
-def build_gpt(config, settings, vocab_size=128, max_sequence_length=64, use_te=False, **gpt_kw):
+def build_gpt(config, settings, vocab_size=128, max_sequence_length=64, use_te=False, elliptical=None, **gpt_kw):
     from megatron.core.models.gpt import GPTModel
 
     from acmoe_megatron.spec import acmoe_block_spec
 
-    spec, carrier = acmoe_block_spec(config, settings, use_transformer_engine=use_te, vocab_size=vocab_size)
+    spec, carrier = acmoe_block_spec(config, settings, use_transformer_engine=use_te, vocab_size=vocab_size,
+                                     elliptical=elliptical)
     model = GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
         max_sequence_length=max_sequence_length, position_embedding_type="rope", **gpt_kw,

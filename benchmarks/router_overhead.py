@@ -1,6 +1,12 @@
-"""CPU router overhead: forward+backward of the same tiny ACMoE GPT with megatron's top-k router
-everywhere vs the AC router (from MoE layer 3, the paper's placement), side by side in one
-process, timed in interleaved rounds; writes ``benchmarks/results/router_overhead.md``.
+"""CPU overhead of the AC router and of elliptical attention: forward+backward of the whole model,
+side by side in one process, timed in interleaved rounds; writes
+``benchmarks/results/router_overhead.md``.
+
+* router: the same tiny ACMoE GPT with megatron's top-k router everywhere vs the AC router (from
+  MoE layer 3, the paper's placement);
+* attention: the top-k MoE GPT with and without elliptical attention (metric from attention layer 2,
+  the official placement), and the same pair as a dense GPT (no MoE layer), where attention is a
+  larger share of the step.
 
     python benchmarks/router_overhead.py                 # the default configs/tiny_cpu.yaml shape
     python benchmarks/router_overhead.py --hidden 256 --seq 512 --steps 40
@@ -28,7 +34,7 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--mbs", type=int, default=8)
     p.add_argument("--steps", type=int, default=30, help="timed steps per router")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=30, help="interleaved rounds (steps/rounds steps per model each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 = one training rank's share of 2 cores)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "router_overhead.md"))
     a = p.parse_args(argv)
@@ -41,6 +47,7 @@ def main(argv=None):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    from acmoe_megatron.elliptical import EllipticalSettings
     from acmoe_megatron.routers import ACSettings
     from acmoe_megatron.testing import build_gpt, tiny_config
 
@@ -54,11 +61,17 @@ def main(argv=None):
                num_moe_experts=a.experts, moe_ffn_hidden_size=2 * a.hidden, moe_z_loss_coeff=1e-3)
     tokens = torch.randint(0, 256, (a.mbs, a.seq + 1), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(a.seq).unsqueeze(0).expand(a.mbs, -1)
+    dense = dict(cfg, num_moe_experts=None, moe_ffn_hidden_size=None, moe_z_loss_coeff=None)
+    ellip = EllipticalSettings(enabled=True)
+    variants = {  # name: (config, router, elliptical)
+        "topk": (cfg, "topk", None), "ac": (cfg, "ac", None), "topk+elliptical": (cfg, "topk", ellip),
+        "dense": (dense, "topk", None), "dense+elliptical": (dense, "topk", ellip),
+    }
     models = {}
-    for router in ("topk", "ac"):
+    for name, (c, router, el) in variants.items():
         torch.manual_seed(0)
-        models[router] = build_gpt(tiny_config(**cfg), ACSettings(router=router, first_ac_layer=3),
-                                   vocab_size=256, max_sequence_length=a.seq)
+        models[name] = build_gpt(tiny_config(**c), ACSettings(router=router, first_ac_layer=3),
+                                 vocab_size=256, max_sequence_length=a.seq, elliptical=el)
 
     def step(model):
         if model.acmoe_labels is not None:
@@ -70,17 +83,21 @@ def main(argv=None):
     for r, m in models.items():  # warm-up
         for _ in range(3):
             step(m)
-    for _ in range(a.rounds):
-        for r, m in models.items():
+    names = list(models)
+    for i in range(a.rounds):  # rotate the order so no model always runs first after a pause
+        for r in names[i % len(names):] + names[: i % len(names)]:
+            m = models[r]
             for _ in range(max(1, a.steps // a.rounds)):
                 t0 = time.perf_counter()
                 step(m)
                 times[r].append(time.perf_counter() - t0)
     med = {r: statistics.median(v) for r, v in times.items()}
     ratio = med["ac"] / med["topk"]
+    ratio_el = med["topk+elliptical"] / med["topk"]
+    ratio_dense = med["dense+elliptical"] / med["dense"]
     n_ac = a.layers - 2
     lines = [
-        "# Router overhead on CPU: megatron top-k vs AC router, same model",
+        "# Overhead on CPU: AC router vs megatron top-k; elliptical attention vs standard",
         "",
         f"- date: {datetime.date.today().isoformat()}; machine: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch threads {a.threads}; torch {torch.__version__}",
@@ -89,14 +106,20 @@ def main(argv=None):
         f"- command: `python benchmarks/router_overhead.py --layers {a.layers} --hidden {a.hidden} "
         f"--experts {a.experts} --seq {a.seq} --mbs {a.mbs} --steps {a.steps} --rounds {a.rounds} "
         f"--threads {a.threads}`",
-        "- timed: forward + backward of the whole model, median over interleaved rounds",
+        f"- elliptical: metric on attention layers 2..{a.layers} (layer 1 standard), source sequence, scale "
+        "standard; `dense` = the same GPT without MoE layers (dense MLP of the same width)",
+        "- timed: forward + backward of the whole model (loss.backward(), no optimizer), median over "
+        "interleaved rounds (each round runs every model in turn, in rotating order)",
+        "- the 2 cores are shared with other work while this runs: compare rows of one run, not across runs",
         "",
-        "| router | median step ms | p10 ms |",
+        "| model | median step ms | p10 ms |",
         "|---|---|---|",
     ]
     for r, v in times.items():
         lines.append(f"| {r} | {1e3 * med[r]:.1f} | {1e3 * sorted(v)[len(v) // 10]:.1f} |")
-    lines += ["", f"**AC / top-k step-time ratio: {ratio:.3f}** (goal on CPU: ≤ 1.03)"]
+    lines += ["", f"**AC / top-k step-time ratio: {ratio:.3f}** (goal on CPU: ≤ 1.03)", "",
+              f"**elliptical / standard attention step-time ratio: {ratio_el:.3f} (top-k MoE GPT), "
+              f"{ratio_dense:.3f} (dense GPT)** (goal on CPU: ≤ 1.05)"]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

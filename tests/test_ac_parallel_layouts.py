@@ -7,6 +7,12 @@ per-layer router gradient norms after megatron's gradient reduction must match t
 run within 1e-5 relative. PP=2 puts AC layer 3 on stage 1 with its predecessor on stage 0; PP=2
 with virtual stages additionally sends labels from the last rank back to rank 0 (layers 1,3 on
 rank 0; 2,4 on rank 1). Recompute (selective "moe" and full) must give identical numbers.
+
+Elliptical attention (elliptical.py) rides on some of these runs at no extra launch: TP=2+SP (heads
+split across ranks, no communication), PP=2 with full recompute (the values of layer 2 cross the
+stage boundary and stage 1's replays read them) and both single-process recompute runs (selective
+also replays ``core_attn``) run with ``elliptical.enabled=true`` and are compared with a
+single-process reference that has it on too.
 """
 
 import json
@@ -70,6 +76,9 @@ def _run(setup, name, nproc, *overrides, mbs=4, gbs=8):
     return losses, norms
 
 
+ELLIPTICAL = "elliptical.enabled=true"
+
+
 def _close(a, b, rel):
     return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
 
@@ -90,34 +99,47 @@ def reference(setup):
     return _run(setup, "ref", 1)
 
 
+@pytest.fixture(scope="module")
+def reference_elliptical(setup, reference):
+    ref = _run(setup, "ref_elliptical", 1, ELLIPTICAL)
+    # the trainer really switched the metric on (train.make_model_provider passes recipe.elliptical)
+    assert not _close(ref[0][-1], reference[0][-1], 1e-5), (ref[0], reference[0])
+    return ref
+
+
+def _reference_for(request, overrides):
+    return request.getfixturevalue("reference_elliptical" if ELLIPTICAL in overrides else "reference")
+
+
 LAYOUTS = {
     "ep2": (2, ["megatron.expert_model_parallel_size=2"]),
-    "tp2_sp": (2, ["megatron.tensor_model_parallel_size=2", "megatron.sequence_parallel=true"]),
+    "tp2_sp": (2, ["megatron.tensor_model_parallel_size=2", "megatron.sequence_parallel=true", ELLIPTICAL]),
     "pp2_vpp2": (2, ["megatron.pipeline_model_parallel_size=2",
                      "megatron.num_layers_per_virtual_pipeline_stage=1"]),
     "ep2_tp2": (4, ["megatron.expert_model_parallel_size=2", "megatron.tensor_model_parallel_size=2",
                     "megatron.sequence_parallel=true", "megatron.expert_tensor_parallel_size=1"]),
-    # PP=2 (stage 0: layers 1-2, stage 1: 3-4) with full recompute: labels cross the stage boundary
-    # and recompute replays on stage 1 find them under the right micro-batch
+    # PP=2 (stage 0: layers 1-2, stage 1: 3-4) with full recompute: labels and elliptical values
+    # cross the stage boundary and recompute replays on stage 1 find them under the right micro-batch
     "pp2_full_recompute": (2, ["megatron.pipeline_model_parallel_size=2",
                                "megatron.recompute_granularity=full", "megatron.recompute_method=uniform",
-                               "megatron.recompute_num_layers=1"]),
+                               "megatron.recompute_num_layers=1", ELLIPTICAL]),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(setup, reference, name):
+def test_layout_matches_single_process(setup, request, name):
     nproc, overrides = LAYOUTS[name]
-    _assert_same(_run(setup, name, nproc, *overrides), reference)
+    _assert_same(_run(setup, name, nproc, *overrides), _reference_for(request, overrides))
 
 
 @pytest.mark.parametrize("name, overrides", [
-    ("selective_recompute", ["megatron.recompute_granularity=selective", "megatron.recompute_modules=[moe]"]),
+    ("selective_recompute", ["megatron.recompute_granularity=selective",
+                             "megatron.recompute_modules=[moe,core_attn]", ELLIPTICAL]),
     ("full_recompute", ["megatron.recompute_granularity=full", "megatron.recompute_method=uniform",
-                        "megatron.recompute_num_layers=1"]),
+                        "megatron.recompute_num_layers=1", ELLIPTICAL]),
 ])
-def test_recompute_is_identical(setup, reference, name, overrides):
-    _assert_same(_run(setup, name, 1, *overrides), reference, rel=0.0)
+def test_recompute_is_identical(setup, request, name, overrides):
+    _assert_same(_run(setup, name, 1, *overrides), _reference_for(request, overrides), rel=0.0)
 
 
 def test_dp_scope_matches_one_big_micro_batch(setup):

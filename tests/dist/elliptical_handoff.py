@@ -1,0 +1,77 @@
+"""PP=2 hand-off worker for elliptical attention (torchrun --nproc_per_node 2): stage 0 runs layers
+1-2, stage 1 runs layers 3-4, the metric starts at layer 3, so layer 3 (stage 1) needs layer 2's
+values (stage 0). Stage 0 writes the values its layer 2 stored, stage 1 the previous-layer values its
+layer 3 read, per micro-batch, to ``--dir``."""
+
+import argparse
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+from acmoe_megatron import cpu_runtime  # noqa: E402
+
+cpu_runtime.install()
+
+import torch.distributed as dist  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
+
+from acmoe_megatron.elliptical import EllipticalAttentionMixin, EllipticalSettings  # noqa: E402
+from acmoe_megatron.label_transport import LabelTransport  # noqa: E402
+from acmoe_megatron.labels import VALUES  # noqa: E402
+from acmoe_megatron.routers import ACSettings  # noqa: E402
+from acmoe_megatron.testing import build_gpt, tiny_config  # noqa: E402
+
+SEQ, MBS, HIDDEN = 16, 2, 64
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--dir", required=True)
+    out = Path(p.parse_args().dir)
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
+    model_parallel_cuda_manual_seed(1234)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    config = tiny_config(num_layers=4, pipeline_model_parallel_size=2, hidden_size=HIDDEN)
+    model = build_gpt(config, ACSettings(first_ac_layer=2), vocab_size=128, max_sequence_length=SEQ,
+                      elliptical=EllipticalSettings(enabled=True, first_layer=3),
+                      pre_process=stage == 0, post_process=stage == 1)
+    carrier = model.acmoe_labels
+    transport = LabelTransport.create(vp_size=None)
+    tokens = torch.randint(0, 128, (MBS, SEQ), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(SEQ).unsqueeze(0).expand(MBS, -1)
+    n_tok = SEQ * MBS
+    for mb in range(2):  # two micro-batches, forward only
+        carrier.begin_forward(training=False)
+        if stage == 0:
+            hidden = model(tokens + mb, pos, None)
+            transport.send(carrier, 0, n_tok, "cpu")
+            dist.send(hidden.detach().contiguous(), dst=1)
+            torch.save({"values": carrier.get_state(VALUES, 2).clone()}, out / f"stage0_mb{mb}.pt")
+        else:
+            hidden = torch.empty(SEQ, MBS, HIDDEN)
+            transport.receive(carrier, 0, n_tok, "cpu")
+            dist.recv(hidden, src=0)
+            used = {}
+            core3 = [m for m in model.modules()
+                     if isinstance(m, EllipticalAttentionMixin) and m.elliptical_layer == 3][0]
+
+            def record(module, args):  # a pre-hook must return None (or it replaces the input)
+                used["values"] = module.label_carrier.get_state(VALUES, 2).reshape(args[2].shape).clone()
+                used["applies"] = module.apply_metric
+
+            handle = core3.register_forward_pre_hook(record)
+            model.set_input_tensor(hidden)
+            model(tokens + mb, pos, None)
+            handle.remove()
+            torch.save(used, out / f"stage1_mb{mb}.pt")
+    transport.wait_all()
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
