@@ -50,6 +50,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 
 from acmoe_megatron.routers import ACSettings, CosineRouter, LabelSourceRouter, _router_dtype
+from acmoe_megatron.step_inputs import get_tokens
 
 # -- the maths ---------------------------------------------------------------------------------
 
@@ -290,13 +291,13 @@ class StableMoERouter(LabelSourceRouter):
     def _inputs(self):
         inputs = getattr(self.label_carrier, "step_inputs", None)
         if inputs is None:
-            raise RuntimeError("StableMoERouter needs the micro-batch's token ids: build the model via "
-                               "acmoe_megatron.spec and train through acmoe_megatron.train.forward_step")
+            raise RuntimeError("StableMoERouter needs the training progress (carrier.step_inputs): build "
+                               "the model via acmoe_megatron.spec and train through acmoe_megatron.train")
         return inputs
 
     def _local_token_ids(self, num_tokens: int) -> torch.Tensor:
         """Token ids in the router's [S(/TP under SP), B] order, flattened."""
-        tokens_BS = self._inputs().tokens(self.label_carrier.current_mb)
+        tokens_BS = get_tokens(self.label_carrier)
         ids_SB = tokens_BS.t()
         if self.config.sequence_parallel and self.tp_group.size() > 1:
             ids_SB = ids_SB.chunk(self.tp_group.size(), dim=0)[self.tp_group.rank()]

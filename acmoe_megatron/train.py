@@ -59,6 +59,7 @@ def make_model_provider(recipe, metrics_registry: list | None = None):
         spec, carrier = acmoe_block_spec(
             config, recipe.acmoe, use_transformer_engine=args.transformer_impl == "transformer_engine",
             normalization=args.normalization, vp_stage=vp_stage, vocab_size=args.padded_vocab_size,
+            elliptical=recipe.elliptical,
         )
         model = GPTModel(
             config=config,
@@ -173,7 +174,7 @@ def forward_step(data_iterator, model):
     transport = getattr(unwrap_chunk(model), "acmoe_transport", None)
     if carrier is not None:
         mb = carrier.begin_forward(training=torch.is_grad_enabled())
-        _record_step_inputs(carrier, mb, tokens)
+        _record_step_inputs(carrier, tokens)
         if transport is not None:
             transport.receive(carrier, carrier.vp_stage, _local_tokens(tokens), tokens.device)
     output = model(tokens, position_ids, None, labels=labels)
@@ -186,10 +187,11 @@ def forward_step(data_iterator, model):
     return output, partial(loss_func, loss_mask)
 
 
-def _record_step_inputs(carrier, mb: int, tokens: torch.Tensor) -> None:
+def _record_step_inputs(carrier, tokens: torch.Tensor) -> None:
     """Token ids and progress for routers that route by token id (StableMoE's distilled router)."""
-    from megatron.core.num_microbatches_calculator import get_num_microbatches
     from megatron.training import get_args
+
+    from acmoe_megatron.step_inputs import put_tokens
 
     inputs = getattr(carrier, "step_inputs", None)
     if inputs is None:
@@ -197,7 +199,7 @@ def _record_step_inputs(carrier, mb: int, tokens: torch.Tensor) -> None:
     args = get_args()
     iteration = getattr(args, "curr_iteration", None)
     inputs.set_progress(args.iteration if iteration is None else iteration, args.train_iters)
-    inputs.put_tokens(mb, tokens, keep=get_num_microbatches() if torch.is_grad_enabled() else 1)
+    put_tokens(carrier, tokens)
 
 
 def _local_tokens(tokens: torch.Tensor) -> int:

@@ -9,6 +9,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from acmoe_megatron import baseline_routers as br
 from acmoe_megatron.routers import ACSettings, LabelSourceRouter
+from acmoe_megatron.step_inputs import put_tokens
 from acmoe_megatron.testing import build_gpt, tiny_config
 
 # -- maths (pure functions) -------------------------------------------------------------------
@@ -117,8 +118,8 @@ def _capture(model):
 
 def _forward(model, tokens, training=True):
     carrier = model.acmoe_labels
-    mb = carrier.begin_forward(training=training)
-    carrier.step_inputs.put_tokens(mb, tokens[:, :-1], keep=1)
+    carrier.begin_forward(training=training)
+    put_tokens(carrier, tokens[:, :-1])
     pos = torch.arange(SEQ).unsqueeze(0).expand(tokens.shape[0], -1)
     return model(tokens[:, :-1], pos, None, labels=tokens[:, 1:]).float().mean()
 
