@@ -90,9 +90,10 @@ def check_resume_compatible(recipe, run_dir: Path) -> None:
         return
     previous = yaml.safe_load(previous_path.read_text()) or {}
     current = recipe.to_dict()
+    defaults = type(recipe)().to_dict()  # keys added since the old run was written keep their defaults
     diffs = []
     for section, values in current.items():
-        old = previous.get(section, {}) or {}
+        old = {**defaults.get(section, {}), **(previous.get(section, {}) or {})}
         for key in sorted(set(values) | set(old)):
             if key in RESUMABLE_CHANGES.get(section, set()):
                 continue

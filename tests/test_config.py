@@ -137,7 +137,7 @@ def test_megatron_option_with_dashes_is_rejected():
 
 
 def test_unknown_dataclass_key_lists_the_known_keys():
-    with pytest.raises(ConfigError, match=r"known keys: \['clip', 'ema_decay', 'eps', 'first_ac_layer'"):
+    with pytest.raises(ConfigError, match=r"known keys: \['clip', 'ema_decay', 'eps', 'etr_trainable_affinity', 'first_ac_layer'"):
         load_recipe(None, ["acmoe.zzz=1"])
 
 
@@ -204,7 +204,7 @@ def test_section_that_is_not_a_mapping_is_a_config_error(tmp_path):
 @pytest.mark.parametrize(
     "override, match",
     [
-        ("acmoe.router=linear", r"acmoe.router='linear'.*\('ac', 'cosine', 'topk'\)"),
+        ("acmoe.router=linear", r"acmoe.router='linear'.*\('ac', 'cosine', 'topk', 'xmoe', 'stablemoe', 'stablemoe-lite', 'usmoe', 'etr'\)"),
         ("acmoe.first_ac_layer=0", r"acmoe.first_ac_layer=0: must be >= 1"),
         ("acmoe.mode=all", r"acmoe.mode='all'"),
         ("acmoe.eps=0", r"acmoe.eps must be > 0"),

@@ -102,6 +102,15 @@ def test_resume_with_a_different_config_names_the_keys(tmp_path):
     for keep_schedule in ("megatron.lr_decay_iters=400", "megatron.override_opt_param_scheduler=true"):
         longer = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "megatron.train_iters=800", keep_schedule])
         check_resume_compatible(longer, run)  # allowed change
+    # a run directory written before a section/key existed: the missing key counts as its default
+    written = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(written.replace("  usmoe_rate: 0.5\n", "").split("elliptical:")[0]
+                                     + "data:" + written.split("data:", 1)[1])
+    assert "usmoe_rate" not in (run / "config.yaml").read_text()
+    assert "elliptical" not in (run / "config.yaml").read_text()
+    check_resume_compatible(load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}"]), run)
+    with pytest.raises(ConfigError, match=r"elliptical.enabled: False -> True"):
+        check_resume_compatible(load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "elliptical.enabled=true"]), run)
     changed = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "megatron.num_layers=6", "acmoe.scope=local"])
     with pytest.raises(ConfigError, match=r"megatron.num_layers: 4 -> 6; acmoe.scope: 'tp' -> 'local'"):
         check_resume_compatible(changed, run)
