@@ -1,0 +1,275 @@
+"""benchmarks/quality.py: the aggregation (mean/std, steps to a target loss, verdict), the row table,
+the paper-reproduction recipe for enwik8, and one tiny end-to-end run of two rows (one trained and
+evaluated on corrupted text through acmoe-pretrain, one from the result cache; about 40 s)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+quality = importlib.util.module_from_spec(_spec)
+sys.modules["quality_benchmark"] = quality
+_spec.loader.exec_module(quality)
+
+
+def _result(seed, final, curve=None, corrupt=None, status="ok", **extra):
+    return {"seed": seed, "status": status, "final_valid_loss": final, "corrupt_valid_loss": corrupt,
+            "valid_curve": curve or [[100, final]], "train_iters": 100, **extra}
+
+
+# ------------------------------------------------------------------------------------ aggregation
+
+
+def test_mean_std():
+    assert quality.mean_std([]) == (None, None)
+    assert quality.mean_std([2.0]) == (2.0, None)
+    m, s = quality.mean_std([1.0, 2.0, 3.0])
+    assert m == pytest.approx(2.0) and s == pytest.approx(1.0)  # sample std (ddof 1)
+    assert quality.mean_std([1.0, None, float("nan"), 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+
+
+def test_steps_to_target_interpolates_between_evaluations():
+    curve = [(25, 3.0), (50, 2.0), (75, 1.5), (100, 1.2)]
+    assert quality.steps_to_target(curve, 2.0) == 50.0  # exactly at an evaluation
+    assert quality.steps_to_target(curve, 1.75) == pytest.approx(62.5)  # halfway between 50 and 75
+    assert quality.steps_to_target(curve, 3.5) == 25.0  # the first evaluation already reaches it
+    assert quality.steps_to_target(curve, 1.2) == 100.0
+    assert quality.steps_to_target(curve, 1.0) is None  # not reached
+    assert quality.steps_to_target([], 1.0) is None
+    # a curve that goes up and down: the first crossing counts; unsorted input is sorted
+    assert quality.steps_to_target([(30, 1.8), (10, 2.0), (20, 2.2)], 1.9) == pytest.approx(20 + 10 * 0.3 / 0.4)
+
+
+def test_mean_curve_uses_common_steps():
+    assert quality.mean_curve([[(10, 2.0), (20, 1.0)], [(10, 4.0), (20, 3.0), (30, 1.0)]]) == [(10, 3.0), (20, 2.0)]
+    assert quality.mean_curve([]) == []
+
+
+def test_aggregate_row_and_steps_to_topk():
+    curve = lambda a, b, c: [[50, a], [100, b], [150, c]]  # noqa: E731
+    topk = [_result(1, 2.0, curve(3.0, 2.4, 2.0), corrupt=2.2), _result(2, 2.2, curve(3.2, 2.6, 2.2), corrupt=2.5)]
+    target = quality.aggregate_row(topk, None)["loss"][0]
+    assert target == pytest.approx(2.1)
+    agg_topk = quality.aggregate_row(topk, target)
+    assert agg_topk["steps_to_target"] == pytest.approx(150.0)  # topk's mean curve ends on its own mean
+    assert agg_topk["seeds_reaching"] == 1  # seed 2 ends above the mean
+    assert agg_topk["gap"][0] == pytest.approx(0.25)
+    assert agg_topk["bits"][0] == pytest.approx(2.1 / math.log(2))
+    ac = [_result(1, 1.8, curve(2.6, 2.0, 1.8)), _result(2, 1.9, curve(2.8, 2.2, 1.9)),
+          _result(3, None, status="nonfinite")]
+    agg_ac = quality.aggregate_row(ac, target)
+    assert agg_ac["n"] == 2 and agg_ac["failed"] == [3]
+    # mean curve (2.7, 2.1, 1.85): reaches 2.1 exactly at step 100
+    assert agg_ac["steps_to_target"] == pytest.approx(100.0)
+    assert agg_ac["corrupt"] == (None, None)
+    slow = quality.aggregate_row([_result(1, 2.5, curve(3.0, 2.8, 2.5))], target)
+    assert slow["steps_to_target"] is None and slow["seeds_reaching"] == 0
+
+
+def test_compare_and_paired_difference():
+    ac = {"loss": (1.90, 0.01)}
+    assert quality.compare(ac, {"loss": (2.00, 0.02)})["beyond_spread"] is True
+    close = quality.compare(ac, {"loss": (1.915, 0.02)})
+    assert close["lower"] and close["beyond_spread"] is False and close["spread"] == pytest.approx(0.02)
+    assert quality.compare(ac, {"loss": (1.80, 0.01)})["lower"] is False
+    assert quality.compare(ac, {"loss": (2.0, None)})["beyond_spread"] is None  # one seed: no spread
+    assert quality.compare({"loss": (None, None)}, {"loss": (2.0, 0.1)}) == {"available": False}
+    a = [_result(1, 2.0), _result(2, 2.1), _result(3, 2.2)]
+    b = [_result(1, 1.9), _result(2, 2.05), _result(4, 1.0)]
+    m, s, n = quality.paired_diff(a, b, "final_valid_loss")
+    assert n == 2 and m == pytest.approx(-0.075) and s == pytest.approx(math.sqrt(2) * 0.025)
+
+
+def _table(ac_finals, topk_finals, cos_finals, ac_curves=None, corrupt_shift=(0.1, 0.2, 0.2)):
+    steps = [50, 100, 150, 200]
+
+    def row(finals, shift, curves=None):
+        return [_result(i + 1, f, curves[i] if curves else [[s, f + 0.5 * (200 - s) / 150] for s in steps],
+                        corrupt=f + shift) for i, f in enumerate(finals)]
+
+    results = {"ac": row(ac_finals, corrupt_shift[0], ac_curves), "topk": row(topk_finals, corrupt_shift[1]),
+               "cosine": row(cos_finals, corrupt_shift[2])}
+    target = quality.aggregate_row(results["topk"], None)["loss"][0]
+    aggs = {k: quality.aggregate_row(v, target) for k, v in results.items()}
+    return "\n".join(quality.verdict(aggs, results))
+
+
+def test_verdict_when_ac_wins():
+    fast = [[[50, 2.2], [100, 1.9], [150, 1.85], [200, 1.8]],
+            [[50, 2.2], [100, 1.95], [150, 1.85], [200, 1.81]],
+            [[50, 2.2], [100, 1.9], [150, 1.86], [200, 1.79]]]
+    text = _table([1.80, 1.81, 1.79], [2.00, 2.01, 1.99], [1.95, 1.96, 1.94], ac_curves=fast)
+    assert "AC vs topk, validation loss** (goal: AC lower by more than the seed spread): topk 2.0000 − AC 1.8000" in text
+    assert text.count("**met**: AC is lower by more than the seed spread") == 2
+    # the seed-mean AC curve (2.2 at 50, 1.9167 at 100) crosses topk's 2.0 at step 85.3 of topk's 200
+    assert "AC 85 vs topk 200 steps, ratio 0.43 → **met** (3/3 AC seeds" in text
+    assert text.count("(goal: AC loses less)") == 2 and "**not met**" not in text
+    assert "lowest mean validation loss: `ac`" in text
+
+
+def test_verdict_when_ac_does_not_win():
+    text = _table([2.00, 2.05, 1.95], [2.00, 2.01, 1.99], [1.99, 2.00, 1.98], corrupt_shift=(0.3, 0.2, 0.2))
+    assert "AC is lower, but by less than the seed spread" not in text
+    assert "**not met**: AC is not lower" in text  # vs cosine
+    assert "**not met**" in text.split("steps to topk")[1].split("\n")[0]
+    assert "AC 0.3000 vs topk 0.2000 nats" in text and "→ **not met**" in text.split("corrupted text vs topk")[1]
+    one_seed = _table([1.9], [2.0], [2.0])
+    assert "undetermined (fewer than 2 seeds" in one_seed
+    assert quality.verdict({}, {}) == ["- no finished `ac` runs: nothing to judge."]
+
+
+def test_verdict_lists_investigation_rows_paired_by_seed():
+    results = {name: [_result(i + 1, f) for i, f in enumerate(finals)]
+               for name, finals in (("topk", [2.0, 2.1]), ("ac", [1.9, 2.0]), ("ac-clean", [1.85, 1.9]))}
+    aggs = {k: quality.aggregate_row(v, 2.05) for k, v in results.items()}
+    text = "\n".join(quality.verdict(aggs, results))
+    assert "investigation row `ac-clean`: validation loss 1.8750; paired ac-clean − ac = -0.0750" in text
+    assert "ac-clean − topk = -0.1750 ± 0.0354 (2 seeds)" in text
+
+
+def test_extract_run_windows_the_routing_statistics():
+    scalars = {
+        "lm loss validation": [(25, 3.0), (50, 2.5)],
+        "lm loss": [(10, 4.0), (50, 2.4)],
+        "moe/layer02/instability": [(10, 0.9), (40, 0.3), (50, 0.1)],
+        "moe/layer03/instability": [(10, 0.9), (40, 0.5), (50, 0.5)],
+        "moe/layer01/load_max_over_mean": [(50, 1.5)],
+        "moe/layer02/load_max_over_mean": [(50, 2.5)],
+        "moe/layer01/load_cv": [(10, 9.0)],  # outside the window: no value for the layer
+    }
+    out = quality.extract_run(scalars, train_iters=50)  # window: steps >= 40
+    assert out["valid_curve"] == [[25, 3.0], [50, 2.5]]
+    assert out["instability"] == pytest.approx((0.2 + 0.5) / 2)
+    assert out["load_max_over_mean"] == pytest.approx(2.0)
+    assert out["load_cv"] is None
+    assert out["per_layer"]["instability"] == {"2": 0.2, "3": 0.5}
+
+
+def test_corrupt_loss_from_megatron_log():
+    log = (" validation loss at iteration 40 | lm loss value: 3.0E+00 | \n"
+           " validation loss at iteration 40 on validation set | lm loss value: 3.144227E+00 | lm loss PPL: 2.3E+01 |")
+    assert quality.corrupt_loss_from_log(log) == pytest.approx(3.144227)
+    assert quality.corrupt_loss_from_log("nothing") is None
+
+
+# ------------------------------------------------------------------------------------ rows, CLI
+
+
+def test_row_table():
+    names = [r.name for r in quality.ROWS]
+    assert len(names) == len(set(names))
+    assert list(quality.DEFAULT_ROWS) == ["topk", "cosine", "ac", "xmoe", "stablemoe", "stablemoe-lite", "usmoe",
+                                          "etr", "elliptical", "ac+elliptical"]
+    assert quality.ROW_BY_NAME["etr"].overrides == ("acmoe.router=etr", "megatron.moe_expert_capacity_factor=1.25")
+    assert quality.ROW_BY_NAME["elliptical"].overrides == ("acmoe.router=topk", "elliptical.enabled=true")
+    for name in ("ac-clean", "ac-first2", "ac-ema", "ac-local"):
+        assert not quality.ROW_BY_NAME[name].default
+    assert [r.name for r in quality.select_rows("ac, topk,ac")] == ["ac", "topk"]
+    assert len(quality.select_rows("all")) == len(quality.ROWS)
+    with pytest.raises(SystemExit, match="unknown row"):
+        quality.select_rows("nope")
+    assert quality.parse_seeds("3") == [1, 2, 3] and quality.parse_seeds("1,2,5") == [1, 2, 5]
+    assert quality.merge_overrides(["a.b=1", "c.d=2", "a.b=3"]) == ["a.b=3", "c.d=2"]
+
+
+def test_ac_rows_of_the_default_model_use_two_ac_layers():
+    from acmoe_megatron.config import load_recipe
+    from acmoe_megatron.spec import ac_layer_numbers, moe_layer_numbers
+
+    plan = quality.build_plan(quality.parse_args([]))
+    recipe = load_recipe(plan.config, plan.base + ["acmoe.router=ac"])
+    mg = recipe.megatron
+    shape = type("S", (), dict(num_layers=mg["num_layers"], moe_layer_freq=1, num_moe_experts=mg["num_experts"]))
+    assert moe_layer_numbers(shape) == [1, 2, 3, 4] and ac_layer_numbers(shape, recipe.acmoe) == [3, 4]
+    assert mg["train_iters"] == quality.CPU_DEFAULT_STEPS and mg["expert_model_parallel_size"] == 1
+    assert plan.nproc == 1 and plan.threads >= 1
+
+
+# ------------------------------------------------------------------------------------ enwik8 recipe
+
+
+def test_switch_m_enwik8_recipe():
+    from acmoe_megatron.config import load_recipe, megatron_argv
+    from acmoe_megatron.slurm_launch import parallel_layout
+    from acmoe_megatron.spec import ac_layer_numbers, moe_layer_numbers
+
+    recipe = load_recipe(ROOT / "configs" / "switch_m_enwik8.yaml")
+    mg = recipe.megatron
+    assert (mg["num_layers"], mg["hidden_size"], mg["num_attention_heads"]) == (8, 352, 8)
+    assert (mg["num_experts"], mg["moe_router_topk"], mg["moe_ffn_hidden_size"]) == (16, 2, 352)
+    assert mg["seq_length"] == 512 and mg["global_batch_size"] == 48 and mg["train_iters"] == 80000
+    assert mg["lr"] == pytest.approx(7e-4) and mg["lr_warmup_iters"] == 4000 and mg["lr_decay_style"] == "constant"
+    assert mg["optimizer"] == "adam" and mg["hidden_dropout"] == 0.1
+    shape = type("S", (), dict(num_layers=8, moe_layer_freq=mg.get("moe_layer_freq", 1), num_moe_experts=16))
+    assert moe_layer_numbers(shape) == list(range(1, 9)) and ac_layer_numbers(shape, recipe.acmoe) == [3, 4, 5, 6, 7, 8]
+    assert recipe.data.path == "data/enwik8" and not recipe.data.prepare_stdlib
+    assert parallel_layout(mg, 4)["grad_accum"] == 2  # the paper: 4 GPUs, batch split 2
+    megatron_argv(mg)  # every key is a megatron flag
+
+
+def test_switch_m_enwik8_renders_for_slurm(capsys):
+    from acmoe_megatron import slurm_launch
+
+    rc = slurm_launch.main(["slurm", "--config", "configs/switch_m_enwik8.yaml", "--nodes", "1",
+                            "--gpus-per-node", "4", "--time", "04:00:00", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "--nodes=1" in out and "switch_m_enwik8" in out
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+def test_end_to_end_two_rows(tmp_path, capsys):
+    """Rows topk and ac, 1 seed, 6 steps of a tiny model on a small corpus. ``ac`` really runs (an
+    ``acmoe-pretrain`` training launch, then the corrupted-text evaluation launch); ``topk`` comes from
+    a stored result JSON with the matching config hash (the cache: it must not be trained). Checks the
+    run JSON, the table with both rows, the verdict, the figures, and that hand-written investigation
+    notes survive the regeneration. About 40 s (two launches, one after the other)."""
+    from acmoe_megatron.config import load_recipe
+    from acmoe_megatron.data import prepare
+
+    data = tmp_path / "data"
+    prepare(source="stdlib", out_dir=data, seq_length=32, max_bytes=100_000)
+    out = tmp_path / "results" / "quality.md"
+    tiny = ["data.path=" + str(data), "megatron.seq_length=32", "megatron.max_position_embeddings=32",
+            "megatron.hidden_size=32", "megatron.num_attention_heads=2", "megatron.ffn_hidden_size=32",
+            "megatron.moe_ffn_hidden_size=32", "megatron.num_layers=3", "megatron.expert_model_parallel_size=1",
+            "megatron.micro_batch_size=4", "megatron.global_batch_size=4", "megatron.lr_warmup_iters=1",
+            "megatron.eval_interval=3", "megatron.eval_iters=2", "megatron.log_interval=3",
+            "megatron.save_interval=6", "acmoe.first_ac_layer=2"]
+    argv = ["--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--rows", "topk,ac", "--seeds", "1", "--steps", "6",
+            "--jobs", "2", "--out", str(out), "--runs-dir", str(tmp_path / "runs")] + [f"--set={o}" for o in tiny]
+    plan = quality.build_plan(quality.parse_args(argv))
+    topk_row = quality.ROW_BY_NAME["topk"]
+    stored = {"row": "topk", "seed": 1, "status": "ok", "base_hash": quality.base_hash(plan),
+              "config_hash": load_recipe(plan.config, quality.run_overrides(plan, topk_row, 1)).hash(),
+              "train_iters": 6, "valid_curve": [[3, 5.6], [6, 5.5]], "final_valid_loss": 5.5,
+              "corrupt_valid_loss": 5.52, "instability": 0.2, "load_max_over_mean": 1.3, "load_cv": 0.2,
+              "wall_total_s": 1.0}
+    quality._write_json(quality.result_path(plan.results_dir, "topk", 1), stored)
+    out.write_text("old\n<!-- notes:begin -->\nAC layer 2 was checked.\n<!-- notes:end -->\n")
+
+    rc = quality.main(argv)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.out[-3000:] + captured.err[-3000:]
+    assert "ac seed 1: training in" in captured.out and "topk seed 1: training" not in captured.out
+    assert not (tmp_path / "runs" / "topk").exists()
+    assert (tmp_path / "data_wordswap0.025" / "manifest.json").is_file()
+    r = json.loads(quality.result_path(plan.results_dir, "ac", 1).read_text())
+    assert r["status"] == "ok" and r["train_iters"] == 6 and r["base_hash"] == stored["base_hash"]
+    assert [s for s, _ in r["valid_curve"]] == [3, 6]
+    assert r["final_valid_loss"] == pytest.approx(r["valid_curve"][-1][1])
+    assert r["corrupt_valid_loss"] is not None and math.isfinite(r["corrupt_valid_loss"])
+    assert r["config_hash"] == r["summary_config_hash"] and r["instability"] is not None
+    text = out.read_text()
+    assert "| `topk` | 1 | 5.5000 |" in text and "| `ac` | 1 |" in text and "## Verdict" in text
+    assert "AC vs topk, validation loss" in text and "AC layer 2 was checked." in text
+    assert "AC rows route with AC on MoE layers [2, 3]" in text
+    assert (out.with_suffix("") / "valid_loss.png").is_file() and (out.with_suffix("") / "seed1" / "loss.png").is_file()
