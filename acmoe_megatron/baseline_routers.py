@@ -128,6 +128,17 @@ def _to_device(param: torch.Tensor, device) -> None:
         param.data = param.data.to(device=device)
 
 
+def _capacity(router, probs: torch.Tensor, routing_map: torch.Tensor):
+    """megatron's token dropping when ``moe_expert_capacity_factor`` is set (as ``TopKRouter``)."""
+    config = router.config
+    if config.moe_expert_capacity_factor is None:
+        return probs, routing_map
+    return apply_router_token_dropping(
+        probs, routing_map, router_topk=router.topk, capacity_factor=config.moe_expert_capacity_factor,
+        drop_policy=config.moe_token_drop_policy, pad_to_capacity=config.moe_pad_expert_input_to_capacity,
+    )
+
+
 class XMoERouter(LabelSourceRouter):
     """XMoE: cosine-type routing on a low-dimensional hypersphere (see module docstring)."""
 
@@ -180,13 +191,7 @@ class USMoERouter(LabelSourceRouter):
         scores_TE = usmoe_scores(logits_TE.float(), self.rate)
         probs, routing_map = usmoe_select(scores_TE.view(S, B, self.num_experts), self.topk)
         probs = probs.type_as(logits_TE)
-        if self.config.moe_expert_capacity_factor is not None:
-            probs, routing_map = apply_router_token_dropping(
-                probs, routing_map, router_topk=self.topk,
-                capacity_factor=self.config.moe_expert_capacity_factor,
-                drop_policy=self.config.moe_token_drop_policy,
-                pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
-            )
+        probs, routing_map = _capacity(self, probs, routing_map)
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
             # megatron's balance losses on the token-side probabilities and the actual selection
             tc_TE = torch.softmax(logits_TE.float(), dim=-1)
@@ -348,13 +353,7 @@ class StableMoERouter(LabelSourceRouter):
             scaling_factor=self.config.moe_router_topk_scaling_factor,
             score_function=self.score_function, precomputed_indices=indices,
         )
-        if self.config.moe_expert_capacity_factor is not None:
-            probs, routing_map = apply_router_token_dropping(
-                probs, routing_map, router_topk=self.topk,
-                capacity_factor=self.config.moe_expert_capacity_factor,
-                drop_policy=self.config.moe_token_drop_policy,
-                pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
-            )
+        probs, routing_map = _capacity(self, probs, routing_map)
         self._record(logits_TE, probs, routing_map, preferred_T=indices[:, 0])
         return probs, routing_map
 

@@ -44,3 +44,18 @@ def build_gpt(config, settings, vocab_size=128, max_sequence_length=64, use_te=F
     )
     model.acmoe_labels = carrier
     return model
+
+
+def capture_router_outputs(model) -> dict:
+    """{layer number: (probs, routing_map)} of every router's latest forward (forward hooks)."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    seen = {}
+
+    def hook(module, _inp, out):
+        seen[module.layer_number] = (out[0].detach(), out[1].detach())
+
+    for m in model.modules():
+        if isinstance(m, TopKRouter):
+            m.register_forward_hook(hook)
+    return seen

@@ -10,7 +10,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from acmoe_megatron import baseline_routers as br
 from acmoe_megatron.routers import ACSettings, LabelSourceRouter
 from acmoe_megatron.step_inputs import put_tokens
-from acmoe_megatron.testing import build_gpt, tiny_config
+from acmoe_megatron.testing import build_gpt, capture_router_outputs, tiny_config
 
 # -- maths (pure functions) -------------------------------------------------------------------
 
@@ -104,18 +104,6 @@ def _model(router, **cfg):
     return model
 
 
-def _capture(model):
-    seen = {}
-
-    def hook(module, _inp, out):
-        seen[module.layer_number] = (out[0].detach(), out[1].detach())
-
-    for m in model.modules():
-        if isinstance(m, TopKRouter):
-            m.register_forward_hook(hook)
-    return seen
-
-
 def _forward(model, tokens, training=True):
     carrier = model.acmoe_labels
     carrier.begin_forward(training=training)
@@ -135,7 +123,7 @@ def test_router_routes_every_moe_layer_and_trains(router):
     routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
     assert len(routers) == 4 and all(type(r) is br.BASELINE_CLASSES[router] for r in routers)
     assert all(isinstance(r, LabelSourceRouter) for r in routers)  # labels + metrics like AC
-    seen = _capture(model)
+    seen = capture_router_outputs(model)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     tokens = _tokens()
     losses = []
@@ -181,7 +169,7 @@ def test_stablemoe_freezes_the_distilled_router_at_the_stage_switch():
     model = _model("stablemoe", num_layers=2)
     router = model.decoder.layers[0].mlp.router
     inputs = model.acmoe_labels.step_inputs
-    seen = _capture(model)
+    seen = capture_router_outputs(model)
     tokens = _tokens()
     inputs.set_progress(5, 100)  # stage 1 (switch at ceil(0.1 · 100) = 10)
     _forward(model, tokens).backward()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 from pathlib import Path
 
 import pytest

@@ -42,7 +42,8 @@ def test_ep2_matches_single_process(tmp_path, router):
 
 def test_stage1_first_ac_layer_uses_stage0_last_moe_labels(tmp_path):
     """PP=2: the labels MoE layer 2 produced on stage 0 are exactly those AC layer 3 uses on
-    stage 1, for each micro-batch (carried by label_transport beside the activations)."""
+    stage 1, and the values attention layer 2 stored exactly those elliptical layer 3 reads, for
+    each micro-batch (carried by label_transport beside the activations)."""
     import torch
 
     worker = Path(__file__).parent / "dist" / "label_handoff.py"
@@ -58,3 +59,12 @@ def test_stage1_first_ac_layer_uses_stage0_last_moe_labels(tmp_path):
         assert torch.equal(sent["top1"], used["top1"])
     a, b = (torch.load(tmp_path / f"stage0_mb{mb}.pt")["top1"] for mb in (0, 1))
     assert not torch.equal(a, b)  # the two micro-batches differ, so a mix-up would show
+    # elliptical attention (same run): stage 1's first elliptical layer (3) reads exactly the
+    # values stage 0's last layer (2) stored
+    sent = [torch.load(tmp_path / f"stage0_mb{mb}.pt")["values"] for mb in (0, 1)]
+    for mb in (0, 1):
+        used = torch.load(tmp_path / f"stage1_mb{mb}.pt")
+        assert used["applies"]
+        assert used["values"].shape == sent[mb].shape == (16, 2, 4, 16)  # [s, b, heads, head dim]
+        assert torch.equal(used["values"], sent[mb].float())
+    assert not torch.equal(sent[0], sent[1])

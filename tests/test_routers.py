@@ -7,21 +7,9 @@ from megatron.core.transformer.moe.router import TopKRouter
 from reference_acmoe import official_scores
 
 from acmoe_megatron.routers import ACRouter, ACSettings, CosineRouter, LabelSourceRouter
-from acmoe_megatron.testing import build_gpt, tiny_config
+from acmoe_megatron.testing import build_gpt, capture_router_outputs, tiny_config
 
 pytestmark = pytest.mark.usefixtures("megatron_ws1")
-
-
-def _capture_router_outputs(model):
-    seen = {}
-
-    def hook(module, _inp, out):
-        seen[module.layer_number] = (out[0].detach(), out[1].detach())
-
-    for m in model.modules():
-        if isinstance(m, TopKRouter):
-            m.register_forward_hook(hook)
-    return seen
 
 
 def _model(settings, **cfg):
@@ -54,7 +42,7 @@ def test_cosine_setting_uses_cosine_router_from_first_ac_layer():
 
 def test_ac_router_routes_with_ac_scores_inside_moe_layer():
     model = _model(ACSettings(first_ac_layer=2))
-    seen = _capture_router_outputs(model)
+    seen = capture_router_outputs(model)
     tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(32).unsqueeze(0).expand(2, -1)
     inputs = {}

@@ -1,6 +1,8 @@
-"""PP=2 label hand-off worker (torchrun --nproc_per_node 2): stage 0 runs MoE layers 1-2, stage 1
-runs layers 3-4 (AC from MoE layer 2). Each stage writes what it observed to ``--dir``: stage 0 the
-top-1 labels its last MoE layer (2) produced, stage 1 the labels its first AC layer (3) used."""
+"""PP=2 hand-off worker (torchrun --nproc_per_node 2): stage 0 runs layers 1-2, stage 1 layers 3-4;
+AC from MoE layer 2 and elliptical attention from layer 3, so stage 1's first AC layer needs stage 0's
+labels and its first elliptical layer stage 0's values. Each stage writes what it observed to
+``--dir``: stage 0 the top-1 labels its last MoE layer (2) produced and the values its layer 2
+stored, stage 1 the labels its AC layer 3 used and the previous-layer values its layer 3 read."""
 
 import argparse
 import warnings
@@ -18,7 +20,9 @@ import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 
+from acmoe_megatron.elliptical import EllipticalAttentionMixin, EllipticalSettings  # noqa: E402
 from acmoe_megatron.label_transport import LabelTransport  # noqa: E402
+from acmoe_megatron.labels import VALUES  # noqa: E402
 from acmoe_megatron.routers import ACRouter, ACSettings  # noqa: E402
 from acmoe_megatron.testing import build_gpt, tiny_config  # noqa: E402
 
@@ -35,6 +39,7 @@ def main():
     stage = parallel_state.get_pipeline_model_parallel_rank()
     config = tiny_config(num_layers=4, pipeline_model_parallel_size=2, hidden_size=HIDDEN)
     model = build_gpt(config, ACSettings(first_ac_layer=2), vocab_size=128, max_sequence_length=SEQ,
+                      elliptical=EllipticalSettings(enabled=True, first_layer=3),
                       pre_process=stage == 0, post_process=stage == 1)
     carrier = model.acmoe_labels
     transport = LabelTransport.create(vp_size=None)
@@ -48,7 +53,8 @@ def main():
             transport.send(carrier, 0, n_tok, "cpu")
             dist.send(hidden.detach().contiguous(), dst=1)
             layer, labels = carrier.latest()
-            torch.save({"layer": layer, "top1": labels.top1_T}, out / f"stage0_mb{mb}.pt")
+            torch.save({"layer": layer, "top1": labels.top1_T, "values": carrier.get_state(VALUES, 2).clone()},
+                       out / f"stage0_mb{mb}.pt")
         else:
             hidden = torch.empty(SEQ, MBS, HIDDEN)
             transport.receive(carrier, 0, n_tok, "cpu")
@@ -59,11 +65,19 @@ def main():
             def record(module, _args):  # a pre-hook must return None (or it replaces the input)
                 used.setdefault("top1", module.label_carrier.get(3, n_tok).top1_T.clone())
 
-            handle = ac3.register_forward_pre_hook(record)
+            core3 = [m for m in model.modules()
+                     if isinstance(m, EllipticalAttentionMixin) and m.elliptical_layer == 3][0]
+
+            def record_values(module, args):
+                used["values"] = module.label_carrier.get_state(VALUES, 2).reshape(args[2].shape).clone()
+                used["applies"] = module.apply_metric
+
+            handles = [ac3.register_forward_pre_hook(record), core3.register_forward_pre_hook(record_values)]
             model.set_input_tensor(hidden)
             model(tokens + mb, pos, None)
-            handle.remove()
-            torch.save({"top1": used["top1"]}, out / f"stage1_mb{mb}.pt")
+            for handle in handles:
+                handle.remove()
+            torch.save(used, out / f"stage1_mb{mb}.pt")
     transport.wait_all()
     dist.barrier()
 
