@@ -91,6 +91,10 @@ ROWS: tuple[Row, ...] = (
         "AC statistics over micro-batches of 4 sequences (same global batch, 4 accumulation steps)"),
     Row("topk-mb4", ("acmoe.router=topk", "megatron.micro_batch_size=4"), False,
         "reference for ac-mb4 (aux loss per micro-batch of 4)"),
+    Row("ac-mb32", ("acmoe.router=ac", "megatron.micro_batch_size=32", "megatron.global_batch_size=32"), False,
+        "AC statistics over 32 sequences (4096 tokens): twice the batch, so twice the training tokens"),
+    Row("topk-mb32", ("acmoe.router=topk", "megatron.micro_batch_size=32", "megatron.global_batch_size=32"), False,
+        "reference for ac-mb32 (same doubled batch)"),
 )
 ROW_BY_NAME = {r.name: r for r in ROWS}
 DEFAULT_ROWS = tuple(r.name for r in ROWS if r.default)
