@@ -242,11 +242,12 @@ def check_supported(config, settings: EllipticalSettings) -> None:
             f"elliptical attention with cuda_graph_impl={config.cuda_graph_impl!r}: a captured graph would "
             "not replay the cross-layer hand-off of values; set megatron.cuda_graph_impl: none"
         )
-    if getattr(config, "fine_grained_activation_offloading", False) and "core_attn" in (config.offload_modules or []):
+    if getattr(config, "fine_grained_activation_offloading", False) and "core_attn" in (
+            getattr(config, "offload_modules", None) or []):
         raise ValueError("elliptical attention keeps each layer's values for the next layer, but offloading "
                          "core_attn releases them: remove core_attn from megatron.offload_modules")
     if settings.first_layer > config.num_layers:
-        raise ValueError(f"elliptical.first_layer={settings.first_layer} but the model has "
+        raise ValueError(f"elliptical.first_layer={settings.first_layer} but the model has only "
                          f"{config.num_layers} layers; choose 2..{config.num_layers}")
 
 

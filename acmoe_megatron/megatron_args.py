@@ -89,21 +89,14 @@ def validate_args(args, recipe) -> None:
 
 
 def _check_elliptical(args, elliptical) -> None:
-    """Elliptical attention: what its estimator cannot do (elliptical.check_supported at build)."""
+    """Elliptical attention: the build-time refusals (``elliptical.check_supported``), before the build."""
     from acmoe_megatron.config import ConfigError
+    from acmoe_megatron.elliptical import check_supported
 
-    if (args.context_parallel_size or 1) > 1:
-        raise ConfigError(
-            f"elliptical.enabled=true with megatron.context_parallel_size={args.context_parallel_size}: the "
-            "metric is a mean over each whole sequence and context parallelism shards the sequence; set "
-            "megatron.context_parallel_size: 1 or elliptical.enabled: false"
-        )
-    if elliptical.first_layer > args.num_layers:
-        raise ConfigError(f"elliptical.first_layer={elliptical.first_layer} but the model has only "
-                          f"{args.num_layers} layers; choose 2..{args.num_layers}")
-    if getattr(args, "multi_latent_attention", False):
-        raise ConfigError("elliptical.enabled=true needs standard self-attention: remove "
-                          "megatron.multi_latent_attention or set elliptical.enabled: false")
+    try:
+        check_supported(args, elliptical)  # megatron's args carry the same names as its config
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def _check_common(args) -> None:

@@ -294,7 +294,7 @@ def test_build_refuses_what_the_estimator_cannot_do():
         (dict(multi_latent_attention=True), "multi-latent"),
         (dict(cuda_graph_impl="local"), "cuda_graph_impl='local'"),
         (dict(fine_grained_activation_offloading=True, offload_modules=["core_attn"]), "offload_modules"),
-        (dict(num_layers=1), "first_layer=2 but the model has 1 layers"),
+        (dict(num_layers=1), "first_layer=2 but the model has only 1 layers"),
     ]:
         with pytest.raises(ValueError, match=message):
             check_supported(types.SimpleNamespace(**{**base, **change}), settings)
