@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Install NVIDIA Transformer Engine on a GPU machine that has no network, from files carried there
+# (the lent device machines: device calls carry < 64 MiB each, TE's core wheel is ~276 MB).
+#
+# Layout this script expects (git-ignored, one folder per device call, ignored files stay on the
+# machine while it is warm):
+#   .dev/te/p0 .. p3   te_cu13.part00 .. part03   (the transformer_engine_cu13 wheel split in 60 MiB)
+#   .dev/te/p4         te_cu13.part04, SHA256SUMS, transformer_engine-<v>-py3-none-any.whl,
+#                      transformer_engine_torch-<v>.tar.gz (sdist: built here against this torch)
+# Prepare on a networked machine with:  pip download --no-deps transformer_engine_cu13==<v>
+#   transformer_engine==<v>; pip download --no-deps --no-binary :all: transformer_engine_torch==<v>;
+#   split -b 60M -d -a 2 <cu13 wheel> te_cu13.part; sha256sum * > SHA256SUMS
+#
+# Usage (on the GPU machine, repo root):  bash benchmarks/gpu_te_setup.sh [SITE=/tmp/site]
+# Afterwards: export PYTHONPATH=$SITE:$PWD and check `python3 -c "import transformer_engine.pytorch"`.
+# Cluster users do not need this: the NGC PyTorch container ships TE (see README, "Cluster setup").
+set -euo pipefail
+SITE=${1:-/tmp/site}
+SRC=.dev/te
+WORK=/tmp/te_build
+mkdir -p "$WORK" "$SITE"
+for i in 0 1 2 3 4; do
+  [ -d "$SRC/p$i" ] || { echo "missing $SRC/p$i: carry it in an earlier device call" >&2; exit 2; }
+done
+cp "$SRC"/p4/SHA256SUMS "$SRC"/p4/*.whl "$SRC"/p4/*.tar.gz "$WORK"/
+cp "$SRC"/p*/te_cu13.part0* "$WORK"/
+cd "$WORK"
+grep -v ' SHA256SUMS$' SHA256SUMS | sha256sum -c --quiet
+version=$(ls transformer_engine_torch-*.tar.gz | sed 's/transformer_engine_torch-\(.*\)\.tar\.gz/\1/')
+core="transformer_engine_cu13-${version}-py3-none-manylinux_2_28_x86_64.whl"
+cat te_cu13.part0* > "$core"
+echo "[te] joined $core ($(du -h "$core" | cut -f1)); installing core + meta into $SITE"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$core" \
+  "transformer_engine-${version}-py3-none-any.whl"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+echo "[te] building transformer_engine_torch $version against torch $(python3 -c 'import torch; print(torch.__version__)')"
+tar xzf "transformer_engine_torch-${version}.tar.gz"
+# No build isolation: the extension must link against this machine's torch (and there is no network).
+NVTE_FRAMEWORK=pytorch MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install -v --no-index --no-deps \
+  --no-build-isolation --no-cache-dir --target "$SITE" "./transformer_engine_torch-${version}" \
+  > "$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
+python3 - <<'EOF'
+import torch
+import transformer_engine.pytorch as te
+from transformer_engine.common import recipe
+print("[te] transformer_engine", te.__version__ if hasattr(te, "__version__") else "?", "imports;",
+      "fp8 available:", te.fp8.check_fp8_support() if hasattr(te, "fp8") else "?")
+EOF
