@@ -39,7 +39,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 MODES = ("release", "clean")
 NORMS = ("feature", "global_pre", "global_post")
@@ -94,20 +93,22 @@ def cluster_stats(
     x_TD: torch.Tensor, labels_T: torch.Tensor, num_clusters: int, all_reduce: AllReduce | None = None
 ) -> ClusterStats:
     """Counts, means and MADs of the clusters; with ``all_reduce``, of the union over the group."""
-    x_TD = x_TD.detach().float()
+    x_TD = x_TD.float()  # no_grad: no detach needed
     labels_T = labels_T.long()
-    onehot_TK = _onehot(labels_T, num_clusters, torch.float32)
-    first_KD1 = torch.cat([onehot_TK.t() @ x_TD, onehot_TK.sum(0).unsqueeze(1)], dim=1)  # [sums | n]
-    if all_reduce is not None:
+    onehot_KT = _onehot(labels_T, num_clusters, torch.float32).t()
+    if all_reduce is None:
+        sums_KD, counts_K = onehot_KT @ x_TD, onehot_KT.sum(1)
+    else:  # one collective for sums and counts: [sums | n]
+        first_KD1 = torch.cat([onehot_KT @ x_TD, onehot_KT.sum(1, keepdim=True)], dim=1)
         all_reduce(first_KD1)
-    counts_K = first_KD1[:, -1]
+        sums_KD, counts_K = first_KD1[:, :-1], first_KD1[:, -1]
     denom_K1 = counts_K.clamp_min(1.0).unsqueeze(1)
-    mean_KD = first_KD1[:, :-1] / denom_K1
+    mean_KD = sums_KD / denom_K1
     dev_TD = torch.sub(x_TD, torch.index_select(mean_KD, 0, labels_T)).abs_()
-    dev_KD = onehot_TK.t() @ dev_TD
+    dev_KD = onehot_KT @ dev_TD
     if all_reduce is not None:
         all_reduce(dev_KD)
-    return ClusterStats(counts_K, mean_KD, dev_KD / denom_K1)
+    return ClusterStats(counts_K, mean_KD, dev_KD.div_(denom_K1))
 
 
 @torch.no_grad()
@@ -116,11 +117,18 @@ def inverse_dispersion(mad_KD: torch.Tensor, eps: float) -> torch.Tensor:
     return 1.0 / (mad_KD + eps)
 
 
+def _column_means(rows_K: torch.Tensor, dtype: torch.dtype):
+    """A function giving the per-column mean ``[D]`` of a ``[K, D]`` table over the rows in
+    ``rows_K``: one matrix-vector product over the row mask (one kernel, not mask-multiply-sum)."""
+    rows_f_K = rows_K.to(dtype)
+    n_rows = rows_f_K.sum().clamp_min(1.0)
+    return lambda w_KD: torch.mv(w_KD.t(), rows_f_K).div_(n_rows)
+
+
 def _masked_mean(w_KD: torch.Tensor, rows_K: torch.Tensor, dim=None) -> torch.Tensor:
-    mask_KD = rows_K.to(w_KD.dtype).unsqueeze(1).expand_as(w_KD)
-    if dim is None:
-        return (w_KD * mask_KD).sum() / mask_KD.sum().clamp_min(1.0)
-    return (w_KD * mask_KD).sum(dim, keepdim=True) / mask_KD.sum(dim, keepdim=True).clamp_min(1.0)
+    """Mean of ``w_KD`` over the rows in ``rows_K`` (per column with ``dim=0``; all entries with None)."""
+    colmean_D = _column_means(rows_K, w_KD.dtype)(w_KD)
+    return colmean_D if dim == 0 else colmean_D.mean()
 
 
 @torch.no_grad()
@@ -169,16 +177,19 @@ def weights_from_stats(
     min_cluster_size: int = 2,
 ) -> torch.Tensor:
     """``w_KD`` (row k = diagonal of M_k) from the clusters' MADs: invert, clip, normalise."""
-    w_KD = inverse_dispersion(mad_KD.float(), eps)
+    # At K×D this size every op is a kernel launch, and launches are what the AC statistics cost
+    # on a GPU: hence the in-place ops and the matrix-vector masked means.
+    w_KD = torch.add(mad_KD.float(), eps).reciprocal_()  # spec §3.1 step 5
     rows_K = cluster_rows(counts_K, mode, max_label, min_cluster_size)
-    pre_clip_mean = _masked_mean(w_KD, rows_K)
-    w_KD = torch.minimum(w_KD, clip * pre_clip_mean)
-    if norm == "feature":
-        w_KD = normalize_per_feature(w_KD, rows_K)
+    colmean = _column_means(rows_K, w_KD.dtype)
+    pre_clip_mean = colmean(w_KD).mean()
+    w_KD = torch.minimum(w_KD, pre_clip_mean * clip)  # step 6
+    if norm == "feature":  # step 7
+        w_KD = w_KD.div_(colmean(w_KD))
     elif norm == "global_pre":
-        w_KD = w_KD / pre_clip_mean
+        w_KD = w_KD.div_(pre_clip_mean)
     elif norm == "global_post":
-        w_KD = w_KD / _masked_mean(w_KD, rows_K)
+        w_KD = w_KD.div_(colmean(w_KD).mean())
     else:
         raise ValueError(f"unknown AC normalisation {norm!r}; choose one of {NORMS}")
     if mode == "clean":
@@ -206,30 +217,133 @@ def ac_weights(
 
 
 @torch.no_grad()
+def local_weights(
+    x_TD: torch.Tensor,
+    labels_T: torch.Tensor,
+    num_clusters: int,
+    max_label: torch.Tensor | None,
+    eps: float,
+    clip: float,
+    norm: str,
+    mode: str,
+    min_cluster_size: int,
+) -> tuple[torch.Tensor, ClusterStats]:
+    """(``w_KD``, the statistics) of this rank's tokens alone: one pure function, so that
+    ``compiled(local_weights)`` can fuse the statistics and the weights (no collective inside)."""
+    stats = cluster_stats(x_TD, labels_T, num_clusters)
+    w_KD = weights_from_stats(stats.mad_KD, stats.counts_K, eps, clip, norm, mode, max_label, min_cluster_size)
+    return w_KD, stats
+
+
+@torch.no_grad()
 def token_weights(w_KD: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
     """m_i = w[c_i]: each token's diagonal of M_{c_i}, ``[T, D]``."""
     return torch.index_select(w_KD, 0, labels_T.long())
 
 
+_NORM_EPS = 1e-12  # F.normalize's default
+
+
+def _replace_nonfinite(scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores with non-finite entries set to the minimum finite score, the mask of those entries)."""
+    inf = float("inf")
+    finite_or_inf_TE = torch.nan_to_num(scores_TE, nan=inf, posinf=inf, neginf=inf)
+    bad_TE = finite_or_inf_TE == inf
+    return torch.where(bad_TE, finite_or_inf_TE.amin(), finite_or_inf_TE), bad_TE
+
+
+@torch.no_grad()
 def replace_nonfinite(scores_TE: torch.Tensor) -> torch.Tensor:
     """Replace non-finite scores by the minimum finite score (spec §4.5), without a host sync."""
-    finite_TE = torch.isfinite(scores_TE)
-    min_finite = torch.where(finite_TE, scores_TE, torch.full_like(scores_TE, float("inf"))).amin()
-    return torch.where(finite_TE, scores_TE, min_finite.detach())
+    return _replace_nonfinite(scores_TE)[0]
+
+
+def scores_forward(x_TD, e_ED, w_KD, labels_T, dtype):
+    """Forward of ``ac_scores``: (scores, non-finite mask, ê, ||e||) — the last three for backward."""
+    e_ED = e_ED.to(dtype)
+    norm_E1 = torch.linalg.vector_norm(e_ED, dim=1, keepdim=True)
+    ehat_ED = e_ED / norm_E1.clamp_min(_NORM_EPS)
+    if w_KD is None:  # M = I
+        xm_TD = x_TD.to(dtype)
+    else:
+        xm_TD = torch.index_select(w_KD.to(dtype), 0, labels_T).mul_(x_TD)  # fp32 (fp64) product
+    scores_TE, bad_TE = _replace_nonfinite(xm_TD @ ehat_ED.t())
+    return scores_TE, bad_TE, ehat_ED, norm_E1
+
+
+def scores_backward(g_TE, x_TD, w_KD, labels_T, ehat_ED, norm_E1, bad_TE, need_x: bool, need_e: bool):
+    """Backward of ``ac_scores``: (dL/dx in fp32/fp64 or None, dL/dê-through-normalize or None)."""
+    g_TE = g_TE.to(ehat_ED.dtype).masked_fill(bad_TE, 0.0)  # replaced scores are constants
+    m_TD = None if w_KD is None else torch.index_select(w_KD.to(ehat_ED.dtype), 0, labels_T)
+    dx_TD = de_ED = None
+    if need_x:
+        dx_TD = g_TE @ ehat_ED
+        if m_TD is not None:
+            dx_TD = dx_TD.mul_(m_TD)
+    if need_e:
+        xm_TD = x_TD.to(ehat_ED.dtype) if m_TD is None else m_TD.mul_(x_TD)  # recomputed, not saved
+        dehat_ED = g_TE.t() @ xm_TD
+        # d(e/max(|e|, eps)) = (g − ê⟨ê, g⟩ [|e| > eps]) / max(|e|, eps)
+        radial_E1 = (dehat_ED * ehat_ED).sum(1, keepdim=True).mul_(norm_E1 > _NORM_EPS)
+        de_ED = dehat_ED.sub_(ehat_ED * radial_E1).div_(norm_E1.clamp_min(_NORM_EPS))
+    return dx_TD, de_ED
+
+
+_COMPILED: dict = {}
+
+
+def compiled(fn, enabled: bool = True):
+    """``torch.compile`` of one of this module's pure functions (static shapes, whole graph), made
+    once per process; ``fn`` itself when not ``enabled``. Fuses the small elementwise ops into a
+    few kernels: on a GPU, fewer launches (acmoe.compile)."""
+    if not enabled:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[fn]
+
+
+class _ACScores(torch.autograd.Function):
+    """s = (x ⊙ w[c]) · ê^T, ê = e / ||e||, non-finite scores replaced (spec §3.1 step 9, §4.5).
+
+    One autograd node with a hand-written backward instead of the eight autograd ops of the
+    literal formula: fewer kernel launches (what the router costs at these sizes), and nothing of
+    size T×D is saved for backward — only the input x in its own dtype (which megatron's router
+    saves too), the labels and the small K×D / E×D tables; x ⊙ m is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, e_ED, w_KD, labels_T, dtype, compile_):
+        ctx.e_dtype, ctx.compile = e_ED.dtype, compile_
+        scores_TE, bad_TE, ehat_ED, norm_E1 = compiled(scores_forward, compile_)(x_TD, e_ED, w_KD, labels_T, dtype)
+        ctx.save_for_backward(x_TD, w_KD, labels_T, ehat_ED, norm_E1, bad_TE)
+        return scores_TE
+
+    @staticmethod
+    def backward(ctx, g_TE):
+        x_TD, w_KD, labels_T, ehat_ED, norm_E1, bad_TE = ctx.saved_tensors
+        dx_TD, de_ED = compiled(scores_backward, ctx.compile)(g_TE, x_TD, w_KD, labels_T, ehat_ED, norm_E1, bad_TE,
+                           ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        dx_TD = None if dx_TD is None else dx_TD.to(x_TD.dtype)
+        de_ED = None if de_ED is None else de_ED.to(ctx.e_dtype)
+        return dx_TD, de_ED, None, None, None, None
 
 
 def ac_scores(
     x_TD: torch.Tensor,
-    m_TD: torch.Tensor | None,
     expert_emb_ED: torch.Tensor,
+    w_KD: torch.Tensor | None = None,
+    labels_T: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    compile: bool = False,
 ) -> torch.Tensor:
-    """s_ij = (x_i ⊙ m_i) · e_j / ||e_j|| in ``dtype`` (fp32 or fp64); ``m_TD=None`` is M = I.
+    """s_ij = (x_i ⊙ m_i) · e_j / ||e_j||, m_i = w[c_i], in ``dtype`` (fp32 or fp64); ``w_KD=None``
+    is M = I (the cosine router). ``compile``: run forward and backward through ``torch.compile``.
 
-    Gradients flow into x and the expert embeddings; m is a constant (spec §2.2).
+    Gradients flow into x and the expert embeddings; the weights are constants (spec §2.2).
     """
-    x_TD = x_TD.to(dtype)
-    if m_TD is not None:
-        x_TD = x_TD * m_TD.detach().to(dtype)
-    scores_TE = x_TD @ F.normalize(expert_emb_ED.to(dtype), dim=1).t()
-    return replace_nonfinite(scores_TE)
+    if w_KD is not None:
+        if labels_T is None:
+            raise ValueError("ac_scores: w_KD needs the labels_T that pick each token's row")
+        w_KD, labels_T = w_KD.detach(), labels_T.long()
+    return _ACScores.apply(x_TD, expert_emb_ED, w_KD, labels_T, dtype, compile)

@@ -155,6 +155,23 @@ def _shim_cudamode():
     APPLIED.append("cudamode")
 
 
+@contextlib.contextmanager
+def device_redirect_paused():
+    """Leave the CUDA→CPU function mode for a block that makes no CUDA device request.
+
+    The mode costs a Python call per torch function; benchmarks that time per-op overhead (the
+    overhead a GPU run would see, which has no such mode) run their timed region inside this.
+    """
+    if _MODE is None:
+        yield
+        return
+    _MODE.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _MODE.__enter__()
+
+
 # 5 splits: moe_utils.maybe_move_tensor_to_cpu(t, as_numpy=True) converts to numpy only
 #   ``if tensor.is_cuda``; the all-to-all dispatcher then passes tensors as split sizes to
 #   dist.all_to_all_single, which gloo rejects. Imported by name in token_dispatcher too.

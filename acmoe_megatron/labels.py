@@ -42,11 +42,9 @@ class LayerLabels:
 def labels_from_routing(probs_TE: torch.Tensor, routing_map_TE: torch.Tensor) -> LayerLabels:
     """Top-1 = the selected expert with the largest gate value; max over all selected experts."""
     with torch.no_grad():
-        masked = torch.where(routing_map_TE, probs_TE.detach(), torch.full_like(probs_TE, -1.0))
-        top1_T = masked.argmax(dim=-1)
-        used_E = routing_map_TE.any(dim=0)
+        top1_T = probs_TE.detach().masked_fill(~routing_map_TE, -1.0).argmax(dim=-1)
         ids_E = torch.arange(routing_map_TE.shape[1], device=routing_map_TE.device)
-        max_label = torch.where(used_E, ids_E, torch.zeros_like(ids_E)).amax()
+        max_label = routing_map_TE.any(dim=0).mul(ids_E).amax()  # unused experts count as index 0
     return LayerLabels(top1_T, max_label)
 
 

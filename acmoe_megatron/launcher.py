@@ -62,6 +62,7 @@ RESUMABLE_CHANGES = {
                  "override_opt_param_scheduler", "tensorboard_dir", "load", "save", "finetune",
                  "no_load_optim", "no_load_rng"},
     "run": {"dir", "name", "log_router_grad_norms", "keep_last_checkpoints"},
+    "acmoe": {"compile"},  # the same maths, other kernels
     "data": {"verify_checksums"},
 }
 

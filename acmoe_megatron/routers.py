@@ -73,6 +73,7 @@ class ACSettings:
     scope: str = "tp"  # local | tp | dp: tokens the statistics are computed over
     source: str = "batch"  # batch (paper) | ema (causal-safe running statistics)
     ema_decay: float = 0.99
+    compile: bool = False  # torch.compile the statistics, weights and scores (fewer kernel launches)
     xmoe_dim: int | None = None  # XMoE routing-space dimension; None = num_experts // 2 (ACMoE's runs: 8 for 16)
     usmoe_rate: float = 0.5  # USMoE r in (1 - r)·softmax + r·(2/E)·sigmoid (official code: 0.5)
     etr_trainable_affinity: bool = False  # ETR: learn the block-diagonal affinity entries (Eq. 3 fixes them)
@@ -94,6 +95,8 @@ class ACSettings:
             (self.eps is None or self.eps > 0, "acmoe.eps must be > 0"),
             (self.clip is None or self.clip > 0, "acmoe.clip must be > 0"),
             (0.0 < self.ema_decay < 1.0, "acmoe.ema_decay must be in (0, 1)"),
+            (not self.compile or self.router in ("ac", "cosine"),
+             f"acmoe.compile applies to the ac and cosine routers, not {self.router!r}: remove it"),
             (self.min_cluster_size >= 1, "acmoe.min_cluster_size must be >= 1"),
             (self.xmoe_dim is None or self.xmoe_dim >= 1, "acmoe.xmoe_dim must be >= 1 (or null)"),
             (0.0 <= self.usmoe_rate <= 1.0, "acmoe.usmoe_rate must be in [0, 1]"),
@@ -165,16 +168,22 @@ class LabelSourceRouter(TopKRouter):
 class CosineRouter(LabelSourceRouter):
     """Unit-norm expert embeddings on the raw token: s_ij = x_i · e_j / ||e_j|| (M = I)."""
 
-    def _transform(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+    def __init__(self, *, compile_scores: bool = False, **kw):
+        super().__init__(**kw)
+        self.compile_scores = compile_scores  # acmoe.compile
+
+    def _transform(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(w_KD, labels_T): M_{c_i} = diag(w[c_i]); None is M = I."""
         return None
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         # Router.gating moves CPU-initialised weights to the current device; keep that contract.
         if self.weight.device != input.device:
             self.weight.data = self.weight.data.to(device=input.device)
-        dtype = _router_dtype(self.config)
-        x_TD = input.reshape(-1, input.shape[-1]).to(dtype)  # one copy for statistics and scores
-        logits_TE = ac_stats.ac_scores(x_TD, self._transform(x_TD), self.weight, dtype=dtype)
+        x_TD = input.reshape(-1, input.shape[-1])  # cast inside: only the statistics keep an fp32 copy
+        w_KD, labels_T = self._transform(x_TD) or (None, None)
+        logits_TE = ac_stats.ac_scores(x_TD, self.weight, w_KD, labels_T, dtype=_router_dtype(self.config),
+                                       compile=self.compile_scores)
         return logits_TE.view(*input.shape[:-1], self.num_experts)
 
 
@@ -185,7 +194,7 @@ class ACRouter(CosineRouter):
                  metrics=None, ac: ACSettings = ACSettings(), **kw):
         kw["ema_buffers"] = ac.source == "ema"  # running statistics, part of the checkpoint
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer,
-                         label_carrier=label_carrier, metrics=metrics, **kw)
+                         label_carrier=label_carrier, metrics=metrics, compile_scores=ac.compile, **kw)
         self.ac = ac
         self.ac_constants = ac.constants()
 
@@ -195,7 +204,7 @@ class ACRouter(CosineRouter):
             return None
         return group
 
-    def _transform(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def _transform(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.label_carrier is None:
             raise RuntimeError("ACRouter built without a label carrier; build it via acmoe_megatron.spec")
         labels = self.label_carrier.get(self.layer_number, x_TD.shape[0])
@@ -204,23 +213,26 @@ class ACRouter(CosineRouter):
             w_KD = self._ema_weights()
             if self.training and torch.is_grad_enabled():  # once per step, also under recompute
                 self._ema_update(x_TD, labels.top1_T)
-            return ac_stats.token_weights(w_KD, labels.top1_T)
+            return w_KD, labels.top1_T
         group = self._group(self.ac.scope)
         all_reduce = None if group is None else (lambda t: dist.all_reduce(t, group=group))
         max_label = labels.max_label
         if group is not None and self.ac.mode == "release":
             max_label = max_label.clone()
             dist.all_reduce(max_label, op=dist.ReduceOp.MAX, group=group)
-        stats = ac_stats.cluster_stats(x_TD, labels.top1_T, self.num_experts, all_reduce)
-        w_KD = ac_stats.weights_from_stats(
-            stats.mad_KD, stats.counts_K, eps=c["eps"], clip=c["clip"], norm=c["norm"],
-            mode=self.ac.mode, max_label=max_label, min_cluster_size=self.ac.min_cluster_size,
-        )
+        kw = dict(eps=c["eps"], clip=c["clip"], norm=c["norm"], mode=self.ac.mode, max_label=max_label,
+                  min_cluster_size=self.ac.min_cluster_size)
+        if group is None:  # statistics and weights in one function: one compile unit
+            local_weights = ac_stats.compiled(ac_stats.local_weights, self.ac.compile)
+            w_KD, stats = local_weights(x_TD, labels.top1_T, self.num_experts, **kw)
+        else:
+            stats = ac_stats.cluster_stats(x_TD, labels.top1_T, self.num_experts, all_reduce)
+            w_KD = ac_stats.compiled(ac_stats.weights_from_stats, self.ac.compile)(stats.mad_KD, stats.counts_K, **kw)
         if self._recording():
             rows_K = ac_stats.cluster_rows(stats.counts_K, self.ac.mode, max_label, self.ac.min_cluster_size)
             self.metrics.record_ac(self.layer_number, stats.counts_K, stats.mean_KD, stats.mad_KD, w_KD,
                                    rows_K, c["eps"], c["clip"])
-        return ac_stats.token_weights(w_KD, labels.top1_T)
+        return w_KD, labels.top1_T
 
     @torch.no_grad()
     def _ema_weights(self) -> torch.Tensor:

@@ -85,12 +85,13 @@ def build_layer(router: str, hidden: int, ffn: int, experts: int, topk: int, pre
         spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False)
     mlp = spec.submodules.mlp
     carrier = None
-    if router == "ac":
+    if router in ("ac", "ac+compile"):
         carrier = LabelCarrier([1, 2])
         sub = mlp.keywords["submodules"]
         import dataclasses
 
-        sub = dataclasses.replace(sub, router=functools.partial(ACRouter, label_carrier=carrier, ac=ACSettings()))
+        sub = dataclasses.replace(sub, router=functools.partial(ACRouter, label_carrier=carrier,
+                                                                 ac=ACSettings(compile=router == "ac+compile")))
         mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": sub})
     layer = mlp(config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
     layer.set_layer_number(2)
@@ -139,6 +140,17 @@ def time_steps(run, steps: int) -> list[float]:
     return times
 
 
+def snapshot(run, path: Path) -> None:
+    """One step under the CUDA allocator's history recorder, dumped to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.memory._dump_snapshot(str(path))
+    torch.cuda.memory._record_memory_history(enabled=None)
+    print(f"memory snapshot: {path}", flush=True)
+
+
 def profile(run, title: str, rows: int = 18) -> None:
     """Print the CUDA kernels of a few steps, by total device time (for finding the AC overhead)."""
     from torch.profiler import ProfilerActivity
@@ -159,10 +171,14 @@ def main(argv=None):
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--mbs", type=int, default=2)
-    p.add_argument("--routers", default="topk,ac")
+    p.add_argument("--routers", default="topk,ac,ac+compile",
+                   help="topk, ac, ac+compile (acmoe.compile: torch.compile of the AC statistics and scores)")
     p.add_argument("--precisions", default="bf16")
     p.add_argument("--te", action="store_true", help="Transformer Engine grouped-GEMM experts")
     p.add_argument("--profile", action="store_true", help="print the CUDA kernel table of the AC layer")
+    p.add_argument("--memory-snapshot", metavar="DIR", default=None,
+                   help="dump a CUDA allocator history of one step per router into DIR (open the pickles "
+                        "at pytorch.org/memory_viz): where the AC layer's extra peak memory comes from")
     p.add_argument("--steps", type=int, default=60, help="timed steps per router (split over rounds)")
     p.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds per router")
     p.add_argument("--warmup", type=int, default=10)
@@ -181,7 +197,7 @@ def main(argv=None):
             routers = a.routers.split(",")
             runs, router_runs, mems = {}, {}, {}
             times, router_times = {r: [] for r in routers}, {r: [] for r in routers}
-            for router in routers:
+            for router in list(routers):
                 torch.manual_seed(0)
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()  # other routers' layers stay alive: subtract them
@@ -189,10 +205,18 @@ def main(argv=None):
                 runs[router], router_runs[router] = make_step(layer, carrier, tokens, hidden, experts, a.topk,
                                                               precision == "fp8")
                 torch.cuda.reset_peak_memory_stats()
-                for _ in range(a.warmup):
-                    runs[router]()
-                torch.cuda.synchronize()
+                try:
+                    for _ in range(a.warmup):
+                        runs[router]()
+                    torch.cuda.synchronize()
+                except Exception as e:  # e.g. ac+compile without Triton: report, go on with the others
+                    print(json.dumps(dict(shape=shape, router=router, failed=f"{type(e).__name__}: {e}"[:300])))
+                    routers.remove(router)
+                    del runs[router], router_runs[router]
+                    continue
                 mems[router] = torch.cuda.max_memory_allocated() - base
+                if a.memory_snapshot:
+                    snapshot(runs[router], Path(a.memory_snapshot) / f"{shape}_{precision}_{router}.pickle")
             # interleave the routers in rounds so clock/thermal drift hits them alike
             for _ in range(a.rounds):
                 for router in routers:
@@ -214,10 +238,11 @@ def main(argv=None):
                            max_mem_gib=round(mems[router] / 2**30, 2))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            if "ac" in step and "topk" in step:
-                rows.append(dict(hidden=hidden, ffn=ffn, experts=experts, precision=precision,
-                                 ac_over_topk=round(step["ac"] / step["topk"], 4)))
-                print(json.dumps(rows[-1]), flush=True)
+            for ac in ("ac", "ac+compile"):
+                if ac in step and "topk" in step:
+                    rows.append(dict(hidden=hidden, ffn=ffn, experts=experts, precision=precision, router=ac,
+                                     ac_over_topk=round(step[ac] / step["topk"], 4)))
+                    print(json.dumps(rows[-1]), flush=True)
             del runs
             torch.cuda.empty_cache()
     write_results(a, rows, name, peak_note)
@@ -249,14 +274,16 @@ def write_results(a, rows, gpu, peak_note):
     ]
     ratios = []
     for r in rows:
-        if "router" in r:
+        if "step_ms" in r:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             lines.append(f"| {r['hidden']} | {r['ffn']} | {r['experts']} | {r['precision']} | {r['router']} | "
                          f"{r['step_ms']} | {r['p10_ms']} | {r['router_ms']} | {r['tokens_per_s']} | {r['tflops']} | {mfu} | {r['max_mem_gib']} |")
         else:
             ratios.append(r)
-    lines += ["", "AC / top-k step-time ratio:", "", "| hidden | ffn | experts | precision | AC/top-k |", "|---|---|---|---|---|"]
-    lines += [f"| {r['hidden']} | {r['ffn']} | {r['experts']} | {r['precision']} | {r['ac_over_topk']} |" for r in ratios]
+    lines += ["", "AC / top-k step-time ratio:", "", "| hidden | ffn | experts | precision | router | AC/top-k |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['hidden']} | {r['ffn']} | {r['experts']} | {r['precision']} | {r['router']} | {r['ac_over_topk']} |"
+              for r in ratios]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

@@ -50,7 +50,7 @@ def test_scores_match_release():
     prev = _labels(T, E, 2, gen)
     emb = torch.randn(E, D, generator=gen)
     w = ac_stats.ac_weights(X, prev[:, 0], E, max_label=prev.max())
-    S = ac_stats.ac_scores(X, ac_stats.token_weights(w, prev[:, 0]), emb)
+    S = ac_stats.ac_scores(X, emb, w, prev[:, 0])
     torch.testing.assert_close(S, official_scores(X, prev, emb), rtol=1e-5, atol=1e-5)
 
 
@@ -106,9 +106,9 @@ def test_no_gradient_through_transform():
     X = torch.randn(32, 8, generator=gen, requires_grad=True)
     emb = torch.randn(4, 8, generator=gen, requires_grad=True)
     labels = torch.randint(0, 4, (32,), generator=gen)
-    m = ac_stats.token_weights(ac_stats.ac_weights(X, labels, 4), labels)
-    assert not m.requires_grad
-    ac_stats.ac_scores(X, m, emb).sum().backward()
+    w = ac_stats.ac_weights(X, labels, 4)
+    assert not w.requires_grad
+    ac_stats.ac_scores(X, emb, w, labels).sum().backward()
     assert X.grad is not None and emb.grad is not None
 
 
@@ -117,9 +117,116 @@ def test_statistics_are_fp32_for_bf16_input():
     labels = torch.randint(0, 3, (16,))
     w = ac_stats.ac_weights(X, labels, 3)
     assert w.dtype == torch.float32
-    assert ac_stats.ac_scores(X, ac_stats.token_weights(w, labels), torch.randn(3, 8)).dtype == torch.float32
+    assert ac_stats.ac_scores(X, torch.randn(3, 8), w, labels).dtype == torch.float32
 
 
 def test_unknown_row_mode_is_an_error():
     with pytest.raises(ValueError, match="release"):
         ac_stats.ac_weights(torch.randn(4, 2), torch.zeros(4, dtype=torch.long), 2, mode="bogus")
+
+
+def _literal_scores(x, emb, w, labels, dtype):
+    """The autograd-traced formula: (x ⊙ w[c]) · normalize(e)^T, non-finite replaced."""
+    xm = x.to(dtype) if w is None else x.to(dtype) * w.to(dtype)[labels]
+    s = xm @ torch.nn.functional.normalize(emb.to(dtype), dim=1).t()
+    finite = torch.isfinite(s)
+    low = torch.where(finite, s, torch.full_like(s, float("inf"))).amin()
+    return torch.where(finite, s, low.detach())
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_scores_backward_matches_autograd_of_the_formula(cosine):
+    gen = torch.Generator().manual_seed(8)
+    T, D, E = 40, 12, 5
+    X = torch.randn(T, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    emb = torch.randn(E, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, E, (T,), generator=gen)
+    w = None if cosine else ac_stats.ac_weights(X, labels, E).double()
+    assert torch.autograd.gradcheck(lambda x, e: ac_stats.ac_scores(x, e, w, labels, torch.float64), (X, emb))
+    out = ac_stats.ac_scores(X, emb, w, labels, torch.float64)
+    ref = _literal_scores(X, emb, w, labels, torch.float64)
+    g = torch.randn(T, E, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (X, emb), g)
+    grads_ref = torch.autograd.grad(ref, (X, emb), g)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_scores_backward_with_bf16_input_and_nonfinite_scores():
+    """bf16 x and embedding (megatron's bf16 params): fp32 maths, grads in the inputs' dtype; a
+    token whose score is non-finite gets no gradient from the replaced entries (they are constants)."""
+    gen = torch.Generator().manual_seed(9)
+    T, D, E = 16, 8, 4
+    X = torch.randn(T, D, generator=gen).to(torch.bfloat16)
+    X[3, 0] = float("inf")
+    X.requires_grad_(True)
+    emb = torch.randn(E, D, generator=gen).to(torch.bfloat16).requires_grad_(True)
+    labels = torch.randint(0, E, (T,), generator=gen)
+    w = torch.rand(E, D, generator=gen) + 0.5
+    out = ac_stats.ac_scores(X, emb, w, labels)
+    ref = _literal_scores(X, emb, w, labels, torch.float32)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref)
+    g = torch.randn(T, E, generator=gen)
+    dx, de = torch.autograd.grad(out, (X, emb), g)
+    dx_ref, de_ref = torch.autograd.grad(ref, (X, emb), g)
+    assert dx.dtype == torch.bfloat16 and de.dtype == torch.bfloat16
+    torch.testing.assert_close(dx.float(), dx_ref.float())
+    # the inf token poisons the embedding gradient (0 · inf) in both, as in megatron's own router
+    torch.testing.assert_close(de.float(), de_ref.float(), equal_nan=True)
+
+
+def test_scores_save_no_fp32_copy_of_the_tokens():
+    """Backward keeps x in its own dtype and small tables, nothing else of size T×D (memory: the
+    literal formula saves x in fp32, m and x ⊙ m — three fp32 T×D tensors per AC layer)."""
+    T, D, E = 64, 32, 4
+    X = torch.randn(T, D).to(torch.bfloat16).requires_grad_(True)
+    emb = torch.randn(E, D, requires_grad=True)
+    labels = torch.randint(0, E, (T,))
+    w = torch.rand(E, D) + 0.5
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ac_stats.ac_scores(X, emb, w, labels)
+    big = [t for t in saved if t.numel() >= T * D]
+    assert len(big) == 1 and big[0].dtype == torch.bfloat16 and big[0].data_ptr() == X.data_ptr()
+
+
+def _needs_inductor():
+    import shutil
+
+    if shutil.which("c++") is None and shutil.which("g++") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler (none on PATH)")
+
+
+@pytest.mark.parametrize("norm,mode", [("feature", "release"), ("global_post", "clean")])
+def test_compiled_statistics_match_eager(norm, mode):
+    """acmoe.compile: the compiled statistics + weights equal the eager ones."""
+    _needs_inductor()
+    gen = torch.Generator().manual_seed(10)
+    T, D, E = 96, 16, 8
+    X = torch.randn(T, D, generator=gen) * torch.rand(D, generator=gen) * 3
+    prev = _labels(T, E, 2, gen, missing=(6,))
+    kw = dict(eps=1e-4, clip=10.0, norm=norm, mode=mode, max_label=prev.max(), min_cluster_size=2)
+    w, stats = ac_stats.local_weights(X, prev[:, 0], E, **kw)
+    w_c, stats_c = ac_stats.compiled(ac_stats.local_weights)(X, prev[:, 0], E, **kw)
+    torch.testing.assert_close(w_c, w, rtol=1e-6, atol=1e-6)
+    for a, b in zip((stats_c.counts_K, stats_c.mean_KD, stats_c.mad_KD), (stats.counts_K, stats.mean_KD, stats.mad_KD)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_scores_match_eager_forward_and_backward():
+    _needs_inductor()
+    gen = torch.Generator().manual_seed(11)
+    T, D, E = 48, 16, 6
+    X = torch.randn(T, D, generator=gen).to(torch.bfloat16).requires_grad_(True)
+    emb = torch.randn(E, D, generator=gen, requires_grad=True)
+    labels = torch.randint(0, E, (T,), generator=gen)
+    w = torch.rand(E, D, generator=gen) + 0.5
+    g = torch.randn(T, E, generator=gen)
+    outs = []
+    for compile_ in (False, True):
+        s = ac_stats.ac_scores(X, emb, w, labels, compile=compile_)
+        outs.append((s, *torch.autograd.grad(s, (X, emb), g)))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-5)

@@ -136,7 +136,7 @@ def test_megatron_option_with_dashes_is_rejected():
 
 
 def test_unknown_dataclass_key_lists_the_known_keys():
-    with pytest.raises(ConfigError, match=r"known keys: \['clip', 'ema_decay', 'eps', 'etr_trainable_affinity', 'first_ac_layer'"):
+    with pytest.raises(ConfigError, match=r"known keys: \['clip', 'compile', 'ema_decay', 'eps', 'etr_trainable_affinity', 'first_ac_layer'"):
         load_recipe(None, ["acmoe.zzz=1"])
 
 

@@ -95,29 +95,60 @@ def test_fp8_loss_close_to_bf16(nccl_ws1):
     assert abs(sum(fp8[-5:]) - sum(bf16[-5:])) / 5 < 0.15 * (sum(bf16[-5:]) / 5), (bf16[-5:], fp8[-5:])
 
 
-def test_ac_path_makes_no_host_sync(nccl_ws1):
+def _ac_router(config, compile_=False):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from acmoe_megatron.labels import LabelCarrier
     from acmoe_megatron.routers import ACRouter
 
-    config = _gpu_config()
     carrier = LabelCarrier([1, 2])
+    torch.manual_seed(0)
     router = ACRouter(config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-                      label_carrier=carrier, ac=ACSettings()).cuda()
+                      label_carrier=carrier, ac=ACSettings(compile=compile_)).cuda()
     router.set_layer_number(2)
-    x = torch.randn(256, 2, 128, device="cuda", dtype=torch.bfloat16)
+    return router, carrier
+
+
+def _needs_triton(compile_):
+    if compile_:
+        pytest.importorskip("triton", reason="acmoe.compile on a GPU needs Triton (ships with torch's CUDA wheels)")
+
+
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+def test_ac_path_makes_no_host_sync(nccl_ws1, compile_):
+    _needs_triton(compile_)
+    router, carrier = _ac_router(_gpu_config(), compile_)
+    x = torch.randn(256, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     probs = torch.rand(512, 8, device="cuda")
     rmap = torch.zeros(512, 8, device="cuda", dtype=torch.bool).scatter(1, probs.topk(2, -1).indices, True)
+    carrier.put(1, probs * rmap, rmap)
+    router.gating(x).float().sum().backward()  # warm-up: compilation may sync, a training step does not
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         carrier.put(1, probs * rmap, rmap)
         logits = router.gating(x)
-        logits.float().sum().backward() if logits.requires_grad else None
+        logits.float().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert logits.shape == (256, 2, 8) and torch.isfinite(logits).all()
+
+
+def test_compiled_ac_router_matches_eager(nccl_ws1):
+    _needs_triton(True)
+    x0 = torch.randn(512, 2, 128, device="cuda", dtype=torch.bfloat16)
+    probs = torch.rand(1024, 8, device="cuda")
+    rmap = torch.zeros(1024, 8, device="cuda", dtype=torch.bool).scatter(1, probs.topk(2, -1).indices, True)
+    out = []
+    for compile_ in (False, True):
+        router, carrier = _ac_router(_gpu_config(), compile_)
+        x = x0.clone().requires_grad_(True)
+        carrier.put(1, probs * rmap, rmap)
+        logits = router.gating(x)
+        logits.float().square().sum().backward()
+        out.append((logits.detach().float(), x.grad.float(), router.weight.grad.float()))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_nccl_alltoall_dispatcher_ep1(nccl_ws1):
