@@ -99,6 +99,14 @@ def expert_choice(affinity_TE: torch.Tensor, candidates_TE: torch.Tensor, capaci
     return candidates_TE & keep_TE
 
 
+STABLEMOE_DISTILL_LOSS = "stablemoe_distill_loss"  # its name in megatron's MoE metrics (TensorBoard)
+
+
+def router_losses(router: str) -> tuple[str, ...]:
+    """Names of the losses a router records through megatron's MoE metrics tracker beyond megatron's own."""
+    return (STABLEMOE_DISTILL_LOSS,) if router == "stablemoe" else ()
+
+
 def stablemoe_distill_loss(distilled_logits_TE: torch.Tensor, main_logits_TE: torch.Tensor) -> torch.Tensor:
     """StableMoE stage 1: CE(distilled affinities, argmax_j of the main router's affinities)."""
     target_T = main_logits_TE.detach().argmax(dim=-1)
@@ -338,7 +346,7 @@ class StableMoERouter(LabelSourceRouter):
                 distilled_TE = self.distill_embedding[ids_T].float() @ self.distill_centroids.float().t()
                 loss = stablemoe_distill_loss(distilled_TE, logits.view(-1, self.num_experts))
                 probs = self.attach_and_log_load_balancing_loss(
-                    probs, self.distill_coeff, self.distill_coeff * loss, "stablemoe_distill_loss",
+                    probs, self.distill_coeff, self.distill_coeff * loss, STABLEMOE_DISTILL_LOSS,
                     self.tp_cp_group, valid_token_count=ids_T.numel(),
                 )
             return probs, routing_map

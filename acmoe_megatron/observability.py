@@ -10,6 +10,11 @@ known peak: H100/H200 989 TFLOP/s dense BF16), ``memory/max_gib`` (peak allocate
 resident set on CPU) and ``lm loss bits-per-token`` (= bits per byte for byte-level data); and
 ``evaluate_and_print_results`` (with ``evaluate``) — adds ``lm loss validation bits-per-token`` at
 the same step as Megatron's ``lm loss validation``. Nothing here syncs per layer or per step.
+
+Router losses of our own that a router records through megatron's MoE metrics tracker (StableMoE's
+distillation loss) are not in the fixed list of names megatron's ``training_log`` reports:
+``install(..., extra_moe_losses=...)`` adds them to that report, so they reach TensorBoard (and the
+console line) exactly like megatron's load-balancing loss, reduced the same way.
 """
 
 from __future__ import annotations
@@ -41,10 +46,39 @@ def _memory_gib() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-def install(registry: list) -> None:
-    """Wrap megatron's training_log/evaluate once; ``registry`` lists this rank's RouterMetrics."""
+def report_extra_moe_losses(names: tuple[str, ...]) -> None:
+    """Make megatron's per-step MoE report include ``names`` (recorded with the tracker's
+    ``record``, e.g. by ``attach_and_log_load_balancing_loss``). Every rank must pass the same names:
+    the report all-reduces each name's per-layer values."""
+    if not names:
+        return
+    import megatron.training.training as training
+
+    get_tracker = training.get_moe_metrics_tracker
+
+    def get_tracker_reporting_ours():
+        tracker = get_tracker()
+        if getattr(tracker, "_acmoe_extra_names", None) != names:
+            report = type(tracker).report.__get__(tracker)
+
+            def report_with_ours(*args, track_names=None, **kwargs):
+                if track_names is not None:
+                    track_names = list(track_names) + [n for n in names if n not in track_names]
+                return report(*args, track_names=track_names, **kwargs)
+
+            tracker.report = report_with_ours
+            tracker._acmoe_extra_names = names
+        return tracker
+
+    training.get_moe_metrics_tracker = get_tracker_reporting_ours
+
+
+def install(registry: list, extra_moe_losses: tuple[str, ...] = ()) -> None:
+    """Wrap megatron's training_log/evaluate once; ``registry`` lists this rank's RouterMetrics;
+    ``extra_moe_losses``: our routers' loss names for megatron's MoE report."""
     if _STATE["installed"]:
         return
+    report_extra_moe_losses(extra_moe_losses)
     import megatron.training.training as training
     from megatron.training import get_args
     from megatron.training.global_vars import get_tensorboard_writer

@@ -252,10 +252,10 @@ def main(argv=None) -> None:
         print(f"[acmoe] runtime shims: {cpu_runtime.APPLIED + fixes or 'none (CUDA present)'}", flush=True)
         print(f"[acmoe] router: {recipe.acmoe}", flush=True)
         print(f"[acmoe] fused paths: {fused_paths(args)}", flush=True)
-    from acmoe_megatron import observability
+    from acmoe_megatron import baseline_routers, observability
 
     metrics_registry: list = []
-    observability.install(metrics_registry)
+    observability.install(metrics_registry, extra_moe_losses=baseline_routers.router_losses(recipe.acmoe.router))
     run_hooks.install_fault_injection()
     run_hooks.install_checkpoint_retention(recipe.run.keep_last_checkpoints)
     start = time.time()

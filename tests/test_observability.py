@@ -139,3 +139,34 @@ def test_load_histogram_is_written(tmp_path):
     acc.Reload()
     assert "moe/layer01/load_fraction" in acc.Tags()["histograms"]
     assert math.isclose(sum(scalars[f"moe/layer01/load_fraction/expert{j:02d}"] for j in range(4)), 1.0, rel_tol=1e-6)
+
+
+def test_router_losses_reach_megatrons_moe_report(megatron_ws1, monkeypatch):
+    """StableMoE's distillation loss is recorded through megatron's MoE metrics tracker, whose
+    per-step report in training_log lists fixed names: the hook adds ours, so it is logged too."""
+    import megatron.training.training as training
+    from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
+
+    from acmoe_megatron import observability
+    from acmoe_megatron.baseline_routers import STABLEMOE_DISTILL_LOSS, router_losses
+
+    tracker = MoEMetricsTracker()
+    monkeypatch.setattr(training, "get_moe_metrics_tracker", lambda: tracker)
+    observability.report_extra_moe_losses(router_losses("stablemoe"))
+    assert router_losses("ac") == () and router_losses("stablemoe") == (STABLEMOE_DISTILL_LOSS,)
+    t = training.get_moe_metrics_tracker()  # what training_log calls
+    t.record("load_balancing_loss", torch.tensor(0.5), layer_number=1, num_layers=2)
+    t.record(STABLEMOE_DISTILL_LOSS, torch.tensor(0.3), layer_number=1, num_layers=2)
+    t.record(STABLEMOE_DISTILL_LOSS, torch.tensor(0.1), layer_number=2, num_layers=2)
+
+    class Writer:
+        scalars: dict = {}
+
+        def add_scalar(self, tag, value, iteration):
+            self.scalars[tag] = float(value)
+
+    writer = Writer()
+    t.report(loss_scale=1.0, iteration=1, writer=writer, track_names=["load_balancing_loss"],
+             num_layers=2, force_initialize=True)
+    assert writer.scalars.get("load_balancing_loss") == pytest.approx(0.25)
+    assert writer.scalars.get(STABLEMOE_DISTILL_LOSS) == pytest.approx(0.2)
