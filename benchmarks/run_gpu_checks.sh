@@ -14,7 +14,13 @@ export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'megatron-core', m.__version__)" | tee -a "$OUT/gpu.txt"
 echo "== GPU tests"; timeout 150 python3 -m pytest tests/gpu -m gpu -q -ra -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
-echo "== throughput"; timeout 200 python3 benchmarks/gpu_throughput.py --out "$OUT/gpu_throughput.md" 2>&1 | grep -v Warning | tail -30 | tee "$OUT/bench.log"
+# With Transformer Engine (benchmarks/gpu_te_setup.sh): grouped-GEMM experts, BF16 and FP8.
+if python3 -c "import transformer_engine.pytorch" 2>/dev/null; then
+  BENCH_ARGS=${BENCH_ARGS:---te --precisions bf16,fp8 --shapes 2048x5632x8,4096x14336x8}
+else
+  BENCH_ARGS=${BENCH_ARGS:-}
+fi
+echo "== throughput ($BENCH_ARGS)"; timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/gpu_throughput.py $BENCH_ARGS --out "$OUT/gpu_throughput.md" 2>&1 | grep -v Warning | tail -40 | tee "$OUT/bench.log"
 echo "== 1-GPU training run"; timeout ${TRAIN_TIMEOUT:-150} python3 -m acmoe_megatron.launcher --config configs/gpu_debug.yaml --nproc 1 run.dir=/tmp/gpu_run data.path=/tmp/gpu_data > "$OUT/train.log" 2>&1; echo "train rc=$?"
 grep -E "iteration +[0-9]+/|validation loss|run summary|Error|error:" "$OUT/train.log" | cut -c1-330 | tail -20
 cp /tmp/gpu_run/summary.json "$OUT/train_summary.json" 2>/dev/null || true
