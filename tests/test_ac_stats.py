@@ -213,6 +213,9 @@ def test_compiled_statistics_match_eager(norm, mode):
     torch.testing.assert_close(w_c, w, rtol=1e-6, atol=1e-6)
     for a, b in zip((stats_c.counts_K, stats_c.mean_KD, stats_c.mad_KD), (stats.counts_K, stats.mean_KD, stats.mad_KD)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # with a collective the router compiles the weights alone (statistics stay eager around it)
+    w_only = ac_stats.compiled(ac_stats.weights_from_stats)(stats.mad_KD, stats.counts_K, **kw)
+    torch.testing.assert_close(w_only, w, rtol=1e-6, atol=1e-6)
 
 
 def test_compiled_scores_match_eager_forward_and_backward():
