@@ -292,6 +292,11 @@ def scores_backward(g_TE, x_TD, w_KD, labels_T, ehat_ED, norm_E1, bad_TE, need_x
 _COMPILED: dict = {}
 
 
+def no_autocast(device: torch.device):
+    """The AC maths stays in fp32 (fp64) under any ``torch.autocast`` region around the model."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def compiled(fn, enabled: bool = True):
     """``torch.compile`` of one of this module's pure functions (static shapes, whole graph), made
     once per process; ``fn`` itself when not ``enabled``. Fuses the small elementwise ops into a
@@ -315,15 +320,17 @@ class _ACScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, e_ED, w_KD, labels_T, dtype, compile_):
         ctx.e_dtype, ctx.compile = e_ED.dtype, compile_
-        scores_TE, bad_TE, ehat_ED, norm_E1 = compiled(scores_forward, compile_)(x_TD, e_ED, w_KD, labels_T, dtype)
+        with no_autocast(x_TD.device):
+            scores_TE, bad_TE, ehat_ED, norm_E1 = compiled(scores_forward, compile_)(x_TD, e_ED, w_KD, labels_T, dtype)
         ctx.save_for_backward(x_TD, w_KD, labels_T, ehat_ED, norm_E1, bad_TE)
         return scores_TE
 
     @staticmethod
     def backward(ctx, g_TE):
         x_TD, w_KD, labels_T, ehat_ED, norm_E1, bad_TE = ctx.saved_tensors
-        dx_TD, de_ED = compiled(scores_backward, ctx.compile)(g_TE, x_TD, w_KD, labels_T, ehat_ED, norm_E1, bad_TE,
-                           ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        with no_autocast(x_TD.device):
+            dx_TD, de_ED = compiled(scores_backward, ctx.compile)(g_TE, x_TD, w_KD, labels_T, ehat_ED, norm_E1,
+                                                                  bad_TE, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         dx_TD = None if dx_TD is None else dx_TD.to(x_TD.dtype)
         de_ED = None if de_ED is None else de_ED.to(ctx.e_dtype)
         return dx_TD, de_ED, None, None, None, None

@@ -181,7 +181,8 @@ class CosineRouter(LabelSourceRouter):
         if self.weight.device != input.device:
             self.weight.data = self.weight.data.to(device=input.device)
         x_TD = input.reshape(-1, input.shape[-1])  # cast inside: only the statistics keep an fp32 copy
-        w_KD, labels_T = self._transform(x_TD) or (None, None)
+        with ac_stats.no_autocast(x_TD.device):  # statistics in fp32 whatever the training precision
+            w_KD, labels_T = self._transform(x_TD) or (None, None)
         logits_TE = ac_stats.ac_scores(x_TD, self.weight, w_KD, labels_T, dtype=_router_dtype(self.config),
                                        compile=self.compile_scores)
         return logits_TE.view(*input.shape[:-1], self.num_experts)

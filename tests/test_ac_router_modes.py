@@ -146,3 +146,17 @@ def test_compile_changes_nothing_but_the_kernels(router):
 def test_compile_is_refused_for_routers_it_does_not_apply_to():
     with pytest.raises(ValueError, match="acmoe.compile applies to the ac and cosine routers"):
         ACSettings(router="topk", compile=True)
+
+
+def test_ac_logits_stay_fp32_under_autocast():
+    """acmoe: statistics and scores in fp32 whatever the training precision — also inside a
+    torch.autocast(bf16) region (the router's own guard, not the caller's)."""
+    model = _model(ACSettings(first_ac_layer=2))
+    src, ac = model.decoder.layers[0].mlp.router, model.decoder.layers[1].mlp.router
+    x = torch.randn(SEQ, 2, 64, generator=torch.Generator().manual_seed(5))
+    src(x)
+    ref = ac.gating(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ac.gating(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

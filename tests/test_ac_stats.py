@@ -233,3 +233,27 @@ def test_compiled_scores_match_eager_forward_and_backward():
         outs.append((s, *torch.autograd.grad(s, (X, emb), g)))
     for a, b in zip(*outs):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_statistics_and_scores_stay_fp32_under_autocast():
+    """A torch.autocast region around the model (bf16) does not lower the AC maths' precision."""
+    gen = torch.Generator().manual_seed(12)
+    T, D, E = 64, 16, 4
+    X = torch.randn(T, D, generator=gen, requires_grad=True)
+    emb = torch.randn(E, D, generator=gen, requires_grad=True)
+    labels = torch.randint(0, E, (T,), generator=gen)
+    ref_w = ac_stats.ac_weights(X, labels, E)
+    ref = ac_stats.ac_scores(X, emb, ref_w, labels)
+    ref_grads = torch.autograd.grad(ref.sum(), (X, emb))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with ac_stats.no_autocast(X.device):
+            w = ac_stats.ac_weights(X, labels, E)
+        out = ac_stats.ac_scores(X, emb, w, labels)
+        grads = torch.autograd.grad(out.sum(), (X, emb))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(w, ref_w, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the guard prevents: bf16 maths
+        assert (X @ emb.t()).dtype == torch.bfloat16
