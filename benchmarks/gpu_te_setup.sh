@@ -6,9 +6,12 @@
 # machine while it is warm):
 #   .dev/te/p0 .. p3   te_cu13.part00 .. part03   (the transformer_engine_cu13 wheel split in 60 MiB)
 #   .dev/te/p4         te_cu13.part04, SHA256SUMS, transformer_engine-<v>-py3-none-any.whl,
-#                      transformer_engine_torch-<v>.tar.gz (sdist: built here against this torch)
+#                      transformer_engine_torch-<v>.tar.gz (sdist: built here against this torch),
+#                      and the wheels the build and TE's import need beyond torch: wheel, packaging, einops,
+#                      nvidia-cuda-crt and nvidia-cuda-cccl (crt/ and nv/ headers torch's nvidia-* wheels lack)
 # Prepare on a networked machine with:  pip download --no-deps transformer_engine_cu13==<v>
 #   transformer_engine==<v>; pip download --no-deps --no-binary :all: transformer_engine_torch==<v>;
+#   pip download --no-deps wheel packaging einops "nvidia-cuda-crt==<torch's CUDA>.*" "nvidia-cuda-cccl==<same>.*";
 #   split -b 60M -d -a 2 <cu13 wheel> te_cu13.part; sha256sum * > SHA256SUMS
 #
 # Usage (on the GPU machine, repo root):  bash benchmarks/gpu_te_setup.sh [SITE=/tmp/site]
@@ -29,14 +32,27 @@ grep -v ' SHA256SUMS$' SHA256SUMS | sha256sum -c --quiet
 version=$(ls transformer_engine_torch-*.tar.gz | sed 's/transformer_engine_torch-\(.*\)\.tar\.gz/\1/')
 core="transformer_engine_cu13-${version}-py3-none-manylinux_2_28_x86_64.whl"
 cat te_cu13.part0* > "$core"
-echo "[te] joined $core ($(du -h "$core" | cut -f1)); installing core + meta into $SITE"
+echo "[te] joined $core ($(du -h "$core" | cut -f1)); installing core + meta + helpers into $SITE"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$core" \
-  "transformer_engine-${version}-py3-none-any.whl"
+  "transformer_engine-${version}-py3-none-any.whl" $(ls *.whl | grep -v '^transformer_engine\|^nvidia_')
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 echo "[te] building transformer_engine_torch $version against torch $(python3 -c 'import torch; print(torch.__version__)')"
 tar xzf "transformer_engine_torch-${version}.tar.gz"
 # No build isolation: the extension must link against this machine's torch (and there is no network).
-NVTE_FRAMEWORK=pytorch MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install -v --no-index --no-deps \
+# FORCE_BUILD: do not try to download a prebuilt wheel from GitHub first (no network: it would only
+# wait for the timeout). The extension is C++ only (33 files), so the CUDA arch list does not matter.
+# CUDA/NCCL headers: from torch's own nvidia-* wheels when present (they match torch's CUDA), else the
+# toolkit under CUDA_HOME.
+# The wheels lack crt/*.h and nv/*: those come from nvidia-cuda-crt/-cccl, kept out of $SITE (a second nvidia/ there
+# would shadow torch's in the namespace TE's build scans) and put on the compiler's CPATH.
+if python3 -c "import nvidia" 2>/dev/null; then
+  export NVTE_BUILD_USE_NVIDIA_WHEELS=${NVTE_BUILD_USE_NVIDIA_WHEELS:-1}
+  if ls nvidia_cuda_*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$WORK/crt" nvidia_cuda_*.whl
+    export CPATH="$(echo "$WORK"/crt/nvidia/cu*/include)${CPATH:+:$CPATH}"
+  fi
+fi
+NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_FRAMEWORK=pytorch MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install -v --no-index --no-deps \
   --no-build-isolation --no-cache-dir --target "$SITE" "./transformer_engine_torch-${version}" \
   > "$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
 python3 - <<'EOF'
