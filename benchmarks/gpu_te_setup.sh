@@ -8,10 +8,13 @@
 #   .dev/te/p4         te_cu13.part04, SHA256SUMS, transformer_engine-<v>-py3-none-any.whl,
 #                      transformer_engine_torch-<v>.tar.gz (sdist: built here against this torch),
 #                      and the wheels the build and TE's import need beyond torch: wheel, packaging, einops,
-#                      nvidia-cuda-crt and nvidia-cuda-cccl (crt/ and nv/ headers torch's nvidia-* wheels lack)
+#                      nvidia-cuda-crt and nvidia-cuda-cccl (crt/ and nv/ headers torch's nvidia-* wheels lack),
+#                      and TE's import-time dependencies: pydantic (+ pydantic_core, annotated_types,
+#                      typing_inspection), onnx, onnxscript (+ onnx_ir, ml_dtypes, protobuf)
 # Prepare on a networked machine with:  pip download --no-deps transformer_engine_cu13==<v>
 #   transformer_engine==<v>; pip download --no-deps --no-binary :all: transformer_engine_torch==<v>;
-#   pip download --no-deps wheel packaging einops "nvidia-cuda-crt==<torch's CUDA>.*" "nvidia-cuda-cccl==<same>.*";
+#   pip download --no-deps wheel packaging einops "nvidia-cuda-crt==<torch's CUDA>.*" "nvidia-cuda-cccl==<same>.*"
+#     pydantic pydantic_core annotated_types typing_inspection onnx onnxscript onnx_ir ml_dtypes protobuf;
 #   split -b 60M -d -a 2 <cu13 wheel> te_cu13.part; sha256sum * > SHA256SUMS
 #
 # Usage (on the GPU machine, repo root):  bash benchmarks/gpu_te_setup.sh [SITE=/tmp/site]
@@ -52,13 +55,25 @@ if python3 -c "import nvidia" 2>/dev/null; then
     export CPATH="$(echo "$WORK"/crt/nvidia/cu*/include)${CPATH:+:$CPATH}"
   fi
 fi
+# Its wheel puts the extension into transformer_engine/wheel_lib/, a folder the core wheel already
+# created: pip --target would skip it ("already exists"), so build into a folder of its own and copy.
 NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_FRAMEWORK=pytorch MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install -v --no-index --no-deps \
-  --no-build-isolation --no-cache-dir --target "$SITE" "./transformer_engine_torch-${version}" \
+  --no-build-isolation --no-cache-dir --target "$WORK/te_torch" "./transformer_engine_torch-${version}" \
   > "$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; exit 1; }
+cp "$WORK"/te_torch/transformer_engine/wheel_lib/transformer_engine_torch*.so "$SITE/transformer_engine/wheel_lib/"
+cp -r "$WORK"/te_torch/transformer_engine_torch-*.dist-info "$SITE/"
 python3 - <<'EOF'
 import torch
 import transformer_engine.pytorch as te
-from transformer_engine.common import recipe
-print("[te] transformer_engine", te.__version__ if hasattr(te, "__version__") else "?", "imports;",
-      "fp8 available:", te.fp8.check_fp8_support() if hasattr(te, "fp8") else "?")
+try:  # what our TE spec uses (megatron may not be on the path yet)
+    from megatron.core.transformer.moe.experts import TEGroupedMLP  # noqa: F401
+    mcore = "megatron's TEGroupedMLP imports"
+except ImportError as e:
+    mcore = f"megatron not checked ({e})"
+try:
+    from transformer_engine.pytorch.fp8 import check_fp8_support
+    fp8 = check_fp8_support()
+except Exception as e:  # no GPU here, or an older API
+    fp8 = f"unknown ({type(e).__name__})"
+print("[te] transformer_engine.pytorch imports;", mcore + "; FP8 support:", fp8)
 EOF
