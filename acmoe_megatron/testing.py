@@ -1,6 +1,7 @@
 """Small builders shared by the tests, the benchmarks and the parity scripts (not used in training).
 
-``tiny_config`` is a CPU-safe megatron ``TransformerConfig`` for a small MoE GPT; ``build_gpt``
+``init_single_process`` sets up a one-rank process group (gloo, or NCCL on one GPU) and megatron's
+parallel state, as the tests' fixtures and the benchmarks need. ``tiny_config`` is a CPU-safe megatron ``TransformerConfig`` for a small MoE GPT; ``build_gpt``
 builds megatron's ``GPTModel`` with our routers (spec.acmoe_block_spec; ``elliptical=``
 ``EllipticalSettings`` for elliptical attention) and attaches the chunk's
 label carrier, exactly as the training model provider does.
@@ -9,6 +10,33 @@ label carrier, exactly as the training model provider does.
 from __future__ import annotations
 
 import torch
+
+
+def init_single_process(backend: str = "gloo", seed: int = 1234) -> None:
+    """One rank: torch.distributed on a free local port, megatron's model-parallel groups, the
+    model-parallel RNG. Installs the CPU runtime first (a no-op where CUDA is present); each step
+    is skipped when already done, so fixtures may call it repeatedly."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from acmoe_megatron import cpu_runtime
+
+    cpu_runtime.install()
+    if backend == "nccl":
+        torch.cuda.set_device(0)
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group(backend, rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(seed)
 
 
 def tiny_config(**overrides):

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
-import socket
 import statistics
 from pathlib import Path
 
@@ -43,18 +41,9 @@ def peak_for(name: str) -> tuple[float | None, str]:
 
 
 def init_dist():
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from acmoe_megatron.testing import init_single_process
 
-    torch.cuda.set_device(0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(1234)
+    init_single_process("nccl")
 
 
 def build_layer(router: str, hidden: int, ffn: int, experts: int, topk: int, precision: str, use_te: bool):

@@ -23,7 +23,6 @@ import collections
 import datetime
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import time
@@ -137,20 +136,10 @@ def main(argv=None):
     torch.set_num_threads(1)
 
     from acmoe_megatron import cpu_runtime
+    from acmoe_megatron.testing import init_single_process
 
-    cpu_runtime.install()
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
+    init_single_process("gloo")
     from acmoe_megatron.labels import LabelCarrier
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(1234)
 
     E = a.experts
     routers = a.routers.split(",")

@@ -18,7 +18,6 @@ import argparse
 import datetime
 import os
 import platform
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -40,23 +39,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    from acmoe_megatron import cpu_runtime
+    from acmoe_megatron.testing import build_gpt, init_single_process, tiny_config
 
-    cpu_runtime.install()
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
+    init_single_process("gloo")  # the CPU runtime first: the modules below import megatron's layers
     from acmoe_megatron.elliptical import EllipticalSettings
     from acmoe_megatron.routers import ACSettings
-    from acmoe_megatron.testing import build_gpt, tiny_config
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(1234)
     cfg = dict(num_layers=a.layers, hidden_size=a.hidden, num_attention_heads=4, ffn_hidden_size=2 * a.hidden,
                num_moe_experts=a.experts, moe_ffn_hidden_size=2 * a.hidden, moe_z_loss_coeff=1e-3)
     tokens = torch.randint(0, 256, (a.mbs, a.seq + 1), generator=torch.Generator().manual_seed(0))

@@ -1,8 +1,6 @@
 """GPU checks (``pytest -m gpu``): BF16/FP8 training steps, no host syncs on the AC path, NCCL
 all-to-all dispatch. Skipped, with the reason printed by ``-ra``, where no CUDA GPU is present."""
 
-import os
-import socket
 
 import pytest
 import torch
@@ -22,20 +20,9 @@ VOCAB, SEQ, MBS = 256, 128, 4
 
 @pytest.fixture(scope="module")
 def nccl_ws1():
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from acmoe_megatron.testing import init_single_process
 
-    torch.cuda.set_device(0)
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("nccl", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(1234)
+    init_single_process("nccl")
     yield
 
 
