@@ -113,8 +113,8 @@ def cluster_stats(
 
 @torch.no_grad()
 def inverse_dispersion(mad_KD: torch.Tensor, eps: float) -> torch.Tensor:
-    """w = 1 / (MAD + eps) (spec §3.1 step 5)."""
-    return 1.0 / (mad_KD + eps)
+    """w = 1 / (MAD + eps) (spec §3.1 step 5), fp32."""
+    return torch.add(mad_KD.float(), eps).reciprocal_()
 
 
 def _column_means(rows_K: torch.Tensor, dtype: torch.dtype):
@@ -125,7 +125,7 @@ def _column_means(rows_K: torch.Tensor, dtype: torch.dtype):
     return lambda w_KD: torch.mv(w_KD.t(), rows_f_K).div_(n_rows)
 
 
-def _masked_mean(w_KD: torch.Tensor, rows_K: torch.Tensor, dim=None) -> torch.Tensor:
+def masked_mean(w_KD: torch.Tensor, rows_K: torch.Tensor, dim=None) -> torch.Tensor:
     """Mean of ``w_KD`` over the rows in ``rows_K`` (per column with ``dim=0``; all entries with None)."""
     colmean_D = _column_means(rows_K, w_KD.dtype)(w_KD)
     return colmean_D if dim == 0 else colmean_D.mean()
@@ -134,13 +134,13 @@ def _masked_mean(w_KD: torch.Tensor, rows_K: torch.Tensor, dim=None) -> torch.Te
 @torch.no_grad()
 def clip_weights(w_KD: torch.Tensor, rows_K: torch.Tensor, clip: float) -> torch.Tensor:
     """w ← min(w, clip · mean(w)), the mean over the cluster rows in ``rows_K`` (pre-clip)."""
-    return torch.minimum(w_KD, clip * _masked_mean(w_KD, rows_K))
+    return torch.minimum(w_KD, clip * masked_mean(w_KD, rows_K))
 
 
 @torch.no_grad()
 def normalize_per_feature(w_KD: torch.Tensor, rows_K: torch.Tensor) -> torch.Tensor:
     """w[:, q] ← w[:, q] / mean_k w[k, q] over the rows in ``rows_K`` (spec §3.1 step 7)."""
-    return w_KD / _masked_mean(w_KD, rows_K, dim=0)
+    return w_KD / masked_mean(w_KD, rows_K, dim=0)
 
 
 @torch.no_grad()
@@ -179,7 +179,7 @@ def weights_from_stats(
     """``w_KD`` (row k = diagonal of M_k) from the clusters' MADs: invert, clip, normalise."""
     # At K×D this size every op is a kernel launch, and launches are what the AC statistics cost
     # on a GPU: hence the in-place ops and the matrix-vector masked means.
-    w_KD = torch.add(mad_KD.float(), eps).reciprocal_()  # spec §3.1 step 5
+    w_KD = inverse_dispersion(mad_KD, eps)  # spec §3.1 step 5
     rows_K = cluster_rows(counts_K, mode, max_label, min_cluster_size)
     colmean = _column_means(rows_K, w_KD.dtype)
     pre_clip_mean = colmean(w_KD).mean()

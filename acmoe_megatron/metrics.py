@@ -25,6 +25,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from acmoe_megatron.ac_stats import inverse_dispersion, masked_mean
+
 ROUTING_FIELDS = 6  # tokens, entropy sum, dropped slots, instability sum, instability count, calls
 AC_FIELDS = 7  # calls, weight mean, weight max, clip rate, mad mean, separation raw, separation ac
 
@@ -91,18 +93,13 @@ def rand_disagreement(a_N: torch.Tensor, b_N: torch.Tensor) -> torch.Tensor:
     return (same_a != same_b).float().sum() / max(n * (n - 1), 1)
 
 
-def _masked_rows_mean(v_KD: torch.Tensor, rows_K: torch.Tensor) -> torch.Tensor:
-    m = rows_K.float().unsqueeze(1)
-    return (v_KD * m).sum() / (m.sum() * v_KD.shape[1]).clamp_min(1.0)
-
-
 def separation(center_KD: torch.Tensor, mad_KD: torch.Tensor, present_K: torch.Tensor) -> torch.Tensor:
     """Mean between-centroid L1 distance per feature over the mean within-cluster MAD."""
     diff_KK = (center_KD.unsqueeze(0) - center_KD.unsqueeze(1)).abs().mean(-1)
     pair_KK = present_K.unsqueeze(0) & present_K.unsqueeze(1)
     pair_KK = pair_KK & ~torch.eye(len(present_K), dtype=torch.bool, device=present_K.device)
     between = (diff_KK * pair_KK).sum() / pair_KK.sum().clamp_min(1)
-    within = _masked_rows_mean(mad_KD, present_K)
+    within = masked_mean(mad_KD, present_K)
     return between / within.clamp_min(1e-12)
 
 
@@ -113,15 +110,15 @@ def ac_summary(counts_K, mean_KD, mad_KD, w_KD, rows_K, eps: float, clip: float)
     D = w_KD.shape[1]
     weight_mean = (counts_K.unsqueeze(1) * w_KD).sum() / (counts_K.sum() * D).clamp_min(1.0)
     weight_max = torch.where(present_K.unsqueeze(1), w_KD, torch.zeros_like(w_KD)).amax()
-    w0_KD = 1.0 / (mad_KD + eps)
-    threshold = clip * _masked_rows_mean(w0_KD, rows_K)
+    w0_KD = inverse_dispersion(mad_KD, eps)
+    threshold = clip * masked_mean(w0_KD, rows_K)
     clip_rate = ((w0_KD >= threshold) & present_K.unsqueeze(1)).float().sum() / (present_K.sum() * D).clamp_min(1)
     return torch.stack([
         torch.ones((), device=w_KD.device),
         weight_mean,
         weight_max,
         clip_rate,
-        _masked_rows_mean(mad_KD, present_K),
+        masked_mean(mad_KD, present_K),
         separation(mean_KD, mad_KD, present_K),
         separation(mean_KD * w_KD, mad_KD * w_KD, present_K),
     ]).float()
