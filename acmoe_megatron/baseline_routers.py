@@ -49,6 +49,7 @@ from megatron.core.transformer.moe.moe_utils import (
     topk_routing_with_score_function,
 )
 
+from acmoe_megatron import expert_norm as fixed_norm
 from acmoe_megatron.routers import ACSettings, CosineRouter, LabelSourceRouter, _router_dtype
 from acmoe_megatron.step_inputs import get_tokens
 
@@ -147,18 +148,25 @@ def _capacity(router, probs: torch.Tensor, routing_map: torch.Tensor):
     )
 
 
-class XMoERouter(LabelSourceRouter):
+class XMoERouter(LabelSourceRouter, fixed_norm.ExpertEmbeddingOwner):
     """XMoE: cosine-type routing on a low-dimensional hypersphere (see module docstring)."""
 
     def __init__(self, *, config, pg_collection=None, is_mtp_layer=False, ac: ACSettings = ACSettings(), **kw):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **kw)
         dim = ac.xmoe_dim or max(1, self.num_experts // 2)
-        self.weight = _new_param(_orthogonal(self.num_experts, dim, 0.32, config), config)  # e_j
+        emb = _orthogonal(self.num_experts, dim, fixed_norm.ORTHOGONAL_GAIN, config)
+        self.expert_norm = ac.expert_norm  # the release rescales XMoE's rows to 1.5 too
+        if ac.expert_norm is not None and config.perform_initialization:
+            fixed_norm.rescale_rows_(emb, ac.expert_norm)
+        self.weight = _new_param(emb, config)  # e_j
         proj = torch.empty(dim, config.hidden_size, dtype=torch.float32)
         if config.perform_initialization:
             config.init_method(proj)
         self.proj = _new_param(proj, config)  # W_p
         self.bias = None  # XMoE scores have no bias
+
+    def expert_embedding(self) -> torch.nn.Parameter:
+        return self.weight
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         _to_device(self.weight, input.device)
@@ -173,10 +181,11 @@ class StableMoELiteRouter(CosineRouter):
     """The ACMoE code's StableMoE stand-in: cosine routing, e_j ``orthogonal_(gain=0.32)``."""
 
     def __init__(self, *, config, pg_collection=None, is_mtp_layer=False, ac: ACSettings = ACSettings(), **kw):
-        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **kw)
-        if config.perform_initialization:
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer,
+                         expert_norm=ac.expert_norm, **kw)
+        if config.perform_initialization and ac.expert_norm is None:  # else CosineRouter's fixed-norm init
             with torch.no_grad():
-                self.weight.copy_(_orthogonal(self.num_experts, config.hidden_size, 0.32, config))
+                self.weight.copy_(_orthogonal(self.num_experts, config.hidden_size, fixed_norm.ORTHOGONAL_GAIN, config))
 
 
 class USMoERouter(LabelSourceRouter):

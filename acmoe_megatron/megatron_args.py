@@ -85,6 +85,12 @@ def validate_args(args, recipe) -> None:
             "megatron.moe_router_force_load_balancing replaces router logits by random ones, which "
             f"makes acmoe.router={recipe.acmoe.router} meaningless; use acmoe.router=topk for that benchmark"
         )
+    if recipe.acmoe.expert_norm is not None and getattr(args, "use_precision_aware_optimizer", False):
+        raise ConfigError(
+            "acmoe.expert_norm needs the fp32 main parameters, which megatron.use_precision_aware_optimizer "
+            "keeps inside Transformer Engine's FusedAdam: set use_precision_aware_optimizer: false, or "
+            "acmoe.expert_norm: null (free norm)"
+        )
     _check_common(args)
 
 

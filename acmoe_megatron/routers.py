@@ -13,6 +13,10 @@ z-loss, expert bias and the token dispatch all run unchanged on top of the AC lo
   training precision; the transform carries no gradient.
 * ``CosineRouter``: the same scoring with M = I, the ablation that isolates the effect of M.
 
+``acmoe.expert_norm`` (ac, cosine and the baselines with expert embeddings): the release's
+``orthogonal_(gain=0.32)`` init and rows held at that norm after every optimizer step
+(expert_norm.py); ``null`` keeps megatron's N(0, init_method_std) init and a free norm.
+
 Statistics **scope** (whose tokens the per-cluster mean/MAD are computed over):
 ``local`` = this rank's tokens (under sequence parallelism: its shard of the sequence);
 ``tp`` (default) = all tokens of the micro-batch on this data-parallel replica (all-reduce over
@@ -37,7 +41,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.router import TopKRouter
 
-from acmoe_megatron import ac_stats
+from acmoe_megatron import ac_stats, expert_norm
 from acmoe_megatron.labels import LabelCarrier, LayerLabels, labels_from_routing
 
 # ac / cosine route MoE layers from ``first_ac_layer`` on (earlier ones: megatron's top-k); the
@@ -74,6 +78,10 @@ class ACSettings:
     source: str = "batch"  # batch (paper) | ema (causal-safe running statistics)
     ema_decay: float = 0.99
     compile: bool = False  # torch.compile the statistics, weights and scores (fewer kernel launches)
+    # Row norm of the expert embeddings (ac, cosine, xmoe, stablemoe-lite): orthogonal init, rows
+    # rescaled to this norm after every optimizer step (the release: 1.5); null = megatron's init,
+    # free norm. No effect on routers without expert embeddings (topk, usmoe, etr, stablemoe).
+    expert_norm: float | None = None
     xmoe_dim: int | None = None  # XMoE routing-space dimension; None = num_experts // 2 (ACMoE's runs: 8 for 16)
     usmoe_rate: float = 0.5  # USMoE r in (1 - r)·softmax + r·(2/E)·sigmoid (official code: 0.5)
     etr_trainable_affinity: bool = False  # ETR: learn the block-diagonal affinity entries (Eq. 3 fixes them)
@@ -98,6 +106,8 @@ class ACSettings:
             (not self.compile or self.router in ("ac", "cosine"),
              f"acmoe.compile applies to the ac and cosine routers, not {self.router!r}: remove it"),
             (self.min_cluster_size >= 1, "acmoe.min_cluster_size must be >= 1"),
+            (self.expert_norm is None or (isinstance(self.expert_norm, (int, float)) and self.expert_norm > 0),
+             f"acmoe.expert_norm={self.expert_norm!r}: give a positive row norm (the release: 1.5) or null"),
             (self.xmoe_dim is None or self.xmoe_dim >= 1, "acmoe.xmoe_dim must be >= 1 (or null)"),
             (0.0 <= self.usmoe_rate <= 1.0, "acmoe.usmoe_rate must be in [0, 1]"),
             (0.0 <= self.stablemoe_stage1_fraction <= 1.0, "acmoe.stablemoe_stage1_fraction must be in [0, 1]"),
@@ -117,6 +127,11 @@ class ACSettings:
 
 def _router_dtype(config) -> torch.dtype:
     return torch.float64 if config.moe_router_dtype == "fp64" else torch.float32
+
+
+def _fixed_norm_init(rows: int, cols: int, norm: float) -> torch.Tensor:
+    """The release's expert embeddings before the first forward: orthogonal, every row at ``norm``."""
+    return expert_norm.orthogonal_rows(rows, cols, norm)
 
 
 class LabelSourceRouter(TopKRouter):
@@ -165,12 +180,19 @@ class LabelSourceRouter(TopKRouter):
                                             None if prev is None else prev.top1_T, self.topk)
 
 
-class CosineRouter(LabelSourceRouter):
+class CosineRouter(LabelSourceRouter, expert_norm.ExpertEmbeddingOwner):
     """Unit-norm expert embeddings on the raw token: s_ij = x_i · e_j / ||e_j|| (M = I)."""
 
-    def __init__(self, *, compile_scores: bool = False, **kw):
+    def __init__(self, *, compile_scores: bool = False, expert_norm: float | None = None, **kw):
         super().__init__(**kw)
         self.compile_scores = compile_scores  # acmoe.compile
+        self.expert_norm = expert_norm  # rows kept at this norm by the optimizer hook (expert_norm.py)
+        if expert_norm is not None and self.config.perform_initialization:
+            with torch.no_grad():
+                self.weight.copy_(_fixed_norm_init(self.num_experts, self.config.hidden_size, expert_norm))
+
+    def expert_embedding(self) -> torch.nn.Parameter:
+        return self.weight
 
     def _transform(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(w_KD, labels_T): M_{c_i} = diag(w[c_i]); None is M = I."""
@@ -195,7 +217,8 @@ class ACRouter(CosineRouter):
                  metrics=None, ac: ACSettings = ACSettings(), **kw):
         kw["ema_buffers"] = ac.source == "ema"  # running statistics, part of the checkpoint
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer,
-                         label_carrier=label_carrier, metrics=metrics, compile_scores=ac.compile, **kw)
+                         label_carrier=label_carrier, metrics=metrics, compile_scores=ac.compile,
+                         expert_norm=ac.expert_norm, **kw)
         self.ac = ac
         self.ac_constants = ac.constants()
 

@@ -2,6 +2,8 @@
 
 * ``install_checkpoint_retention``: ``run.keep_last_checkpoints`` — after each completed save keep
   only the newest N ``iter_*`` directories.
+* ``install_expert_norm``: ``acmoe.expert_norm`` — registers expert_norm.py's rescale on the
+  optimizer megatron builds (after its checkpoint load, so a resume continues on the sphere).
 * ``log_router_grad_norms``: ``run.log_router_grad_norms`` — per-step router gradient norms after
   megatron's gradient reduction (used by the parallel-layout parity tests).
 * Fault injection for the reliability tests, off unless the environment asks for it:
@@ -47,6 +49,27 @@ def install_checkpoint_retention(keep_last: int) -> None:
         return out
 
     training.save_checkpoint = save_and_prune
+
+
+def install_expert_norm() -> None:
+    """Wrap megatron's ``setup_model_and_optimizer`` so that the optimizer it returns keeps the
+    routers' expert embeddings at ``acmoe.expert_norm`` after every step (expert_norm.install);
+    a no-op for models without such routers."""
+    import megatron.training.training as training
+
+    from acmoe_megatron import expert_norm
+
+    setup = training.setup_model_and_optimizer
+
+    def setup_with_expert_norm(*args, **kwargs):
+        model, optimizer, scheduler = setup(*args, **kwargs)
+        held = expert_norm.install(optimizer, model)
+        if held and torch.distributed.get_rank() == 0:
+            print(f"[acmoe] expert embeddings of {held} router(s) held at their fixed row norm after every "
+                  "optimizer step", flush=True)
+        return model, optimizer, scheduler
+
+    training.setup_model_and_optimizer = setup_with_expert_norm
 
 
 def log_router_grad_norms(model, run_dir: Path) -> None:

@@ -130,7 +130,8 @@ def acmoe_block_spec(
                 kw = {"vocab_size": vocab_size} if settings.router == "stablemoe" else {}
                 builder = functools.partial(baseline, label_carrier=carrier, metrics=metrics, ac=settings, **kw)
             elif n in ac_numbers:
-                kw = {"ac": settings} if scorer is ACRouter else {"compile_scores": settings.compile}
+                kw = ({"ac": settings} if scorer is ACRouter
+                      else {"compile_scores": settings.compile, "expert_norm": settings.expert_norm})
                 builder = functools.partial(scorer, label_carrier=carrier, metrics=metrics, **kw)
             else:
                 builder = functools.partial(LabelSourceRouter, label_carrier=carrier, metrics=metrics,

@@ -258,6 +258,8 @@ def main(argv=None) -> None:
     observability.install(metrics_registry, extra_moe_losses=baseline_routers.router_losses(recipe.acmoe.router))
     run_hooks.install_fault_injection()
     run_hooks.install_checkpoint_retention(recipe.run.keep_last_checkpoints)
+    if recipe.acmoe.expert_norm is not None:
+        run_hooks.install_expert_norm()
     start = time.time()
     stopped_early = False
     nonfinite_exit = None

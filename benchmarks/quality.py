@@ -95,6 +95,22 @@ ROWS: tuple[Row, ...] = (
         "AC statistics over 32 sequences (4096 tokens): twice the batch, so twice the training tokens"),
     Row("topk-mb32", ("acmoe.router=topk", "megatron.micro_batch_size=32", "megatron.global_batch_size=32"), False,
         "reference for ac-mb32 (same doubled batch)"),
+    # ablations of the release recipe (configs/release_cpu.yaml): one change, applied to AC and to
+    # the references it affects, so that AC - topk and AC - cosine can be compared under it
+    *(Row(f"{r}-balance", (f"acmoe.router={r}", "megatron.moe_router_load_balancing_type=aux_loss",
+                           "megatron.moe_aux_loss_coeff=0.01"), False,
+          f"{r} with megatron's aux load-balancing loss 0.01 on every MoE layer (our recipes' default)")
+      for r in ("topk", "cosine", "ac")),
+    *(Row(f"{r}-freenorm", (f"acmoe.router={r}", "acmoe.expert_norm=null"), False,
+          f"{r} with megatron's N(0, init_method_std) expert embeddings and a free norm")
+      for r in ("cosine", "ac")),
+    *(Row(f"{r}-clip", (f"acmoe.router={r}", "megatron.clip_grad=1.0"), False,
+          f"{r} with gradient clipping 1.0 (our recipes' default)") for r in ("topk", "cosine", "ac")),
+    *(Row(f"{r}-e8", (f"acmoe.router={r}", "megatron.num_experts=8"), False, f"{r} with 8 experts instead of 16")
+      for r in ("topk", "cosine", "ac")),
+    *(Row(f"{r}-mb6", (f"acmoe.router={r}", "megatron.micro_batch_size=6"), False,
+          f"{r}, micro-batches of 6 sequences (half the tokens per AC statistic, same global batch)")
+      for r in ("topk", "ac")),
 )
 ROW_BY_NAME = {r.name: r for r in ROWS}
 DEFAULT_ROWS = tuple(r.name for r in ROWS if r.default)
@@ -904,8 +920,7 @@ def build_plan(args) -> Plan:
     steps = args.steps if args.steps is not None else (CPU_DEFAULT_STEPS if cpu_defaults else None)
     if steps is not None:
         base.append(f"megatron.train_iters={steps}")
-        if cpu_defaults:
-            base.append(f"megatron.save_interval={steps}")  # one checkpoint: the final one
+        base.append(f"megatron.save_interval={steps}")  # one checkpoint: the final one
     base = merge_overrides(base + list(args.set or []))
     if args.threads:
         threads = args.threads
