@@ -37,6 +37,7 @@ def common_overrides(tmp: Path, run: str) -> list[str]:
         f"run.dir={tmp / run}", f"data.path={tmp / 'data'}",
         "megatron.seq_length=64", "megatron.max_position_embeddings=64",
         "megatron.micro_batch_size=4", "megatron.global_batch_size=8",
+        "acmoe.expert_norm=1.5",  # the release's fixed-norm expert embeddings (AC layers 3-4)
     ]
 
 
@@ -206,6 +207,39 @@ def test_resume_continues_from_iteration_12_to_16(resumed_run):
     for step, lr in scalars["learning-rate"]:
         assert lr == pytest.approx(_cosine_lr(step), rel=1e-4), (step, lr)
     assert scalars["learning-rate"][-1][1] == pytest.approx(MIN_LR, rel=1e-4)
+
+
+def _router_weights(iter_dir: Path):
+    """megatron's stacked router weights [MoE layers, experts, hidden] from a torch_dist checkpoint."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(iter_dir))
+    meta = reader.read_metadata().state_dict_metadata["decoder.layers.mlp.router.weight"]
+    weights = torch.empty(meta.size, dtype=meta.properties.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... load in a single process"
+        dcp.load({"decoder.layers.mlp.router.weight": weights}, storage_reader=reader, no_dist=True)
+    return weights
+
+
+def test_expert_norm_holds_through_ep2_training_and_resume(first_run, resumed_run):
+    """acmoe.expert_norm=1.5 on the EP=2 run (2 ranks, dense part data parallel) and its resume:
+    the AC layers' expert embeddings (3-4) are at row norm 1.5 in both checkpoints, and moved
+    between them; the linear top-k routers of layers 1-2 keep a free norm."""
+    import torch
+
+    out, run_dir, _ = first_run
+    assert "expert embeddings of 2 router(s) held" in out.stdout, _tail(out)
+    at12 = _router_weights(run_dir / "checkpoints" / "iter_0000012")
+    at16 = _router_weights(resumed_run[1] / "checkpoints" / "iter_0000016")
+    for w in (at12, at16):
+        norms = w.double().norm(dim=-1)
+        assert torch.allclose(norms[2:], torch.full_like(norms[2:], 1.5), atol=1e-5), norms
+        assert (norms[:2] - 1.5).abs().min() > 0.1, norms
+    assert (at16[2:] - at12[2:]).abs().max() > 1e-4  # the resumed run trained them, on the sphere
 
 
 def test_bad_key_fails_fast_with_exit_2(workdir):
