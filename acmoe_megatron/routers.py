@@ -106,7 +106,8 @@ class ACSettings:
             (not self.compile or self.router in ("ac", "cosine"),
              f"acmoe.compile applies to the ac and cosine routers, not {self.router!r}: remove it"),
             (self.min_cluster_size >= 1, "acmoe.min_cluster_size must be >= 1"),
-            (self.expert_norm is None or (isinstance(self.expert_norm, (int, float)) and self.expert_norm > 0),
+            (self.expert_norm is None or (isinstance(self.expert_norm, (int, float))
+                                          and not isinstance(self.expert_norm, bool) and self.expert_norm > 0),
              f"acmoe.expert_norm={self.expert_norm!r}: give a positive row norm (the release: 1.5) or null"),
             (self.xmoe_dim is None or self.xmoe_dim >= 1, "acmoe.xmoe_dim must be >= 1 (or null)"),
             (0.0 <= self.usmoe_rate <= 1.0, "acmoe.usmoe_rate must be in [0, 1]"),

@@ -136,7 +136,7 @@ def test_megatron_option_with_dashes_is_rejected():
 
 
 def test_unknown_dataclass_key_lists_the_known_keys():
-    with pytest.raises(ConfigError, match=r"known keys: \['clip', 'compile', 'ema_decay', 'eps', 'etr_trainable_affinity', 'first_ac_layer'"):
+    with pytest.raises(ConfigError, match=r"known keys: \['clip', 'compile', 'ema_decay', 'eps', 'etr_trainable_affinity', 'expert_norm', 'first_ac_layer'"):
         load_recipe(None, ["acmoe.zzz=1"])
 
 
@@ -497,3 +497,18 @@ def test_launcher_malformed_override_returns_2(tmp_path, capsys):
     rc = launcher.main(["--config", str(TINY), "megatron.lr=[1,", f"run.dir={tmp_path / 'run'}"])
     assert rc == 2
     assert "config error" in capsys.readouterr().err
+
+
+def test_expert_norm_must_be_a_positive_number_or_null():
+    assert load_recipe(TINY, ["acmoe.expert_norm=1.5"]).acmoe.expert_norm == 1.5
+    assert load_recipe(TINY, ["acmoe.expert_norm=null"]).acmoe.expert_norm is None
+    for bad in ("0", "-1.5", "abc", "true"):
+        with pytest.raises(ConfigError, match="acmoe.expert_norm=.*give a positive row norm"):
+            load_recipe(TINY, [f"acmoe.expert_norm={bad}"])
+
+
+def test_validate_args_expert_norm_needs_reachable_main_params(tiny_args):
+    recipe = load_recipe(TINY, ["acmoe.expert_norm=1.5"])
+    with pytest.raises(ConfigError, match="use_precision_aware_optimizer: false, or acmoe.expert_norm: null"):
+        validate_args(_args(tiny_args, use_precision_aware_optimizer=True), recipe)
+    validate_args(_args(tiny_args, use_precision_aware_optimizer=True), load_recipe(TINY))  # free norm: fine
