@@ -92,8 +92,21 @@ class Recipe:
         }
 
     def hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        """Identity of the configuration (summaries, cached benchmark runs). Keys added after runs
+        were recorded (``HASH_OMITS_AT_DEFAULT``) are left out while they hold their default, so an
+        old run's recorded hash still names the same configuration."""
+        d = self.to_dict()
+        defaults = Recipe().to_dict()
+        for section, keys in HASH_OMITS_AT_DEFAULT.items():
+            for key in keys:
+                if d[section].get(key) == defaults[section][key]:
+                    d[section].pop(key, None)
+        blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Keys added since recorded runs (summaries, benchmarks/results/*/runs): hashed only when set.
+HASH_OMITS_AT_DEFAULT: dict[str, tuple[str, ...]] = {"acmoe": ("compile", "expert_norm")}
 
 
 def _suggest(key: str, known) -> str:

@@ -54,6 +54,7 @@ DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
 CORRUPTION = "word-swap:0.025"  # the paper's attacked WikiText-103: ~2.5 % of the words -> "AAA"
 STEPS_GOAL = 0.8  # AC should reach topk's final validation loss in <= 80 % of topk's steps
 STATS_WINDOW = 0.2  # instability / imbalance: mean over the log points of the last 20 % of steps
+AC_INTERNALS = ("separation_raw", "separation_ac", "weight_max", "clip_rate")  # ac/layerLL/<name> (metrics.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +114,18 @@ ROWS: tuple[Row, ...] = (
       for r in ("topk", "ac")),
 )
 ROW_BY_NAME = {r.name: r for r in ROWS}
+# The ablation table: one change each, (AC row, top-k reference, cosine reference) under that change
+# (a reference the change does not touch is the base row itself; None: no such reference).
+ABLATIONS: tuple[tuple[str, str, str | None, str | None], ...] = (
+    ("none (the base recipe)", "ac", "topk", "cosine"),
+    ("aux balance loss 0.01 on every MoE layer", "ac-balance", "topk-balance", "cosine-balance"),
+    ("free expert norm, megatron's init", "ac-freenorm", "topk", "cosine-freenorm"),
+    ("gradient clipping 1.0", "ac-clip", "topk-clip", "cosine-clip"),
+    ("8 experts instead of 16", "ac-e8", "topk-e8", "cosine-e8"),
+    ("half the tokens per AC statistic (micro-batch 6)", "ac-mb6", "topk-mb6", None),
+    ("EMA statistics (acmoe.source=ema)", "ac-ema", "topk", "cosine"),
+    ("clean mode (acmoe.mode=clean)", "ac-clean", "topk", "cosine"),
+)
 DEFAULT_ROWS = tuple(r.name for r in ROWS if r.default)
 
 # The default model, calibrated for a 2-core CPU (see the results file): on top of
@@ -259,6 +272,29 @@ def paired_diff(results_a: list[dict], results_b: list[dict], key: str) -> tuple
     return m, s, len(diffs)
 
 
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086)  # Student t, 97.5 % quantile, 1..20 degrees of freedom
+
+
+def ci95(mean: float | None, std: float | None, n: int) -> tuple[float, float] | None:
+    """Two-sided 95 % confidence interval of a mean of ``n`` paired differences (Student t)."""
+    if mean is None or std is None or n < 2:
+        return None
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    half = t * std / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def fmt_paired(m, s, n, nd: int = 4) -> str:
+    """``m ± s (n seeds; 95 % CI [lo, hi])`` for paired differences."""
+    if m is None:
+        return "n/a"
+    ci = ci95(m, s, n)
+    sd = "" if s is None else f" ± {s:.{nd}f}"
+    return f"{m:+.{nd}f}{sd} ({n} seed{'s' if n != 1 else ''}" + (
+        "" if ci is None else f"; 95% CI [{ci[0]:+.{nd}f}, {ci[1]:+.{nd}f}]") + ")"
+
+
 def compare(agg_ac: dict, agg_ref: dict, key: str = "loss") -> dict:
     """AC vs a reference row on ``key`` (lower is better): the difference ref − AC of the seed
     means, the seed spread (the larger of the two rows' standard deviations) and whether AC is
@@ -304,7 +340,8 @@ def verdict(aggs: dict[str, dict], results: dict[str, list[dict]]) -> list[str]:
             f"- **AC vs {ref}, validation loss** (goal: AC lower by more than the seed spread): "
             f"{ref} {fmt(agg['loss'][0])} − AC {fmt(ac['loss'][0])} = {fmt(c['margin'])} nats; "
             f"seed spread (larger std of the two rows) {fmt(c['spread'])} → {state}. "
-            f"Paired by seed (AC − {ref}, same init and data order): {fmt(pm)} ± {fmt(ps)} over {pn} seeds.")
+            f"Paired by seed (AC − {ref}, same init and data order): {fmt_paired(pm, ps, pn)}"
+            + _ci_verdict(pm, ps, pn) + ".")
     # 2. convergence speed vs topk
     if topk and topk["n"]:
         steps_ac, steps_ref = ac["steps_to_target"], topk["steps_to_target"]
@@ -357,6 +394,17 @@ def verdict(aggs: dict[str, dict], results: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def _ci_verdict(m, s, n) -> str:
+    ci = ci95(m, s, n)
+    if ci is None:
+        return ""
+    if ci[1] < 0:
+        return " → **AC lower, the 95% CI excludes 0**"
+    if ci[0] > 0:
+        return " → **AC higher, the 95% CI excludes 0**"
+    return " → the 95% CI includes 0"
+
+
 def _gap(r: dict):
     c, f = r.get("corrupt_valid_loss"), r.get("final_valid_loss")
     return None if c is None or f is None else c - f
@@ -394,7 +442,34 @@ def extract_run(scalars: dict, train_iters: int) -> dict:
     }
     for key, d in per_layer.items():
         out[key] = statistics.fmean(d.values()) if d else None
+    out["ac_internals"] = ac_internals(scalars, train_iters)
     return out
+
+
+_AC_TAG = re.compile(r"^ac/layer(\d+)/(" + "|".join(AC_INTERNALS) + r")$")
+
+
+def ac_internals(scalars: dict, train_iters: int) -> dict | None:
+    """The AC layers' logged internals, early (first ``STATS_WINDOW`` of the steps) and late (last
+    ``STATS_WINDOW``), each the mean over the log points in the window and then over the AC layers:
+    do the clusters the AC weights are computed from tighten in the transformed space
+    (separation_ac vs separation_raw), how spread are the weights, how often is the clip hit."""
+    per: dict[str, dict[str, list[float]]] = {}
+    early_end, late_start = STATS_WINDOW * train_iters, (1.0 - STATS_WINDOW) * train_iters
+    for tag, points in scalars.items():
+        m = _AC_TAG.match(tag)
+        if not m:
+            continue
+        early = [v for st, v in points if st <= early_end and math.isfinite(v)]
+        late = window_mean(points, late_start)
+        slot = per.setdefault(m.group(2), {"early": [], "late": []})
+        if early:
+            slot["early"].append(statistics.fmean(early))
+        if late is not None:
+            slot["late"].append(late)
+    if not per:
+        return None
+    return {name: {w: (round(statistics.fmean(v), 6) if v else None) for w, v in d.items()} for name, d in per.items()}
 
 
 def corrupt_loss_from_log(text: str) -> float | None:
@@ -431,7 +506,14 @@ def base_hash(plan: Plan) -> str:
     the process count."""
     from acmoe_megatron.config import load_recipe
 
+    from acmoe_megatron.config import HASH_OMITS_AT_DEFAULT, Recipe
+
     d = load_recipe(plan.config, plan.base).to_dict()
+    defaults = Recipe().to_dict()
+    for section, keys in HASH_OMITS_AT_DEFAULT.items():  # keys newer than stored results, at default
+        for key in keys:
+            if d[section].get(key) == defaults[section][key]:
+                d[section].pop(key, None)
     d["run"] = {}
     d["megatron"].pop("seed", None)
     d["data"].pop("seed", None)
@@ -820,6 +902,7 @@ def write_report(args, plan: Plan, rows: list[Row], seeds: list[int], bhash: str
         "",
         *per_seed,
     ]
+    lines += ablation_lines(results) + ac_internal_lines(results)
     if other:
         lines += ["", f"Ignored stored results made with other base settings: {', '.join(other)}."]
     lines += ["", "## Verdict (computed from the table)", "", *verdict(aggs, results), ""]
@@ -830,6 +913,71 @@ def write_report(args, plan: Plan, rows: list[Row], seeds: list[int], bhash: str
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     return out
+
+
+def ablation_lines(results: dict[str, list[dict]]) -> list[str]:
+    """Markdown table: AC − topk and AC − cosine (paired by seed, 95% CI) under each change of
+    ``ABLATIONS`` whose AC row has results, and what the change does to AC itself."""
+    def paired(a, b):
+        if not results.get(a) or not b or not results.get(b):
+            return "–"
+        return fmt_paired(*paired_diff(results[b], results[a], "final_valid_loss"))
+
+    rows = [abl for abl in ABLATIONS if results.get(abl[1])]
+    if len(rows) < 2:
+        return []
+    lines = ["", "## Ablations (paired by seed: same init and data order; nats per token)", "",
+             "| change | AC row | AC − topk | AC − cosine | AC with the change − AC without |", "|---|---|---|---|---|"]
+    for change, ac_row, topk_row, cos_row in rows:
+        lines.append(f"| {change} | `{ac_row}` | {paired(ac_row, topk_row)} | {paired(ac_row, cos_row)} | "
+                     f"{'–' if ac_row == 'ac' else paired(ac_row, 'ac')} |")
+    return lines
+
+
+def ac_internal_lines(results: dict[str, list[dict]]) -> list[str]:
+    """Markdown table of the AC layers' internals (``ac_internals``), seed means, early → late."""
+    def cell(res, name, nd=3):
+        vals = {w: [r["ac_internals"][name][w] for r in res if (r.get("ac_internals") or {}).get(name)
+                    and r["ac_internals"][name][w] is not None] for w in ("early", "late")}
+        if not vals["late"]:
+            return "–"
+        early = f"{statistics.fmean(vals['early']):.{nd}f} → " if vals["early"] else ""
+        return early + f"{statistics.fmean(vals['late']):.{nd}f}"
+
+    rows = [(name, [r for r in res if r.get("status") == "ok"]) for name, res in results.items()]
+    rows = [(name, res) for name, res in rows if any(r.get("ac_internals") for r in res)]
+    if not rows:
+        return []
+    lines = ["", f"## Inside the AC layers (seed means; first {STATS_WINDOW:.0%} of the steps → last {STATS_WINDOW:.0%})",
+             "", "Separation = mean between-centroid L1 distance per feature / mean within-cluster MAD of the "
+             "previous layer's top-1 clusters, in the raw and in the AC-transformed space (metrics.py): M "
+             "tightens the clusters it is computed from when separation_ac > separation_raw.", "",
+             "| row | separation raw | separation AC | weight max | clip rate |", "|---|---|---|---|---|"]
+    for name, res in rows:
+        lines.append(f"| `{name}` | {cell(res, 'separation_raw')} | {cell(res, 'separation_ac')} | "
+                     f"{cell(res, 'weight_max', 2)} | {cell(res, 'clip_rate', 4)} |")
+    return lines
+
+
+def reextract(plan: Plan, rows: list[Row], seeds: list[int]) -> int:
+    """Refresh the TensorBoard-derived fields of stored results from their run directories (after
+    the extraction gained a field); training and losses are untouched. Returns how many."""
+    from acmoe_megatron.summary import read_scalars
+
+    n = 0
+    for row in rows:
+        for seed in seeds:
+            path = result_path(plan.results_dir, row.name, seed)
+            tb = plan.runs_root / row.name / f"seed{seed}" / "tensorboard"
+            if not path.is_file() or not tb.is_dir():
+                continue
+            result = json.loads(path.read_text())
+            if result.get("status") != "ok":
+                continue
+            result.update(extract_run(read_scalars(tb), int(result["train_iters"])))
+            _write_json(path, result)
+            n += 1
+    return n
 
 
 def _keep_notes(out: Path) -> str:
@@ -959,6 +1107,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-corrupt", action="store_true", help="no corrupted-text evaluation")
     p.add_argument("--rerun", action="store_true", help="train again even where a stored result exists")
     p.add_argument("--report-only", action="store_true", help="only regenerate the results file from stored JSONs")
+    p.add_argument("--reextract", action="store_true",
+                   help="with --report-only: first refresh the stored JSONs' TensorBoard-derived fields from the "
+                        "run directories that still exist (losses and training untouched)")
     args = p.parse_args(argv)
     if args.jobs < 1 or args.nproc < 1:
         p.error("--jobs and --nproc must be >= 1")
@@ -1007,6 +1158,8 @@ def main(argv=None) -> int:
                     print(f"[quality] {row.name} seed {seed}: {res.get('status')}: {res.get('error', '')[:400]}",
                           file=sys.stderr, flush=True)
     else:
+        if args.reextract:
+            print(f"[quality] re-extracted {reextract(plan, rows, seeds)} stored run(s)", flush=True)
         corrupt_dir = plan.corrupt_data or Path(f"{base_recipe.data.path.rstrip('/')}_wordswap{CORRUPTION.split(':')[1]}")
         if args.skip_corrupt or not (corrupt_dir / "manifest.json").is_file():
             corrupt_dir = None

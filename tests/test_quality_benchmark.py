@@ -152,6 +152,44 @@ def test_extract_run_windows_the_routing_statistics():
     assert out["per_layer"]["instability"] == {"2": 0.2, "3": 0.5}
 
 
+def test_extract_run_ac_internals_early_and_late():
+    scalars = {
+        "ac/layer03/separation_raw": [(10, 1.0), (20, 3.0), (90, 2.0), (100, 4.0)],
+        "ac/layer04/separation_raw": [(10, 2.0), (100, 2.0)],
+        "ac/layer03/separation_ac": [(10, 5.0), (100, 7.0)],
+        "ac/layer03/clip_rate": [(50, 0.5)],  # neither window: no value
+    }
+    out = quality.extract_run(scalars, train_iters=100)["ac_internals"]  # early: <= 20, late: >= 80
+    assert out["separation_raw"] == {"early": pytest.approx((2.0 + 2.0) / 2), "late": pytest.approx((3.0 + 2.0) / 2)}
+    assert out["separation_ac"] == {"early": 5.0, "late": 7.0}
+    assert out["clip_rate"] == {"early": None, "late": None}
+    assert quality.extract_run({}, train_iters=100)["ac_internals"] is None
+
+
+def test_paired_95_ci_uses_student_t():
+    assert quality.ci95(0.0, 1.0, 1) is None and quality.ci95(0.1, None, 3) is None
+    lo, hi = quality.ci95(-0.01, 0.005, 5)  # t(4) = 2.776
+    assert (lo, hi) == (pytest.approx(-0.01 - 2.776 * 0.005 / math.sqrt(5)), pytest.approx(-0.01 + 2.776 * 0.005 / math.sqrt(5)))
+    assert hi < 0
+    assert quality.fmt_paired(-0.01, 0.005, 5) == "-0.0100 ± 0.0050 (5 seeds; 95% CI [-0.0162, -0.0038])"
+    assert "95% CI excludes 0" in quality._ci_verdict(-0.01, 0.005, 5)
+    assert "includes 0" in quality._ci_verdict(-0.01, 0.02, 5)
+
+
+def test_ablation_table_pairs_each_change_with_its_references():
+    results = {name: [_result(i + 1, f) for i, f in enumerate(finals)] for name, finals in (
+        ("topk", [2.0, 2.1]), ("cosine", [1.95, 2.0]), ("ac", [1.9, 2.0]),
+        ("ac-balance", [2.0, 2.05]), ("topk-balance", [2.1, 2.1]), ("ac-freenorm", [1.95, 2.05]))}
+    lines = quality.ablation_lines(results)
+    table = "\n".join(lines)
+    assert "| none (the base recipe) | `ac` | -0.1000 ± 0.0000 (2 seeds" in table
+    assert "| aux balance loss 0.01 on every MoE layer | `ac-balance` | -0.0750 ± 0.0354 (2 seeds" in table
+    assert "| – | +0.0750" in table  # no cosine-balance runs; ac-balance − ac
+    freenorm = next(ln for ln in lines if "free expert norm" in ln)
+    assert "-0.0500" in freenorm.split("|")[3]  # against the base topk: the norm does not touch it
+    assert quality.ablation_lines({"ac": results["ac"]}) == []
+
+
 def test_corrupt_loss_from_megatron_log():
     log = (" validation loss at iteration 40 | lm loss value: 3.0E+00 | \n"
            " validation loss at iteration 40 on validation set | lm loss value: 3.144227E+00 | lm loss PPL: 2.3E+01 |")
