@@ -145,3 +145,50 @@ def test_nccl_alltoall_dispatcher_ep1(nccl_ws1):
     import torch.distributed as dist
 
     assert dist.get_backend() == "nccl"
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["bf16-main-params", "bf16-distributed"])
+def test_expert_norm_holds_on_cuda_optimizers_without_host_sync(nccl_ws1, distributed):
+    """acmoe.expert_norm with megatron's real CUDA optimizers (bf16 + fp32 main params, and the
+    distributed optimizer): the fp32 main parameters stay at row norm 1.5 after each step, and the
+    rescale hook itself makes no host sync."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+
+    from acmoe_megatron import expert_norm
+
+    config = _gpu_config()
+    torch.manual_seed(0)
+    inner = build_gpt(config, ACSettings(first_ac_layer=2, expert_norm=1.5), vocab_size=VOCAB,
+                      max_sequence_length=SEQ).cuda()
+    model = DistributedDataParallel(config, DistributedDataParallelConfig(
+        use_distributed_optimizer=distributed, grad_reduce_in_fp32=True), Float16Module(config, inner))
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, bf16=True, clip_grad=0.0,
+                                                 use_distributed_optimizer=distributed), [model])
+    assert expert_norm.install(opt, [model]) == 3  # AC layers 2-4
+    routers = [m for m in inner.modules() if isinstance(m, expert_norm.ExpertEmbeddingOwner)]
+    data = torch.randint(0, VOCAB, (MBS, SEQ + 1), device="cuda")
+    pos = torch.arange(SEQ, device="cuda").unsqueeze(0).expand(MBS, -1)
+    for step in range(3):
+        model.zero_grad_buffer()
+        opt.zero_grad()
+        inner.acmoe_labels.reset()
+        model(data[:, :-1], pos, None, labels=data[:, 1:]).float().mean().backward()
+        model.finish_grad_sync()
+        if step == 2:  # the hook alone, on the last step
+            hooks = [leaf.optimizer for leaf in opt.chained_optimizers]
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for inner_opt in hooks:
+                    for hook in inner_opt._optimizer_step_post_hooks.values():
+                        hook(inner_opt, (), {})
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert opt.step()[0]
+    for r in routers:
+        main = r.weight.main_param.view(r.weight.shape)
+        assert main.dtype == torch.float32
+        assert torch.allclose(main.norm(dim=1), torch.full((8,), 1.5, device="cuda"), atol=2e-6)
+        assert torch.equal(r.weight.detach(), main.to(torch.bfloat16))
