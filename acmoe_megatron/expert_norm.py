@@ -173,7 +173,7 @@ def install(optimizer, model_chunks) -> int:
     ValueError when an embedding is stepped by no optimizer, or by one whose tensors this cannot
     reach."""
     found = owners(model_chunks)
-    if not found:
+    if not found or optimizer is None:  # None: megatron built no optimizer (an evaluation-only launch)
         return 0
     index = {id(p): i for i, (p, _) in enumerate(found)}
     shapes = [(p.shape[0], p.shape[1], norm) for p, norm in found]

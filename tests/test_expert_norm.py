@@ -153,6 +153,7 @@ def test_an_embedding_no_optimizer_steps_is_an_error():
     ddp, opt = _megatron_optimizer(model, config, bf16=False, distributed=False, lr=1e-3)
     with pytest.raises(ValueError, match="not stepped by the optimizer"):
         expert_norm.install(opt, [ddp])
+    assert expert_norm.install(None, [ddp]) == 0  # megatron's skip_train (evaluation-only) launch: no optimizer
 
 
 # -- learning dynamics against the release -------------------------------------------------------
