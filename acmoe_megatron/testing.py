@@ -4,10 +4,13 @@
 parallel state, as the tests' fixtures and the benchmarks need. ``tiny_config`` is a CPU-safe megatron ``TransformerConfig`` for a small MoE GPT; ``build_gpt``
 builds megatron's ``GPTModel`` with our routers (spec.acmoe_block_spec; ``elliptical=``
 ``EllipticalSettings`` for elliptical attention) and attaches the chunk's
-label carrier, exactly as the training model provider does.
+label carrier, exactly as the training model provider does. ``cuda_type_names`` lets megatron's
+mixed-precision and distributed optimizers be built and stepped on CPU tensors in tests.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -37,6 +40,28 @@ def init_single_process(backend: str = "gloo", seed: int = 1234) -> None:
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
     model_parallel_cuda_manual_seed(seed)
+
+
+@contextlib.contextmanager
+def cuda_type_names():
+    """CPU tensors answer ``type()`` with CUDA names (``torch.cuda.FloatTensor``) inside the block.
+
+    megatron's ``Float16OptimizerWithFloat16Params`` and ``DistributedOptimizer`` accept only
+    parameters whose ``type()`` names CUDA; nothing else they do needs a GPU, so tests build and
+    step them on CPU inside this block (tests/test_expert_norm.py)."""
+    original = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        if args or kwargs or name.startswith("torch.cuda."):
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
 
 
 def tiny_config(**overrides):

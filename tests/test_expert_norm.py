@@ -10,20 +10,18 @@
 EP=2 and resume are checked on the shared launch of tests/test_train_integration.py.
 
 megatron's mixed-precision and distributed optimizers accept only tensors whose ``type()`` names
-CUDA; ``_cuda_type_names`` makes CPU tensors answer with those names while the optimizer is built
+CUDA; ``testing.cuda_type_names`` makes CPU tensors answer with those names while the optimizer is built
 and stepped (nothing else differs on CPU), so these paths run in the CPU suite.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import pytest
 import torch
 
 from acmoe_megatron import expert_norm
 from acmoe_megatron.routers import ACSettings
-from acmoe_megatron.testing import build_gpt, init_single_process, tiny_config
+from acmoe_megatron.testing import build_gpt, cuda_type_names, init_single_process, tiny_config
 from reference_acmoe import ReleaseGate
 
 
@@ -32,30 +30,13 @@ def _dist():
     init_single_process()
 
 
-@contextlib.contextmanager
-def _cuda_type_names():
-    original = torch.Tensor.type
-
-    def type_(self, *args, **kwargs):
-        name = original(self, *args, **kwargs)
-        if args or kwargs or name.startswith("torch.cuda."):
-            return name
-        return name.replace("torch.", "torch.cuda.", 1)
-
-    torch.Tensor.type = type_
-    try:
-        yield
-    finally:
-        torch.Tensor.type = original
-
-
 def _megatron_optimizer(module, config, *, bf16: bool, distributed: bool, lr: float, clip: float = 0.0):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(use_distributed_optimizer=distributed, grad_reduce_in_fp32=True), module)
-    with _cuda_type_names():
+    with cuda_type_names():
         opt = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=lr, min_lr=lr, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
                             adam_eps=1e-8, bf16=bf16, use_distributed_optimizer=distributed, clip_grad=clip),
@@ -69,7 +50,7 @@ def _step(ddp, opt, loss_fn):
     loss = loss_fn()
     loss.backward()
     ddp.finish_grad_sync()
-    with _cuda_type_names():
+    with cuda_type_names():
         ok, _, _ = opt.step()
     assert ok
     return loss.detach()

@@ -5,7 +5,6 @@ Three Adam steps with ``expert_norm.install``; rank 0 writes, as JSON to ``--out
 router shard ranges and the gathered model weights' row norms."""
 
 import argparse
-import contextlib
 import json
 import warnings
 
@@ -23,22 +22,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from acmoe_megatron import expert_norm  # noqa: E402
 from acmoe_megatron.routers import ACSettings  # noqa: E402
-from acmoe_megatron.testing import build_gpt, tiny_config  # noqa: E402
-
-
-@contextlib.contextmanager
-def cuda_type_names():  # megatron's optimizers accept only CUDA type names (see tests/test_expert_norm.py)
-    original = torch.Tensor.type
-
-    def type_(self, *args, **kwargs):
-        name = original(self, *args, **kwargs)
-        return name if args or kwargs or name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
-
-    torch.Tensor.type = type_
-    try:
-        yield
-    finally:
-        torch.Tensor.type = original
+from acmoe_megatron.testing import build_gpt, cuda_type_names, tiny_config  # noqa: E402
 
 
 def main():
