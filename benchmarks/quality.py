@@ -54,7 +54,7 @@ DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
 CORRUPTION = "word-swap:0.025"  # the paper's attacked WikiText-103: ~2.5 % of the words -> "AAA"
 STEPS_GOAL = 0.8  # AC should reach topk's final validation loss in <= 80 % of topk's steps
 STATS_WINDOW = 0.2  # instability / imbalance: mean over the log points of the last 20 % of steps
-AC_INTERNALS = ("separation_raw", "separation_ac", "weight_max", "clip_rate")  # ac/layerLL/<name> (metrics.py)
+AC_INTERNALS = ("weight_mean", "weight_max", "clip_rate", "separation_raw", "separation_ac")  # ac/layerLL/<name> (metrics.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -952,10 +952,13 @@ def ac_internal_lines(results: dict[str, list[dict]]) -> list[str]:
              "", "Separation = mean between-centroid L1 distance per feature / mean within-cluster MAD of the "
              "previous layer's top-1 clusters, in the raw and in the AC-transformed space (metrics.py): M "
              "tightens the clusters it is computed from when separation_ac > separation_raw.", "",
-             "| row | separation raw | separation AC | weight max | clip rate |", "|---|---|---|---|---|"]
+             "Weight mean = the per-token mean of the AC weights m (1 when M only reshapes; far below 1 the "
+             "transformed token, and with it the router's logits, shrink: the softmax over the two selected "
+             "scores then gives both experts about the same gate).", "",
+             "| row | weight mean | weight max | clip rate | separation raw | separation AC |", "|---|---|---|---|---|---|"]
     for name, res in rows:
-        lines.append(f"| `{name}` | {cell(res, 'separation_raw')} | {cell(res, 'separation_ac')} | "
-                     f"{cell(res, 'weight_max', 2)} | {cell(res, 'clip_rate', 4)} |")
+        lines.append(f"| `{name}` | {cell(res, 'weight_mean', 4)} | {cell(res, 'weight_max', 2)} | "
+                     f"{cell(res, 'clip_rate', 4)} | {cell(res, 'separation_raw')} | {cell(res, 'separation_ac')} |")
     return lines
 
 
