@@ -165,9 +165,6 @@ class XMoERouter(LabelSourceRouter, fixed_norm.ExpertEmbeddingOwner):
         self.proj = _new_param(proj, config)  # W_p
         self.bias = None  # XMoE scores have no bias
 
-    def expert_embedding(self) -> torch.nn.Parameter:
-        return self.weight
-
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         _to_device(self.weight, input.device)
         _to_device(self.proj, input.device)

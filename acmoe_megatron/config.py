@@ -95,14 +95,18 @@ class Recipe:
         """Identity of the configuration (summaries, cached benchmark runs). Keys added after runs
         were recorded (``HASH_OMITS_AT_DEFAULT``) are left out while they hold their default, so an
         old run's recorded hash still names the same configuration."""
+        blob = json.dumps(self.identity_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def identity_dict(self) -> dict[str, Any]:
+        """``to_dict`` less the ``HASH_OMITS_AT_DEFAULT`` keys that hold their default."""
         d = self.to_dict()
         defaults = Recipe().to_dict()
         for section, keys in HASH_OMITS_AT_DEFAULT.items():
             for key in keys:
                 if d[section].get(key) == defaults[section][key]:
                     d[section].pop(key, None)
-        blob = json.dumps(d, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return d
 
 
 # Keys added since recorded runs (summaries, benchmarks/results/*/runs): hashed only when set.

@@ -37,12 +37,9 @@ ORTHOGONAL_GAIN = 0.32  # the release's init of the expert embeddings (before th
 
 
 class ExpertEmbeddingOwner:
-    """Marks a router whose ``expert_embedding()`` rows are kept at norm ``expert_norm`` (None = free)."""
+    """Marks a router whose expert embeddings ``weight`` [E, d] keep row norm ``expert_norm`` (None = free)."""
 
     expert_norm: float | None = None
-
-    def expert_embedding(self) -> torch.nn.Parameter:
-        raise NotImplementedError
 
 
 # -- the maths ---------------------------------------------------------------------------------
@@ -95,7 +92,7 @@ def owners(model_chunks) -> list[tuple[torch.nn.Parameter, float]]:
     for chunk in model_chunks:
         for module in chunk.modules():
             if isinstance(module, ExpertEmbeddingOwner) and module.expert_norm is not None:
-                p = module.expert_embedding()
+                p = module.weight
                 if id(p) not in seen:
                     seen.add(id(p))
                     out.append((p, float(module.expert_norm)))

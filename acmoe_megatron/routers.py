@@ -192,9 +192,6 @@ class CosineRouter(LabelSourceRouter, expert_norm.ExpertEmbeddingOwner):
             with torch.no_grad():
                 self.weight.copy_(_fixed_norm_init(self.num_experts, self.config.hidden_size, expert_norm))
 
-    def expert_embedding(self) -> torch.nn.Parameter:
-        return self.weight
-
     def _transform(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(w_KD, labels_T): M_{c_i} = diag(w[c_i]); None is M = I."""
         return None

@@ -506,14 +506,7 @@ def base_hash(plan: Plan) -> str:
     the process count."""
     from acmoe_megatron.config import load_recipe
 
-    from acmoe_megatron.config import HASH_OMITS_AT_DEFAULT, Recipe
-
-    d = load_recipe(plan.config, plan.base).to_dict()
-    defaults = Recipe().to_dict()
-    for section, keys in HASH_OMITS_AT_DEFAULT.items():  # keys newer than stored results, at default
-        for key in keys:
-            if d[section].get(key) == defaults[section][key]:
-                d[section].pop(key, None)
+    d = load_recipe(plan.config, plan.base).identity_dict()  # keys newer than stored results, at default: out
     d["run"] = {}
     d["megatron"].pop("seed", None)
     d["data"].pop("seed", None)

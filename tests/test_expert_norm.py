@@ -84,7 +84,7 @@ def test_fixed_norm_init_is_orthogonal_rows_at_the_norm():
         owners = _owned(model)
         assert len(owners) == 4, router  # every MoE layer (first_ac_layer=1)
         for r in owners:
-            w = r.expert_embedding().detach().double()
+            w = r.weight.detach().double()
             assert torch.allclose(w.norm(dim=1), torch.full((w.shape[0],), 1.5, dtype=torch.float64), atol=1e-6)
             if w.shape[0] <= w.shape[1]:  # orthogonal rows (XMoE's 8 x 4 space cannot hold 8 of them)
                 gram = w @ w.t()
@@ -117,12 +117,12 @@ def test_norm_holds_on_the_tensors_the_optimizer_updates(bf16, distributed):
         return _owned(model)
 
     for router in train(hold=True):
-        w = router.expert_embedding()
+        w = router.weight
         main = w.main_param if bf16 else w  # fp32 main copy (or, distributed, this rank's shard = all at DP 1)
         assert main.dtype == torch.float32
         assert torch.allclose(main.detach().view(w.shape).norm(dim=1), torch.full((8,), 1.5), atol=2e-6)
         assert torch.equal(w.detach(), main.detach().view(w.shape).to(dtype))  # megatron copied it over
-    drift = [(r.expert_embedding().detach().float().norm(dim=1) - 1.5).abs().max() for r in train(hold=False)]
+    drift = [(r.weight.detach().float().norm(dim=1) - 1.5).abs().max() for r in train(hold=False)]
     assert min(drift) > 1e-3, drift  # without the hook Adam moves the rows off the sphere
 
 
@@ -130,7 +130,7 @@ def test_an_embedding_no_optimizer_steps_is_an_error():
     config = tiny_config(num_moe_experts=4)
     model = build_gpt(config, ACSettings(router="cosine", first_ac_layer=3, expert_norm=1.5))
     for r in _owned(model):
-        r.expert_embedding().requires_grad_(False)
+        r.weight.requires_grad_(False)
     ddp, opt = _megatron_optimizer(model, config, bf16=False, distributed=False, lr=1e-3)
     with pytest.raises(ValueError, match="not stepped by the optimizer"):
         expert_norm.install(opt, [ddp])
