@@ -2,9 +2,13 @@
 
 Modules:
   ac_stats      - the cluster statistics as pure tensor functions (spec §2.2, §3.1)
-  routers       - ACRouter / LabelSourceRouter, megatron ``TopKRouter`` subclasses
-  labels        - the previous-MoE-layer label hand-off between routers
-  spec          - patches megatron's GPT decoder block spec with our routers
+  settings      - ACSettings / EllipticalSettings and ROUTER_TABLE (no torch import)
+  plugin        - the public API for any Megatron script: patch_block_spec, attach, add_arguments
+  chunk_state   - ChunkState: a model chunk's per-micro-batch cross-layer state and its hooks
+  routers       - ACRouter / CosineRouter / LabelSourceRouter, megatron ``TopKRouter`` subclasses
+  baseline_routers - XMoE, StableMoE, USMoE, ETR routers
+  labels        - a router's decision as the next AC layer needs it (top-1 expert per token)
+  spec          - patches a megatron decoder block spec with our routers
   config        - YAML recipes -> megatron flags + AC settings (unknown keys are errors)
   cpu_runtime   - what megatron-core needs to run on CPU/gloo (applied only without CUDA)
   train         - model/data providers and the forward step for ``megatron.training.pretrain``

@@ -40,8 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("release", "clean")
-NORMS = ("feature", "global_pre", "global_post")
+from acmoe_megatron.settings import MODES, NORMS  # noqa: F401  (defined with the settings)
 
 AllReduce = Callable[[torch.Tensor], None]  # in-place sum over a process group
 

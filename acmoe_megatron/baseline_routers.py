@@ -1,8 +1,9 @@
 """Baseline routers the AC paper and our related papers compare with, as megatron ``TopKRouter``s.
 
 Same plugin contract as ``routers.ACRouter``: each subclasses ``LabelSourceRouter`` (megatron's
-``TopKRouter`` + label/metric recording), is selected by ``acmoe.router`` and built through
-``spec.acmoe_block_spec``; all route *every* MoE layer (as in the ACMoE repository's scripts).
+``TopKRouter`` + label/metric recording), is registered in ``settings.ROUTER_TABLE``, selected by
+``acmoe.router`` and built through ``plugin.patch_block_spec``; all route *every* MoE layer (as in
+the ACMoE repository's scripts).
 The maths lives in pure functions (``xmoe_logits``, ``usmoe_scores``, ``usmoe_select``,
 ``etr_affinity``, ``expert_choice``, ``stablemoe_distill_loss``); the classes are thin adapters.
 Specs: ``acmoe_spec.md`` §5 (XMoE, StableMoE) and ``related_routers.md`` §1–2 (ETR, USMoE).
@@ -39,6 +40,7 @@ Specs: ``acmoe_spec.md`` §5 (XMoE, StableMoE) and ``related_routers.md`` §1–
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +52,8 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 
 from acmoe_megatron import expert_norm as fixed_norm
-from acmoe_megatron.routers import ACSettings, CosineRouter, LabelSourceRouter, _router_dtype
-from acmoe_megatron.step_inputs import get_tokens
+from acmoe_megatron.routers import CosineRouter, LabelSourceRouter, _router_dtype
+from acmoe_megatron.settings import ACSettings
 
 # -- the maths ---------------------------------------------------------------------------------
 
@@ -103,11 +105,6 @@ def expert_choice(affinity_TE: torch.Tensor, candidates_TE: torch.Tensor, capaci
 STABLEMOE_DISTILL_LOSS = "stablemoe_distill_loss"  # its name in megatron's MoE metrics (TensorBoard)
 
 
-def router_losses(router: str) -> tuple[str, ...]:
-    """Names of the losses a router records through megatron's MoE metrics tracker beyond megatron's own."""
-    return (STABLEMOE_DISTILL_LOSS,) if router == "stablemoe" else ()
-
-
 def stablemoe_distill_loss(distilled_logits_TE: torch.Tensor, main_logits_TE: torch.Tensor) -> torch.Tensor:
     """StableMoE stage 1: CE(distilled affinities, argmax_j of the main router's affinities)."""
     target_T = main_logits_TE.detach().argmax(dim=-1)
@@ -151,13 +148,17 @@ def _capacity(router, probs: torch.Tensor, routing_map: torch.Tensor):
 class XMoERouter(LabelSourceRouter, fixed_norm.ExpertEmbeddingOwner):
     """XMoE: cosine-type routing on a low-dimensional hypersphere (see module docstring)."""
 
-    def __init__(self, *, config, pg_collection=None, is_mtp_layer=False, ac: ACSettings = ACSettings(), **kw):
-        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **kw)
-        dim = ac.xmoe_dim or max(1, self.num_experts // 2)
+    router_name: ClassVar[str] = "xmoe"
+
+    def __init__(self, *, config, pg_collection=None, is_mtp_layer=False,
+                 settings: ACSettings = ACSettings(router="xmoe"), **kw):
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, settings=settings,
+                         **kw)
+        dim = settings.xmoe_dim or max(1, self.num_experts // 2)
         emb = _orthogonal(self.num_experts, dim, fixed_norm.ORTHOGONAL_GAIN, config)
-        self.expert_norm = ac.expert_norm  # the release rescales XMoE's rows to 1.5 too
-        if ac.expert_norm is not None and config.perform_initialization:
-            fixed_norm.rescale_rows_(emb, ac.expert_norm)
+        self.expert_norm = settings.expert_norm  # the release rescales XMoE's rows to 1.5 too
+        if settings.expert_norm is not None and config.perform_initialization:
+            fixed_norm.rescale_rows_(emb, settings.expert_norm)
         self.weight = _new_param(emb, config)  # e_j
         proj = torch.empty(dim, config.hidden_size, dtype=torch.float32)
         if config.perform_initialization:
@@ -177,10 +178,14 @@ class XMoERouter(LabelSourceRouter, fixed_norm.ExpertEmbeddingOwner):
 class StableMoELiteRouter(CosineRouter):
     """The ACMoE code's StableMoE stand-in: cosine routing, e_j ``orthogonal_(gain=0.32)``."""
 
-    def __init__(self, *, config, pg_collection=None, is_mtp_layer=False, ac: ACSettings = ACSettings(), **kw):
+    router_name: ClassVar[str] = "stablemoe-lite"
+    from_first_ac_layer: ClassVar[bool] = False  # routes every MoE layer, unlike CosineRouter
+
+    def __init__(self, *, config, pg_collection=None, is_mtp_layer=False,
+                 settings: ACSettings = ACSettings(router="stablemoe-lite"), **kw):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer,
-                         expert_norm=ac.expert_norm, **kw)
-        if config.perform_initialization and ac.expert_norm is None:  # else CosineRouter's fixed-norm init
+                         settings=settings, **kw)
+        if config.perform_initialization and settings.expert_norm is None:  # else CosineRouter's fixed-norm init
             with torch.no_grad():
                 self.weight.copy_(_orthogonal(self.num_experts, config.hidden_size, fixed_norm.ORTHOGONAL_GAIN, config))
 
@@ -188,9 +193,13 @@ class StableMoELiteRouter(CosineRouter):
 class USMoERouter(LabelSourceRouter):
     """USMoE: unified token/expert score, per-sequence global top-(S·k) selection."""
 
-    def __init__(self, *, config, pg_collection=None, is_mtp_layer=False, ac: ACSettings = ACSettings(), **kw):
-        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **kw)
-        self.rate = ac.usmoe_rate
+    router_name: ClassVar[str] = "usmoe"
+
+    def __init__(self, *, config, pg_collection=None, is_mtp_layer=False,
+                 settings: ACSettings = ACSettings(router="usmoe"), **kw):
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, settings=settings,
+                         **kw)
+        self.rate = settings.usmoe_rate
         if self.routing_type in ("sinkhorn", "quantile_balancing") or self.config.moe_router_num_groups:
             raise ValueError(
                 f"acmoe.router=usmoe chooses its own (token, expert) pairs; it cannot be combined "
@@ -221,8 +230,12 @@ class USMoERouter(LabelSourceRouter):
 class ETRRouter(LabelSourceRouter):
     """Expert-Token Resonance: GrAP cosine affinity, token choice then capacity-bounded expert choice."""
 
-    def __init__(self, *, config, pg_collection=None, is_mtp_layer=False, ac: ACSettings = ACSettings(), **kw):
-        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **kw)
+    router_name: ClassVar[str] = "etr"
+
+    def __init__(self, *, config, pg_collection=None, is_mtp_layer=False,
+                 settings: ACSettings = ACSettings(router="etr"), **kw):
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, settings=settings,
+                         **kw)
         E, D = self.num_experts, config.hidden_size
         problems = []
         if D % E:
@@ -240,7 +253,7 @@ class ETRRouter(LabelSourceRouter):
         if problems:
             raise ValueError("acmoe.router=etr: " + "; ".join(problems))
         w = torch.full((E, D // E), E / D, dtype=torch.float32)  # Eq. 3: n/d on the expert's group
-        self.weight = _new_param(w, config, requires_grad=ac.etr_trainable_affinity)
+        self.weight = _new_param(w, config, requires_grad=settings.etr_trainable_affinity)
         self.bias = None
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
@@ -280,16 +293,25 @@ class ETRRouter(LabelSourceRouter):
 class StableMoERouter(LabelSourceRouter):
     """StableMoE's two stages: distil a token-id router while training, then route with it frozen."""
 
-    def __init__(self, *, config, pg_collection=None, is_mtp_layer=False, ac: ACSettings = ACSettings(),
+    router_name: ClassVar[str] = "stablemoe"
+    reported_losses: ClassVar[tuple[str, ...]] = (STABLEMOE_DISTILL_LOSS,)
+
+    @classmethod
+    def spec_kwargs(cls, settings: ACSettings, *, vocab_size: int | None = None) -> dict:
+        return {"settings": settings, "vocab_size": vocab_size}
+
+    def __init__(self, *, config, pg_collection=None, is_mtp_layer=False,
+                 settings: ACSettings = ACSettings(router="stablemoe"),
                  vocab_size: int | None = None, **kw):
-        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **kw)
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, settings=settings,
+                         **kw)
         if vocab_size is None:
             raise ValueError("acmoe.router=stablemoe needs the vocabulary size (its distilled router "
-                             "embeds token ids): pass vocab_size to acmoe_block_spec")
+                             "embeds token ids): pass vocab_size to acmoe_megatron.plugin.patch_block_spec")
         if config.context_parallel_size > 1:
             raise ValueError("acmoe.router=stablemoe does not support context parallelism (token ids "
                              "of a CP shard are not available to the router)")
-        E, dim = self.num_experts, ac.stablemoe_distill_dim
+        E, dim = self.num_experts, settings.stablemoe_distill_dim
         with torch.no_grad():
             self.weight.copy_(_orthogonal(E, config.hidden_size, 0.1, config).to(self.weight.dtype))
         emb = torch.empty(vocab_size, dim, dtype=torch.float32)
@@ -302,21 +324,14 @@ class StableMoERouter(LabelSourceRouter):
         self.register_buffer("frozen_centroids", torch.zeros(E, dim))
         self.register_buffer("frozen", torch.zeros(1, dtype=torch.long))
         self._frozen = False
-        self.stage1_fraction = ac.stablemoe_stage1_fraction
-        self.distill_coeff = ac.stablemoe_distill_coeff
+        self.stage1_fraction = settings.stablemoe_stage1_fraction
+        self.distill_coeff = settings.stablemoe_distill_coeff
 
     # -- inputs from the step -----------------------------------------------------------------
 
-    def _inputs(self):
-        inputs = getattr(self.label_carrier, "step_inputs", None)
-        if inputs is None:
-            raise RuntimeError("StableMoERouter needs the training progress (carrier.step_inputs): build "
-                               "the model via acmoe_megatron.spec and train through acmoe_megatron.train")
-        return inputs
-
     def _local_token_ids(self, num_tokens: int) -> torch.Tensor:
         """Token ids in the router's [S(/TP under SP), B] order, flattened."""
-        tokens_BS = get_tokens(self.label_carrier)
+        tokens_BS = self.chunk_state.tokens()
         ids_SB = tokens_BS.t()
         if self.config.sequence_parallel and self.tp_group.size() > 1:
             ids_SB = ids_SB.chunk(self.tp_group.size(), dim=0)[self.tp_group.rank()]
@@ -328,10 +343,10 @@ class StableMoERouter(LabelSourceRouter):
     def in_stage2(self) -> bool:
         if self._frozen:
             return True
-        inputs = self._inputs()
-        if inputs.train_iters is None:
+        iteration, train_iters = self.chunk_state.progress()
+        if train_iters is None:
             return False
-        return inputs.iteration >= math.ceil(self.stage1_fraction * inputs.train_iters)
+        return iteration >= math.ceil(self.stage1_fraction * train_iters)
 
     # -- routing ------------------------------------------------------------------------------
 
@@ -374,12 +389,3 @@ class StableMoERouter(LabelSourceRouter):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._frozen = bool(self.frozen.item())  # resumed in stage 2: keep the frozen router
-
-
-BASELINE_CLASSES = {
-    "xmoe": XMoERouter,
-    "stablemoe": StableMoERouter,
-    "stablemoe-lite": StableMoELiteRouter,
-    "usmoe": USMoERouter,
-    "etr": ETRRouter,
-}

@@ -5,8 +5,8 @@ A recipe has five sections (all optional except ``megatron``):
     megatron:  any argument of Megatron's trainer, by its argparse name with underscores
                (``num_layers: 4`` → ``--num-layers 4``; ``true`` on a switch adds it,
                ``false`` on a ``--no-*`` switch adds that). Checked against megatron's own parser.
-    acmoe:     ``routers.ACSettings`` (router type, first AC layer, eps, clip, cluster rows).
-    elliptical: ``elliptical.EllipticalSettings`` (Elliptical Attention on/off, first layer,
+    acmoe:     ``settings.ACSettings`` (router type, first AC layer, eps, clip, cluster rows).
+    elliptical: ``settings.EllipticalSettings`` (Elliptical Attention on/off, first layer,
                source ``sequence``/``prefix``, scale ``standard``/``none``); works with every router.
     data:      ``DataSettings`` (webdataset shard directory with its manifest, shuffle seed).
     run:       ``RunSettings`` (run directory; TensorBoard/checkpoint paths are derived from it).
@@ -30,8 +30,7 @@ from typing import Any
 
 import yaml
 
-from acmoe_megatron.elliptical import EllipticalSettings
-from acmoe_megatron.routers import ACSettings
+from acmoe_megatron.settings import ACSettings, EllipticalSettings
 
 SECTIONS = ("megatron", "acmoe", "elliptical", "data", "run")
 

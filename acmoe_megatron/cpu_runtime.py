@@ -358,3 +358,11 @@ def install_wheel_fixes() -> list[str]:
     except ImportError:
         pass  # a source checkout of megatron: keep megatron's own compile step
     return fixed
+
+
+def install_for_training() -> list[str]:
+    """Everything a Megatron training script needs here, before ``parse_and_validate_args``: the
+    CPU shims (only without CUDA) and the wheel fixes (always). Returns the wheel fixes applied."""
+    install()
+    install_training()
+    return install_wheel_fixes()

@@ -16,7 +16,7 @@ values did not change at all (max 0, where the official code divides by zero) ke
 
 **Where it sits.** megatron applies RoPE to q and k *after* ``get_query_key_value_tensors``, and
 the rotation mixes pairs of coordinates, so the diagonal metric must act on the rotated query, i.e.
-inside core attention. ``acmoe_block_spec`` replaces ``self_attention.submodules.core_attention``
+inside core attention. ``spec.patch_block_spec`` replaces ``self_attention.submodules.core_attention``
 of the decoder layers from ``first_layer − 1`` on (``DotProductAttention`` locally,
 ``TEDotProductAttention`` with Transformer Engine) by a subclass of that very class
 (``elliptical_core_attention``): same parameters and checkpoint keys, same kernel, every argument
@@ -36,7 +36,7 @@ paper) averages over the whole sequence, so position t's metric uses later token
 non-causal leak in a causal LM; ``prefix`` (causal-safe) gives position t the mean over positions
 ≤ t, max-normalised per position, so logits at t do not depend on later tokens.
 
-**State.** The previous layer's values travel in the chunk's ``labels.LabelCarrier`` under
+**State.** The previous layer's values travel in the chunk's ``chunk_state.ChunkState`` under
 (micro-batch, layer) like the AC labels: activation-recompute replays (full, or selective
 ``core_attn``) read the values of the micro-batch they replay, and ``label_transport`` sends the
 last layer's values of a pipeline stage to the next one (``ValueHandoff``). The statistic is local
@@ -55,33 +55,10 @@ from dataclasses import dataclass
 
 import torch
 
-from acmoe_megatron.labels import VALUES
+from acmoe_megatron.chunk_state import VALUES, UsesChunkState
+from acmoe_megatron.settings import ELLIPTICAL_SCALES, ELLIPTICAL_SOURCES, EllipticalSettings  # noqa: F401
 
-SOURCES = ("sequence", "prefix")
-SCALES = ("standard", "none")
-
-
-@dataclass(frozen=True)
-class EllipticalSettings:
-    """YAML section ``elliptical``: combines with every ``acmoe.router`` and with dense models."""
-
-    enabled: bool = False
-    first_layer: int = 2  # 1-based attention layer where the metric starts; layer 1 is standard
-    source: str = "sequence"  # sequence (paper, non-causal) | prefix (causal-safe)
-    scale: str = "standard"  # standard (megatron's 1/sqrt(d), ImageNet code) | none (WikiText code)
-
-    def __post_init__(self):
-        checks = [
-            (isinstance(self.enabled, bool), f"elliptical.enabled={self.enabled!r}: use true or false"),
-            (isinstance(self.first_layer, int) and self.first_layer >= 2,
-             f"elliptical.first_layer={self.first_layer!r}: must be an integer >= 2 (attention layer 1 "
-             "has no previous layer's values and is always standard)"),
-            (self.source in SOURCES, f"elliptical.source={self.source!r}: choose one of {SOURCES}"),
-            (self.scale in SCALES, f"elliptical.scale={self.scale!r}: choose one of {SCALES}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+SOURCES, SCALES = ELLIPTICAL_SOURCES, ELLIPTICAL_SCALES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,18 +120,17 @@ def scale_query(q_SBHD: torch.Tensor, m: torch.Tensor, factor: float = 1.0) -> t
 # megatron adapter: a core-attention subclass, the spec patch, the pipeline hand-off plan
 
 
-class EllipticalAttentionMixin:
+class EllipticalAttentionMixin(UsesChunkState):
     """Put before a megatron core-attention class: stores values, pre-scales the query.
 
-    Extra constructor keywords (bound by ``elliptical_layer_specs``): ``elliptical`` (settings)
-    and ``label_carrier`` (the chunk's cross-layer state). The layer number is megatron's global
-    one, as the routers' (``layer_number`` keyword).
+    Extra constructor keyword (bound by ``elliptical_layer_specs``): ``elliptical`` (settings).
+    The chunk's cross-layer state is bound by ``plugin.attach``. The layer number is megatron's
+    global one, as the routers' (``layer_number`` keyword).
     """
 
-    def __init__(self, config, layer_number, *args, elliptical: EllipticalSettings, label_carrier, **kwargs):
+    def __init__(self, config, layer_number, *args, elliptical: EllipticalSettings, **kwargs):
         super().__init__(config, layer_number, *args, **kwargs)
         self.elliptical = elliptical
-        self.label_carrier = label_carrier  # plain attribute: the carrier belongs to the model chunk
         self.elliptical_layer = int(layer_number)
         self.apply_metric = self.elliptical_layer >= elliptical.first_layer
         self.query_factor = 1.0
@@ -169,16 +145,16 @@ class EllipticalAttentionMixin:
                 "packed_seq_params) are not supported, the metric is a per-sequence statistic over "
                 "[s, b, heads, d] values; train without sequence packing or set elliptical.enabled=false"
             )
-        carrier = self.label_carrier
-        carrier.put_state(VALUES, self.elliptical_layer, value.detach())
+        state = self.chunk_state
+        state.put_state(VALUES, self.elliptical_layer, value.detach())
         if self.apply_metric:
-            prev = carrier.get_state(VALUES, self.elliptical_layer - 1)
+            prev = state.get_state(VALUES, self.elliptical_layer - 1)
             if prev is None:
                 raise RuntimeError(
                     f"elliptical attention at layer {self.elliptical_layer}: the values of attention "
-                    f"layer {self.elliptical_layer - 1} for micro-batch {carrier.current_mb} are missing. "
+                    f"layer {self.elliptical_layer - 1} for micro-batch {state.current_mb} are missing. "
                     "If that layer is on another pipeline stage, the stage transport is not active: "
-                    "train through acmoe_megatron.train's forward_step, or call LabelTransport yourself."
+                    "attach every model chunk with acmoe_megatron.plugin.attach and call the model."
                 )
             if prev.numel() != value.numel():
                 raise RuntimeError(
@@ -206,7 +182,7 @@ class ValueHandoff:
     """What ``label_transport`` sends between pipeline stages for elliptical attention.
 
     The values of the stage's last layer go to the next stage when its first layer applies the
-    metric. ``num_tokens`` is what ``forward_step`` passes the transport (the tokens a router of
+    metric. ``num_tokens`` is what the chunk state passes the transport (the tokens a router of
     this rank sees: b·s, divided by TP under sequence parallelism); values are not sequence-sharded.
     """
 
@@ -270,23 +246,27 @@ def _with_core_attention(layer_spec, builder_of):
     return dataclasses.replace(layer_spec, submodules=new_layer)
 
 
-def elliptical_layer_specs(config, settings: EllipticalSettings | None, layer_numbers: list[int],
-                           layer_specs: list, carrier) -> list:
-    """Patch the decoder layers from ``first_layer − 1`` on (the one before only stores its values);
-    registers the pipeline hand-off plan on ``carrier``. Disabled settings: specs unchanged."""
-    if settings is None or not settings.enabled:
-        return list(layer_specs)
-    check_supported(config, settings)
-    carrier.value_handoff = ValueHandoff(
+def value_handoff(config, settings: EllipticalSettings) -> ValueHandoff:
+    """The pipeline hand-off plan of a model with elliptical attention (``plugin.attach``)."""
+    return ValueHandoff(
         first_layer=settings.first_layer,
         elements_per_token=_value_heads_per_rank(config) * config.kv_channels,
         tokens_factor=config.tensor_model_parallel_size if config.sequence_parallel else 1,
     )
 
+
+def elliptical_layer_specs(config, settings: EllipticalSettings | None, layer_numbers: list[int],
+                           layer_specs: list) -> list:
+    """Patch the decoder layers from ``first_layer − 1`` on (the one before only stores its values).
+    Disabled settings: specs unchanged."""
+    if settings is None or not settings.enabled:
+        return list(layer_specs)
+    check_supported(config, settings)
+
     def builder_of(core):
         if not isinstance(core, type):
             raise ValueError(f"elliptical attention wraps a core-attention class; this spec has {core!r}")
-        return functools.partial(elliptical_core_attention(core), elliptical=settings, label_carrier=carrier)
+        return functools.partial(elliptical_core_attention(core), elliptical=settings)
 
     return [_with_core_attention(spec, builder_of) if n >= settings.first_layer - 1 else spec
             for n, spec in zip(layer_numbers, layer_specs)]

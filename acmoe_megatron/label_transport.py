@@ -6,15 +6,17 @@ megatron's pipeline schedules send exactly one activation tensor per micro-batch
 tensors (``adjust_tensor_shapes_fn``) exists only in the non-interleaved schedule. So the labels
 travel on a **process group of their own** over the same pipeline ranks:
 
+Both run in the chunk's forward hooks (``chunk_state.ChunkState.pre_forward`` / ``post_forward``):
+
 * after a chunk's forward, ``send`` posts a non-blocking send of the chunk's latest labels
   (``[layer, max_label, top1...]``, int64, ``layer = -1`` before the first MoE layer) to the next
   virtual stage: same pipeline group, next rank, or the next model chunk on rank 0 after the last
   rank (interleaved schedule);
 * before a chunk's forward, ``receive`` takes them from the previous virtual stage and files them
-  in the chunk's ``LabelCarrier`` under the current micro-batch, so the first AC layer of the stage
+  in the chunk's ``ChunkState`` under the current micro-batch, so the first AC layer of the stage
   finds "the previous MoE layer's labels" exactly as inside one stage (and recompute replays find
   them later under the same micro-batch id).
-* with elliptical attention (``carrier.value_handoff`` set by the spec) a second message follows:
+* with elliptical attention (``state.value_handoff``, planned by ``plugin.attach``) a second message follows:
   the values of the chunk's last attention layer (float32, flat; the reader reshapes them to its
   own values' shape), sent only when the next stage's first layer applies the metric and filed
   there under that layer's predecessor — so its first elliptical layer sees exactly the values it
@@ -33,7 +35,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from acmoe_megatron.labels import VALUES, LabelCarrier, LayerLabels
+from acmoe_megatron.chunk_state import VALUES, ChunkState
+from acmoe_megatron.labels import LayerLabels
 
 
 class LabelTransport:
@@ -69,7 +72,7 @@ class LabelTransport:
             return self.pp_rank - 1, vp_stage
         return (self.pp_size - 1, vp_stage - 1) if vp_stage > 0 else None
 
-    def receive(self, carrier: LabelCarrier, vp_stage: int, num_tokens: int, device) -> None:
+    def receive(self, state: ChunkState, vp_stage: int, num_tokens: int, device) -> None:
         prev = self._prev(vp_stage)
         if prev is None:
             return
@@ -77,21 +80,21 @@ class LabelTransport:
         dist.recv(buf, src=self.pp_ranks[prev[0]], group=self.group, tag=vp_stage)
         # The sender's latest MoE layer is known statically (no host read of buf[0]): the last
         # MoE layer before this chunk's first layer.
-        layer = carrier.previous_moe_layer(carrier.local_layer_numbers[0])
+        layer = state.previous_moe_layer(state.local_layer_numbers[0])
         if layer is not None:
-            carrier.put_labels(layer, LayerLabels(buf[2:], buf[1]))
-        handoff = carrier.value_handoff
-        layer = None if handoff is None else handoff.layer_to_receive(carrier.local_layer_numbers)
+            state.put_labels(layer, LayerLabels(buf[2:], buf[1]))
+        handoff = state.value_handoff
+        layer = None if handoff is None else handoff.layer_to_receive(state.local_layer_numbers)
         if layer is not None:
             values = torch.empty(handoff.numel(num_tokens), dtype=torch.float32, device=device)
             dist.recv(values, src=self.pp_ranks[prev[0]], group=self.group, tag=self._value_tag(vp_stage))
-            carrier.put_state(VALUES, layer, values)
+            state.put_state(VALUES, layer, values)
 
-    def send(self, carrier: LabelCarrier, vp_stage: int, num_tokens: int, device) -> None:
+    def send(self, state: ChunkState, vp_stage: int, num_tokens: int, device) -> None:
         nxt = self._next(vp_stage)
         if nxt is None:
             return
-        latest = carrier.latest()
+        latest = state.latest_labels()
         buf = torch.full((num_tokens + 2,), -1, dtype=torch.long, device=device)
         if latest is not None:
             layer, labels = latest
@@ -101,14 +104,14 @@ class LabelTransport:
         self._pending = [(w, t) for (w, t) in self._pending if not w.is_completed()]
         work = dist.isend(buf, dst=self.pp_ranks[nxt[0]], group=self.group, tag=nxt[1])
         self._pending.append((work, buf))
-        handoff = carrier.value_handoff
-        layer = None if handoff is None else handoff.layer_to_send(carrier.local_layer_numbers)
+        handoff = state.value_handoff
+        layer = None if handoff is None else handoff.layer_to_send(state.local_layer_numbers)
         if layer is not None:
-            values = carrier.get_state(VALUES, layer)
+            values = state.get_state(VALUES, layer)
             if values is None:
                 raise RuntimeError(
                     f"elliptical attention: layer {layer} stored no values for micro-batch "
-                    f"{carrier.current_mb}, but the next pipeline stage needs them; run the chunk's "
+                    f"{state.current_mb}, but the next pipeline stage needs them; run the chunk's "
                     "forward before LabelTransport.send"
                 )
             flat = values.detach().reshape(-1).to(torch.float32).contiguous()

@@ -48,14 +48,18 @@ def build_argv(recipe, manifest) -> list[str]:
 
 def validate_args(args, recipe) -> None:
     """Checks megatron does not make, before any model is built."""
+    check_settings(args, recipe.acmoe, recipe.elliptical)
+
+
+def check_settings(args, acmoe, elliptical=None) -> None:
+    """``validate_args`` on the settings themselves (also used by ``plugin.validate_args``)."""
     from acmoe_megatron.config import ConfigError
     from acmoe_megatron.spec import moe_layer_numbers
 
-    elliptical = getattr(recipe, "elliptical", None)
     if elliptical is not None and elliptical.enabled:
         _check_elliptical(args, elliptical)
     if not args.num_experts:
-        if elliptical is not None and elliptical.enabled and recipe.acmoe.router == "topk":
+        if elliptical is not None and elliptical.enabled and acmoe.router == "topk":
             return _check_common(args)  # a dense model with elliptical attention
         raise ConfigError("megatron.num_experts is not set: ACMoE needs an MoE model (a dense model "
                           "runs only with elliptical.enabled=true and acmoe.router=topk)")
@@ -75,17 +79,17 @@ def validate_args(args, recipe) -> None:
         num_moe_experts = args.num_experts
 
     n_moe = len(moe_layer_numbers(_Shape))
-    if recipe.acmoe.router != "topk" and recipe.acmoe.first_ac_layer > n_moe:
+    if acmoe.router != "topk" and acmoe.first_ac_layer > n_moe:
         raise ConfigError(
-            f"acmoe.first_ac_layer={recipe.acmoe.first_ac_layer} but the model has only {n_moe} MoE "
+            f"acmoe.first_ac_layer={acmoe.first_ac_layer} but the model has only {n_moe} MoE "
             f"layers; choose 1..{n_moe} (the paper uses 3 with 6 MoE layers)"
         )
-    if recipe.acmoe.router != "topk" and getattr(args, "moe_router_force_load_balancing", False):
+    if acmoe.router != "topk" and getattr(args, "moe_router_force_load_balancing", False):
         raise ConfigError(
             "megatron.moe_router_force_load_balancing replaces router logits by random ones, which "
-            f"makes acmoe.router={recipe.acmoe.router} meaningless; use acmoe.router=topk for that benchmark"
+            f"makes acmoe.router={acmoe.router} meaningless; use acmoe.router=topk for that benchmark"
         )
-    if recipe.acmoe.expert_norm is not None and getattr(args, "use_precision_aware_optimizer", False):
+    if acmoe.expert_norm is not None and getattr(args, "use_precision_aware_optimizer", False):
         raise ConfigError(
             "acmoe.expert_norm needs the fp32 main parameters, which megatron.use_precision_aware_optimizer "
             "keeps inside Transformer Engine's FusedAdam: set use_precision_aware_optimizer: false, or "

@@ -1,7 +1,7 @@
 """Extra TensorBoard scalars for Megatron's training loop: MoE/AC routing metrics, tokens/s,
 memory, bits per token — written at Megatron's own log interval, by Megatron's own writer.
 
-``install(registry)`` wraps two functions of ``megatron.training.training`` (looked up by name in
+``install()`` wraps two functions of ``megatron.training.training`` (looked up by name in
 the training loop): ``training_log`` — after Megatron's own logging, at every ``log_interval``,
 every rank takes part in one all-reduce of the routing accumulators (metrics.flush) and one MAX
 reduce of memory, and the writer rank (Megatron's: the last one) writes
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from acmoe_megatron import metrics as router_metrics
+from acmoe_megatron.chunk_state import attached_metrics
 
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "B200": 2250e12}
 _STATE = {"installed": False}
@@ -73,9 +74,10 @@ def report_extra_moe_losses(names: tuple[str, ...]) -> None:
     training.get_moe_metrics_tracker = get_tracker_reporting_ours
 
 
-def install(registry: list, extra_moe_losses: tuple[str, ...] = ()) -> None:
-    """Wrap megatron's training_log/evaluate once; ``registry`` lists this rank's RouterMetrics;
-    ``extra_moe_losses``: our routers' loss names for megatron's MoE report."""
+def install(extra_moe_losses: tuple[str, ...] = ()) -> None:
+    """Wrap megatron's training_log/evaluate once; the routing metrics are those of every attached
+    model chunk (``chunk_state.attached_metrics``); ``extra_moe_losses``: our routers' loss names for
+    megatron's MoE report."""
     if _STATE["installed"]:
         return
     report_extra_moe_losses(extra_moe_losses)
@@ -93,7 +95,7 @@ def install(registry: list, extra_moe_losses: tuple[str, ...] = ()) -> None:
         if iteration % margs.log_interval:
             return out
         writer = get_tensorboard_writer()
-        router_metrics.flush(registry, writer, iteration)
+        router_metrics.flush(attached_metrics(), writer, iteration)
         mem = torch.tensor([_memory_gib()], device="cuda" if torch.cuda.is_available() else "cpu")
         if dist.is_initialized():
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)

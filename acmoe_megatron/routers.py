@@ -29,102 +29,22 @@ batch-dependent evaluation) or ``ema`` (running per-expert mean/MAD, updated aft
 global batch statistics, saved in checkpoints: causal-safe and batch-independent).
 
 The builder signature megatron calls is ``router(config=, pg_collection=, is_mtp_layer=)``; our
-settings are bound beforehand with ``functools.partial`` (spec.py): no field is added to megatron's
+settings are bound beforehand by ``plugin.patch_block_spec`` (``spec_kwargs``): no field is added to megatron's
 ``TransformerConfig``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.router import TopKRouter
 
 from acmoe_megatron import ac_stats, expert_norm
-from acmoe_megatron.labels import LabelCarrier, LayerLabels, labels_from_routing
-
-# ac / cosine route MoE layers from ``first_ac_layer`` on (earlier ones: megatron's top-k); the
-# baselines (baseline_routers.py) route every MoE layer, as in their papers' and ACMoE's scripts.
-BASELINE_ROUTERS = ("xmoe", "stablemoe", "stablemoe-lite", "usmoe", "etr")
-ROUTER_TYPES = ("ac", "cosine", "topk") + BASELINE_ROUTERS
-SCOPES = ("local", "tp", "dp")
-SOURCES = ("batch", "ema")
-# The constant sets of the three official code bases (spec §3.4): eps, clip, normalisation.
-PRESETS = {
-    "lm": dict(eps=1e-4, clip=10.0, norm="feature"),
-    "swin": dict(eps=1e-4, clip=1.5, norm="global_pre"),
-    "softmoe": dict(eps=0.35, clip=5.0, norm="global_post"),
-}
-
-
-@dataclass(frozen=True)
-class ACSettings:
-    """Router settings (YAML section ``acmoe``; AC defaults = the LM release).
-
-    The ``xmoe_*``, ``usmoe_*``, ``etr_*`` and ``stablemoe_*`` keys belong to the baseline routers
-    of ``baseline_routers.py`` (see each class for the paper's equation).
-    """
-
-    router: str = "ac"  # ac | cosine | topk | xmoe | stablemoe | stablemoe-lite | usmoe | etr
-    first_ac_layer: int = 3  # 1-based ordinal among MoE layers where AC starts (paper: 3)
-    preset: str = "lm"  # lm | swin | softmoe: eps/clip/norm of that code base (spec §3.4)
-    eps: float | None = None  # ε in 1 / (MAD + ε); None = the preset's
-    clip: float | None = None  # clip weights at clip × mean(weights); None = the preset's
-    norm: str | None = None  # feature | global_pre | global_post; None = the preset's
-    mode: str = "release"  # release (official code) | clean (small clusters get M = I)
-    min_cluster_size: int = 2  # clean mode: clusters with fewer tokens get M = I
-    scope: str = "tp"  # local | tp | dp: tokens the statistics are computed over
-    source: str = "batch"  # batch (paper) | ema (causal-safe running statistics)
-    ema_decay: float = 0.99
-    compile: bool = False  # torch.compile the statistics, weights and scores (fewer kernel launches)
-    # Row norm of the expert embeddings (ac, cosine, xmoe, stablemoe-lite): orthogonal init, rows
-    # rescaled to this norm after every optimizer step (the release: 1.5); null = megatron's init,
-    # free norm. No effect on routers without expert embeddings (topk, usmoe, etr, stablemoe).
-    expert_norm: float | None = None
-    xmoe_dim: int | None = None  # XMoE routing-space dimension; None = num_experts // 2 (ACMoE's runs: 8 for 16)
-    usmoe_rate: float = 0.5  # USMoE r in (1 - r)·softmax + r·(2/E)·sigmoid (official code: 0.5)
-    etr_trainable_affinity: bool = False  # ETR: learn the block-diagonal affinity entries (Eq. 3 fixes them)
-    stablemoe_stage1_fraction: float = 0.1  # StableMoE: fraction of train_iters before the router is frozen
-    stablemoe_distill_dim: int = 50  # StableMoE distilled router: token-embedding dimension (paper: 50)
-    stablemoe_distill_coeff: float = 0.3  # StableMoE: weight of the stage-1 distillation loss (paper: 0.3)
-
-    def __post_init__(self):
-        checks = [
-            (self.router in ROUTER_TYPES, f"acmoe.router={self.router!r}: choose one of {ROUTER_TYPES}"),
-            (self.first_ac_layer >= 1, f"acmoe.first_ac_layer={self.first_ac_layer}: must be >= 1 "
-                                       "(1-based MoE layer index; the paper's medium models use 3)"),
-            (self.preset in PRESETS, f"acmoe.preset={self.preset!r}: choose one of {tuple(PRESETS)}"),
-            (self.mode in ac_stats.MODES, f"acmoe.mode={self.mode!r}: choose one of {ac_stats.MODES}"),
-            (self.norm is None or self.norm in ac_stats.NORMS,
-             f"acmoe.norm={self.norm!r}: choose one of {ac_stats.NORMS}"),
-            (self.scope in SCOPES, f"acmoe.scope={self.scope!r}: choose one of {SCOPES}"),
-            (self.source in SOURCES, f"acmoe.source={self.source!r}: choose one of {SOURCES}"),
-            (self.eps is None or self.eps > 0, "acmoe.eps must be > 0"),
-            (self.clip is None or self.clip > 0, "acmoe.clip must be > 0"),
-            (0.0 < self.ema_decay < 1.0, "acmoe.ema_decay must be in (0, 1)"),
-            (not self.compile or self.router in ("ac", "cosine"),
-             f"acmoe.compile applies to the ac and cosine routers, not {self.router!r}: remove it"),
-            (self.min_cluster_size >= 1, "acmoe.min_cluster_size must be >= 1"),
-            (self.expert_norm is None or (isinstance(self.expert_norm, (int, float))
-                                          and not isinstance(self.expert_norm, bool) and self.expert_norm > 0),
-             f"acmoe.expert_norm={self.expert_norm!r}: give a positive row norm (the release: 1.5) or null"),
-            (self.xmoe_dim is None or self.xmoe_dim >= 1, "acmoe.xmoe_dim must be >= 1 (or null)"),
-            (0.0 <= self.usmoe_rate <= 1.0, "acmoe.usmoe_rate must be in [0, 1]"),
-            (0.0 <= self.stablemoe_stage1_fraction <= 1.0, "acmoe.stablemoe_stage1_fraction must be in [0, 1]"),
-            (self.stablemoe_distill_dim >= 1, "acmoe.stablemoe_distill_dim must be >= 1"),
-            (self.stablemoe_distill_coeff >= 0, "acmoe.stablemoe_distill_coeff must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    def constants(self) -> dict:
-        """eps, clip, norm: explicit settings override the preset's."""
-        out = dict(PRESETS[self.preset])
-        out.update({k: v for k, v in (("eps", self.eps), ("clip", self.clip), ("norm", self.norm)) if v is not None})
-        return out
-
+from acmoe_megatron.chunk_state import UsesChunkState
+from acmoe_megatron.labels import LayerLabels, labels_from_routing
+from acmoe_megatron.settings import ACSettings
 
 def _router_dtype(config) -> torch.dtype:
     return torch.float64 if config.moe_router_dtype == "fp64" else torch.float32
@@ -135,16 +55,30 @@ def _fixed_norm_init(rows: int, cols: int, norm: float) -> torch.Tensor:
     return expert_norm.orthogonal_rows(rows, cols, norm)
 
 
-class LabelSourceRouter(TopKRouter):
-    """Megatron's ``TopKRouter`` that also records each token's top-1 expert for the next layer."""
+class LabelSourceRouter(TopKRouter, UsesChunkState):
+    """Megatron's ``TopKRouter`` that also records each token's top-1 expert for the next layer.
 
-    def __init__(self, *, config, pg_collection=None, is_mtp_layer=False, label_carrier=None,
-                 metrics=None, ema_buffers: bool = False, **kw):
+    The base of every router of ours, and what the registry (``settings.ROUTER_TABLE``) asks of
+    each: ``router_name`` (its entry), ``reported_losses`` (losses it records through megatron's
+    MoE metrics tracker beyond megatron's own), ``from_first_ac_layer`` (True: MoE layers before
+    ``acmoe.first_ac_layer`` get this class instead, as their labels are what AC needs) and
+    ``spec_kwargs`` (what ``plugin.patch_block_spec`` binds to the builder megatron calls as
+    ``router(config=, pg_collection=, is_mtp_layer=)``).
+    """
+
+    router_name: ClassVar[str] = "topk"
+    reported_losses: ClassVar[tuple[str, ...]] = ()
+    from_first_ac_layer: ClassVar[bool] = False
+
+    @classmethod
+    def spec_kwargs(cls, settings: ACSettings, *, vocab_size: int | None = None) -> dict:
+        return {"settings": settings}
+
+    def __init__(self, *, config, pg_collection=None, is_mtp_layer=False, settings: ACSettings = ACSettings(),
+                 **kw):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, **kw)
-        # Plain attributes (not submodules): carrier and metrics belong to the model chunk.
-        self.label_carrier: LabelCarrier | None = label_carrier
-        self.metrics = metrics
-        if ema_buffers:
+        self.settings = settings
+        if settings.router == "ac" and settings.source == "ema":
             # AC running statistics (used by ACRouter with source=ema). Every MoE router of such a
             # model carries them, because megatron's torch_dist checkpoint stacks a layer's state
             # across all MoE layers and refuses keys that only some layers have.
@@ -154,7 +88,8 @@ class LabelSourceRouter(TopKRouter):
 
     def _recording(self) -> bool:
         """Metrics once per step: training, and the grad-enabled pass under recompute."""
-        return self.metrics is not None and self.training and torch.is_grad_enabled() and not self.is_mtp_layer
+        return (self.chunk_state.metrics is not None and self.training and torch.is_grad_enabled()
+                and not self.is_mtp_layer)
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
@@ -164,7 +99,8 @@ class LabelSourceRouter(TopKRouter):
     def _record(self, logits: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor,
                 preferred_T: torch.Tensor | None = None) -> None:
         """Labels for the next AC layer (and metrics). ``preferred_T``: a router's own top-1."""
-        if self.label_carrier is not None and not self.is_mtp_layer:
+        if not self.is_mtp_layer:
+            state = self.chunk_state
             if preferred_T is not None:
                 labels = LayerLabels(preferred_T, labels_from_routing(probs, routing_map).max_label)
             elif self.config.moe_expert_capacity_factor is None:
@@ -174,23 +110,26 @@ class LabelSourceRouter(TopKRouter):
                 if self.expert_bias is not None:
                     scores = scores + self.expert_bias.float()
                 labels = LayerLabels(scores.argmax(-1), labels_from_routing(probs, routing_map).max_label)
-            self.label_carrier.put_labels(self.layer_number, labels)
+            state.put_labels(self.layer_number, labels)
             if self._recording():
-                prev = self.label_carrier.previous_labels(self.layer_number)
-                self.metrics.record_routing(self.layer_number, logits, routing_map, labels.top1_T,
+                prev = state.previous_labels(self.layer_number)
+                state.metrics.record_routing(self.layer_number, logits, routing_map, labels.top1_T,
                                             None if prev is None else prev.top1_T, self.topk)
 
 
 class CosineRouter(LabelSourceRouter, expert_norm.ExpertEmbeddingOwner):
     """Unit-norm expert embeddings on the raw token: s_ij = x_i · e_j / ||e_j|| (M = I)."""
 
-    def __init__(self, *, compile_scores: bool = False, expert_norm: float | None = None, **kw):
-        super().__init__(**kw)
-        self.compile_scores = compile_scores  # acmoe.compile
-        self.expert_norm = expert_norm  # rows kept at this norm by the optimizer hook (expert_norm.py)
-        if expert_norm is not None and self.config.perform_initialization:
+    router_name: ClassVar[str] = "cosine"
+    from_first_ac_layer: ClassVar[bool] = True
+
+    def __init__(self, *, settings: ACSettings = ACSettings(router="cosine"), **kw):
+        super().__init__(settings=settings, **kw)
+        self.compile_scores = settings.compile  # acmoe.compile
+        self.expert_norm = settings.expert_norm  # rows kept at this norm by the optimizer hook (expert_norm.py)
+        if self.expert_norm is not None and self.config.perform_initialization:
             with torch.no_grad():
-                self.weight.copy_(_fixed_norm_init(self.num_experts, self.config.hidden_size, expert_norm))
+                self.weight.copy_(_fixed_norm_init(self.num_experts, self.config.hidden_size, self.expert_norm))
 
     def _transform(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(w_KD, labels_T): M_{c_i} = diag(w[c_i]); None is M = I."""
@@ -211,14 +150,12 @@ class CosineRouter(LabelSourceRouter, expert_norm.ExpertEmbeddingOwner):
 class ACRouter(CosineRouter):
     """The Adaptive Clustering router: cosine scores in the space transformed by M_{c_i}."""
 
-    def __init__(self, *, config, pg_collection=None, is_mtp_layer=False, label_carrier=None,
-                 metrics=None, ac: ACSettings = ACSettings(), **kw):
-        kw["ema_buffers"] = ac.source == "ema"  # running statistics, part of the checkpoint
-        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer,
-                         label_carrier=label_carrier, metrics=metrics, compile_scores=ac.compile,
-                         expert_norm=ac.expert_norm, **kw)
-        self.ac = ac
-        self.ac_constants = ac.constants()
+    router_name: ClassVar[str] = "ac"
+
+    def __init__(self, *, settings: ACSettings = ACSettings(), **kw):
+        super().__init__(settings=settings, **kw)
+        self.ac = settings
+        self.ac_constants = settings.constants()
 
     def _group(self, scope: str):
         group = {"local": None, "tp": self.tp_cp_group, "dp": self.tp_dp_cp_group}[scope]
@@ -227,9 +164,8 @@ class ACRouter(CosineRouter):
         return group
 
     def _transform(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.label_carrier is None:
-            raise RuntimeError("ACRouter built without a label carrier; build it via acmoe_megatron.spec")
-        labels = self.label_carrier.get(self.layer_number, x_TD.shape[0])
+        state = self.chunk_state
+        labels = state.labels_for(self.layer_number, x_TD.shape[0])
         c = self.ac_constants
         if self.ac.source == "ema":
             w_KD = self._ema_weights()
@@ -252,7 +188,7 @@ class ACRouter(CosineRouter):
             w_KD = ac_stats.compiled(ac_stats.weights_from_stats, self.ac.compile)(stats.mad_KD, stats.counts_K, **kw)
         if self._recording():
             rows_K = ac_stats.cluster_rows(stats.counts_K, self.ac.mode, max_label, self.ac.min_cluster_size)
-            self.metrics.record_ac(self.layer_number, stats.counts_K, stats.mean_KD, stats.mad_KD, w_KD,
+            state.metrics.record_ac(self.layer_number, stats.counts_K, stats.mean_KD, stats.mad_KD, w_KD,
                                    rows_K, c["eps"], c["clip"])
         return w_KD, labels.top1_T
 

@@ -80,7 +80,7 @@ def log_router_grad_norms(model, run_dir: Path) -> None:
 
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from acmoe_megatron.labels import unwrap_chunk
+    from acmoe_megatron.chunk_state import unwrap_chunk
 
     config = unwrap_chunk(model).config
     finalize = config.finalize_model_grads_func

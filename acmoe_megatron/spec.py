@@ -1,19 +1,22 @@
-"""Put our routers into megatron's own GPT decoder block spec (no fork of megatron code).
+"""Put our routers (and elliptical core attention) into a megatron decoder block spec.
 
-``acmoe_block_spec`` calls megatron's ``get_gpt_decoder_block_spec`` (local or Transformer Engine
-modules, ``moe_layer_freq`` patterns, pipeline/virtual-pipeline slicing all stay megatron's) and
-then replaces ``MoESubmodules.router`` of each MoE layer built on this stage:
+``patch_block_spec(spec, settings, config)`` takes a spec the caller already built — megatron's
+``get_gpt_decoder_block_spec`` with Transformer Engine or local modules, any options (``qk_l2_norm``,
+``moe_layer_freq`` patterns, pipeline/virtual-pipeline slicing), or a customised one — and replaces
+only ``MoESubmodules.router`` of each MoE layer built on this stage; everything else stays the
+caller's:
 
-  MoE layer ordinal (1-based among MoE layers)   router
-  < first_ac_layer (or router=topk)               LabelSourceRouter (megatron's linear top-k)
-  >= first_ac_layer                               ACRouter (router=ac) / CosineRouter (router=cosine)
+  MoE layer ordinal (1-based among MoE layers)   router (settings.ROUTER_TABLE)
+  < first_ac_layer, for ac / cosine               LabelSourceRouter (megatron's linear top-k)
+  otherwise                                       the class registered under ``settings.router``
 
-The baselines (``xmoe``, ``stablemoe``, ``stablemoe-lite``, ``usmoe``, ``etr``; baseline_routers.py)
-route every MoE layer, as in their papers. With ``router=topk`` every MoE layer gets ``LabelSourceRouter`` — megatron's ``TopKRouter``
-unchanged plus label/metric recording, so baselines get the same routing metrics. megatron shares one MoE layer spec object
-across layers, so each patched layer gets its own shallow copy (``dataclasses.replace``). The chunk's
-``LabelCarrier`` knows all MoE layers of the model (global numbers), so an AC layer whose
-predecessor lives on an earlier pipeline stage finds the labels ``label_transport`` delivered.
+A router class that is ``from_first_ac_layer`` (ac, cosine) starts at ``first_ac_layer``; the
+baselines route every MoE layer, as in their papers. ``LabelSourceRouter`` is megatron's
+``TopKRouter`` unchanged plus label/metric recording, so every router gets the same routing
+metrics. megatron shares one MoE layer spec object across layers, so each patched layer gets its
+own shallow copy (``dataclasses.replace``). ``acmoe_block_spec`` = megatron's own GPT decoder block
+spec, patched. The per-micro-batch state the routers share is attached to the built model by
+``plugin.attach``.
 """
 
 from __future__ import annotations
@@ -21,20 +24,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
+    _get_block_submodules,
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from acmoe_megatron.elliptical import EllipticalSettings, elliptical_layer_specs
-from acmoe_megatron.labels import LabelCarrier
-from acmoe_megatron.metrics import RouterMetrics
-from acmoe_megatron.baseline_routers import BASELINE_CLASSES
-from acmoe_megatron.routers import ACRouter, ACSettings, CosineRouter, LabelSourceRouter
-from acmoe_megatron.step_inputs import StepInputs
+from acmoe_megatron.elliptical import elliptical_layer_specs
+from acmoe_megatron.settings import ACSettings, EllipticalSettings, router_class
 
 
 def moe_layer_pattern(config) -> list[int]:
@@ -59,7 +58,7 @@ def moe_layer_numbers(config) -> list[int]:
 
 def ac_layer_numbers(config, settings: ACSettings) -> list[int]:
     """Global layer numbers whose router is AC (or cosine): MoE ordinals >= first_ac_layer."""
-    if settings.router not in ("ac", "cosine"):
+    if not router_class(settings.router).from_first_ac_layer:
         return []
     return moe_layer_numbers(config)[settings.first_ac_layer - 1 :]
 
@@ -78,18 +77,76 @@ def local_layer_numbers(config, vp_stage=None, pp_rank=None) -> list[int]:
 
 
 def _with_router(layer_spec, router_builder):
-    """Copy of a MoE layer spec whose ``MoESubmodules.router`` is ``router_builder``."""
+    """Copy of a MoE layer spec whose ``MoESubmodules.router`` is ``router_builder`` (the MLP given
+    as megatron's ``functools.partial(MoELayer, submodules=...)`` or as a ``ModuleSpec``)."""
     mlp = layer_spec.submodules.mlp
-    moe_submodules = dataclasses.replace(mlp.keywords["submodules"], router=router_builder)
-    new_mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": moe_submodules})
+    if isinstance(mlp, functools.partial):
+        moe_submodules = dataclasses.replace(mlp.keywords["submodules"], router=router_builder)
+        new_mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": moe_submodules})
+    else:
+        new_mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, router=router_builder))
     return dataclasses.replace(
         layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=new_mlp)
     )
 
 
+def _moe_class(mlp) -> type | None:
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(mlp, functools.partial):
+        cls = mlp.func
+    elif isinstance(mlp, ModuleSpec):
+        cls = mlp.module
+    else:
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, MoELayer) else None
+
+
 def is_moe_layer_spec(layer_spec) -> bool:
-    mlp = getattr(getattr(layer_spec, "submodules", None), "mlp", None)
-    return isinstance(mlp, functools.partial) and isinstance(mlp.func, type) and issubclass(mlp.func, MoELayer)
+    submodules = layer_spec.submodules if hasattr(layer_spec, "submodules") else None
+    return submodules is not None and hasattr(submodules, "mlp") and _moe_class(submodules.mlp) is not None
+
+
+def patch_block_spec(
+    spec,
+    settings: ACSettings,
+    config,
+    *,
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
+    vocab_size: int | None = None,
+    elliptical: EllipticalSettings | None = None,
+) -> TransformerBlockSubmodules:
+    """``spec`` (a block spec, or one layer spec for all layers) with our routers in its MoE layers.
+
+    ``vp_stage`` / ``pp_rank`` as given to megatron when ``spec`` was built (the global layer
+    numbers of its layers follow from them). ``vocab_size`` (the padded vocabulary) is needed by
+    ``stablemoe`` only (its distilled router embeds token ids). ``elliptical``: Elliptical
+    Attention in the core attention of the layers from ``first_layer - 1`` on."""
+    block = _get_block_submodules(config, spec, vp_stage=vp_stage, pp_rank=pp_rank)
+    numbers = local_layer_numbers(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    if len(numbers) != len(block.layer_specs):
+        raise ValueError(
+            f"the spec has {len(block.layer_specs)} layer specs but this stage builds layers {numbers}: "
+            "pass the vp_stage / pp_rank the spec was built for"
+        )
+    moe_numbers = moe_layer_numbers(config)
+    ac_numbers = set(ac_layer_numbers(config, settings))
+    chosen = router_class(settings.router)
+    layer_specs = []
+    for n, layer_spec in zip(numbers, block.layer_specs):
+        if n in moe_numbers:
+            if not is_moe_layer_spec(layer_spec):
+                raise ValueError(
+                    f"layer {n} is an MoE layer by moe_layer_freq={config.moe_layer_freq!r}, but its spec "
+                    f"has no megatron MoELayer MLP ({layer_spec!r}); build the spec with num_experts set"
+                )
+            cls = chosen if (n in ac_numbers or not chosen.from_first_ac_layer) else router_class("topk")
+            builder = functools.partial(cls, **cls.spec_kwargs(settings, vocab_size=vocab_size))
+            layer_spec = _with_router(layer_spec, builder)
+        layer_specs.append(layer_spec)
+    layer_specs = elliptical_layer_specs(config, elliptical, numbers, layer_specs)
+    return dataclasses.replace(block, layer_specs=layer_specs)
 
 
 def acmoe_block_spec(
@@ -101,43 +158,15 @@ def acmoe_block_spec(
     pp_rank: int | None = None,
     vocab_size: int | None = None,
     elliptical: EllipticalSettings | None = None,
-) -> tuple[TransformerBlockSubmodules, LabelCarrier | None]:
-    """Megatron's GPT decoder block spec with our routers; also returns the chunk's label carrier.
+    qk_l2_norm: bool = False,
+) -> TransformerBlockSubmodules:
+    """Megatron's own GPT decoder block spec (``get_gpt_decoder_block_spec``, with the options
+    megatron's ``pretrain_gpt`` passes it), patched."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    ``vocab_size`` (the padded vocabulary) is needed by ``stablemoe`` only (its distilled router
-    embeds token ids)."""
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_transformer_engine, normalization=normalization,
-        vp_stage=vp_stage, pp_rank=pp_rank,
+        qk_l2_norm=qk_l2_norm, vp_stage=vp_stage, pp_rank=pp_rank,
     )
-    numbers = local_layer_numbers(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    if len(numbers) != len(block.layer_specs):
-        raise AssertionError(f"layer numbering mismatch: {numbers} vs {len(block.layer_specs)} specs")
-    moe_numbers = moe_layer_numbers(config)
-    ac_numbers = set(ac_layer_numbers(config, settings))
-    carrier = LabelCarrier(moe_numbers, local_layer_numbers=numbers, vp_stage=vp_stage)
-    metrics = RouterMetrics(config.num_moe_experts, moe_numbers) if moe_numbers else None
-    carrier.metrics = metrics
-    carrier.step_inputs = StepInputs()  # token ids / progress for routers that need them
-    scorer = ACRouter if settings.router == "ac" else CosineRouter
-    baseline = BASELINE_CLASSES.get(settings.router)
-    layer_specs = []
-    for n, layer_spec in zip(numbers, block.layer_specs):
-        if n in moe_numbers:
-            if not is_moe_layer_spec(layer_spec):
-                raise AssertionError(f"layer {n} should be an MoE layer but its spec is {layer_spec}")
-            if baseline is not None:
-                kw = {"vocab_size": vocab_size} if settings.router == "stablemoe" else {}
-                builder = functools.partial(baseline, label_carrier=carrier, metrics=metrics, ac=settings, **kw)
-            elif n in ac_numbers:
-                kw = ({"ac": settings} if scorer is ACRouter
-                      else {"compile_scores": settings.compile, "expert_norm": settings.expert_norm})
-                builder = functools.partial(scorer, label_carrier=carrier, metrics=metrics, **kw)
-            else:
-                builder = functools.partial(LabelSourceRouter, label_carrier=carrier, metrics=metrics,
-                                            ema_buffers=settings.router == "ac" and settings.source == "ema")
-            layer_spec = _with_router(layer_spec, builder)
-        layer_specs.append(layer_spec)
-    # Elliptical attention (elliptical.py): core attention of the layers from first_layer − 1 on.
-    layer_specs = elliptical_layer_specs(config, elliptical, numbers, layer_specs, carrier)
-    return dataclasses.replace(block, layer_specs=layer_specs), carrier
+    return patch_block_spec(block, settings, config, vp_stage=vp_stage, pp_rank=pp_rank,
+                            vocab_size=vocab_size, elliptical=elliptical)

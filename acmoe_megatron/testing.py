@@ -3,8 +3,8 @@
 ``init_single_process`` sets up a one-rank process group (gloo, or NCCL on one GPU) and megatron's
 parallel state, as the tests' fixtures and the benchmarks need. ``tiny_config`` is a CPU-safe megatron ``TransformerConfig`` for a small MoE GPT; ``build_gpt``
 builds megatron's ``GPTModel`` with our routers (spec.acmoe_block_spec; ``elliptical=``
-``EllipticalSettings`` for elliptical attention) and attaches the chunk's
-label carrier, exactly as the training model provider does. ``cuda_type_names`` lets megatron's
+``EllipticalSettings`` for elliptical attention) and attaches its chunk state (plugin.attach),
+exactly as the training model provider does. ``cuda_type_names`` lets megatron's
 mixed-precision and distributed optimizers be built and stepped on CPU tensors in tests.
 """
 
@@ -84,19 +84,33 @@ def tiny_config(**overrides):
     return TransformerConfig(**kw)
 
 
-def build_gpt(config, settings, vocab_size=128, max_sequence_length=64, use_te=False, elliptical=None, **gpt_kw):
+def build_gpt(config, settings, vocab_size=128, max_sequence_length=64, use_te=False, elliptical=None,
+              progress=None, **gpt_kw):
     from megatron.core.models.gpt import GPTModel
 
+    from acmoe_megatron.plugin import attach
     from acmoe_megatron.spec import acmoe_block_spec
 
-    spec, carrier = acmoe_block_spec(config, settings, use_transformer_engine=use_te, vocab_size=vocab_size,
-                                     elliptical=elliptical)
+    spec = acmoe_block_spec(config, settings, use_transformer_engine=use_te, vocab_size=vocab_size,
+                            elliptical=elliptical)
     model = GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
         max_sequence_length=max_sequence_length, position_embedding_type="rope", **gpt_kw,
     )
-    model.acmoe_labels = carrier
+    attach(model, progress=progress)
     return model
+
+
+def standalone_state(*modules, moe_layer_numbers=(1, 2), metrics=None):
+    """A ``ChunkState`` for routers / attention built outside a model (unit tests, benchmarks),
+    bound to ``modules``; the caller drives the micro-batch protocol (``begin_forward``)."""
+    from acmoe_megatron.chunk_state import ChunkState
+
+    numbers = list(moe_layer_numbers)
+    state = ChunkState(numbers, numbers, metrics=metrics)
+    for module in modules:
+        module.bind_chunk_state(state)
+    return state
 
 
 def capture_router_outputs(model) -> dict:

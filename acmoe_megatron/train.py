@@ -5,7 +5,8 @@ This is the per-process worker that ``torchrun`` starts; ``acmoe-pretrain`` (lau
 into Megatron's flags, adds the run paths (``--tensorboard-dir``, ``--save``/``--load``) and the
 data/tokenizer flags derived from the shard manifest, and hands Megatron three functions:
 
-  model_provider   megatron's GPTModel with the AC routers patched into its block spec (spec.py)
+  model_provider   megatron's GPTModel with the AC routers patched into its block spec, attached
+                   (the plugin API, plugin.py: what any Megatron script can do)
   data provider    webdataset token shards, split by megatron's data-parallel rank (data/)
   forward_step     GPT forward + the masked LM loss in Megatron's (sum, tokens, report) form
 
@@ -39,27 +40,27 @@ EXIT_NONFINITE = 16  # megatron's rerun state machine: reproducible NaN/Inf, che
 
 
 def _early_runtime():
-    cpu_runtime.install()
-    cpu_runtime.install_training()
-    return cpu_runtime.install_wheel_fixes()
+    return cpu_runtime.install_for_training()
 
 
-def make_model_provider(recipe, metrics_registry: list | None = None):
+def make_model_provider(recipe):
+    """megatron's GPTModel on megatron's own block spec with our routers patched in, attached."""
+
     def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
         from megatron.core.models.gpt import GPTModel
         from megatron.training import get_args
         from megatron.training.arguments import core_transformer_config_from_args
 
-        from acmoe_megatron.label_transport import LabelTransport
+        from acmoe_megatron import plugin
         from acmoe_megatron.spec import acmoe_block_spec
 
         args = get_args()
         if config is None:
             config = core_transformer_config_from_args(args)
-        spec, carrier = acmoe_block_spec(
+        spec = acmoe_block_spec(
             config, recipe.acmoe, use_transformer_engine=args.transformer_impl == "transformer_engine",
             normalization=args.normalization, vp_stage=vp_stage, vocab_size=args.padded_vocab_size,
-            elliptical=recipe.elliptical,
+            elliptical=recipe.elliptical, qk_l2_norm=args.qk_l2_norm,
         )
         model = GPTModel(
             config=config,
@@ -77,68 +78,16 @@ def make_model_provider(recipe, metrics_registry: list | None = None):
             vp_stage=vp_stage,
             pg_collection=pg_collection,
         )
-        model.acmoe_labels = carrier
-        if carrier is not None and carrier.metrics is not None and metrics_registry is not None:
-            metrics_registry.append(carrier.metrics)
-        if carrier is not None:
-            if "transport" not in transport_holder:  # collective: all ranks build models together
-                transport_holder["transport"] = LabelTransport.create(args.virtual_pipeline_model_parallel_size)
-            model.acmoe_transport = transport_holder["transport"]
+        plugin.attach(model)
         return model
 
-    transport_holder = {}
     return model_provider
 
 
-class RepeatingValidation:
-    """Validation stream: the same first ``micro_batches`` micro-batches of this rank, every time.
-
-    Megatron keeps one validation iterator for the whole run and draws ``eval_iters`` ×
-    micro-batches-per-step from it at every evaluation; restarting after exactly that many makes
-    every evaluation score the same, deterministic samples (the first eval_iters × global batch
-    samples of the valid split, in order).
-    """
-
-    def __init__(self, factory, micro_batches: int):
-        self.factory, self.micro_batches = factory, micro_batches
-        self._it, self._n = None, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self._it is None or self._n == self.micro_batches:
-            self._it, self._n = iter(self.factory()), 0
-        self._n += 1
-        return next(self._it)
-
-
 def make_datasets_provider(recipe):
-    def provider(train_val_test_num_samples, vp_stage=None):
-        from megatron.core import parallel_state
-        from megatron.training import get_args
+    from acmoe_megatron.data.megatron_provider import shard_datasets_provider
 
-        from acmoe_megatron.data.loader import TokenBatches
-
-        args = get_args()
-        dp_rank = parallel_state.get_data_parallel_rank()
-        dp_size = parallel_state.get_data_parallel_world_size()
-        common = dict(micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
-        train = TokenBatches(
-            recipe.data.path, "train", seed=recipe.data.seed, shuffle=True, infinite=True,
-            consumed_samples=args.consumed_train_samples,
-            verify_checksums=recipe.data.verify_checksums, seq_length=args.seq_length, **common,
-        )
-        micro_per_step = args.global_batch_size // (args.micro_batch_size * dp_size)
-        valid = RepeatingValidation(
-            partial(TokenBatches, recipe.data.path, "valid", seed=0, shuffle=False, infinite=True,
-                    verify_checksums=False, **common),
-            micro_batches=max(args.eval_iters, 1) * micro_per_step,
-        )
-        return train, valid, None
-
-    provider.is_distributed = True  # every rank builds its own reader (split by DP rank)
-    return provider
+    return shard_datasets_provider(recipe.data.path, recipe.data.seed, recipe.data.verify_checksums)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -161,57 +110,18 @@ def make_forward_step(recipe):
 
 
 def forward_step(data_iterator, model):
-    """One micro-batch: labels in from the previous stage, GPT forward, labels out to the next."""
-    from acmoe_megatron.labels import carrier_of, mark_backward, unwrap_chunk
-
+    """One micro-batch: GPT forward on this rank's batch (every pipeline stage reads its own copy,
+    so routers that route by token id find the ids on every stage). The per-micro-batch protocol
+    of our cross-layer state runs in the model's hooks (plugin.attach)."""
     batch = next(data_iterator)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
     position_ids = batch["position_ids"].to(device, non_blocking=True)
-    carrier = carrier_of(model)
-    transport = getattr(unwrap_chunk(model), "acmoe_transport", None)
-    if carrier is not None:
-        mb = carrier.begin_forward(training=torch.is_grad_enabled())
-        _record_step_inputs(carrier, tokens)
-        if transport is not None:
-            transport.receive(carrier, carrier.vp_stage, _local_tokens(tokens), tokens.device)
     output = model(tokens, position_ids, None, labels=labels)
     output = run_hooks.maybe_inject_nan(output)
-    if carrier is not None:
-        if transport is not None:
-            transport.send(carrier, carrier.vp_stage, _local_tokens(tokens), tokens.device)
-        if torch.is_grad_enabled():
-            output = mark_backward(output, carrier, mb)  # recompute replays find this micro-batch
     return output, partial(loss_func, loss_mask)
-
-
-def _record_step_inputs(carrier, tokens: torch.Tensor) -> None:
-    """Token ids and progress for routers that route by token id (StableMoE's distilled router)."""
-    from megatron.training import get_args
-
-    from acmoe_megatron.step_inputs import put_tokens
-
-    inputs = getattr(carrier, "step_inputs", None)
-    if inputs is None:
-        return
-    args = get_args()
-    iteration = getattr(args, "curr_iteration", None)
-    inputs.set_progress(args.iteration if iteration is None else iteration, args.train_iters)
-    put_tokens(carrier, tokens)
-
-
-def _local_tokens(tokens: torch.Tensor) -> int:
-    """Tokens a router of this rank sees per micro-batch: b × s / (TP if SP) / CP."""
-    from megatron.core import parallel_state
-    from megatron.training import get_args
-
-    args = get_args()
-    n = tokens.numel() // parallel_state.get_context_parallel_world_size()
-    if args.sequence_parallel:
-        n //= parallel_state.get_tensor_model_parallel_world_size()
-    return n
 
 
 def parse_cli(argv=None):
@@ -252,10 +162,10 @@ def main(argv=None) -> None:
         print(f"[acmoe] runtime shims: {cpu_runtime.APPLIED + fixes or 'none (CUDA present)'}", flush=True)
         print(f"[acmoe] router: {recipe.acmoe}", flush=True)
         print(f"[acmoe] fused paths: {fused_paths(args)}", flush=True)
-    from acmoe_megatron import baseline_routers, observability
+    from acmoe_megatron import observability
+    from acmoe_megatron.settings import router_class
 
-    metrics_registry: list = []
-    observability.install(metrics_registry, extra_moe_losses=baseline_routers.router_losses(recipe.acmoe.router))
+    observability.install(extra_moe_losses=router_class(recipe.acmoe.router).reported_losses)
     run_hooks.install_fault_injection()
     run_hooks.install_checkpoint_retention(recipe.run.keep_last_checkpoints)
     if recipe.acmoe.expert_norm is not None:
@@ -269,7 +179,7 @@ def main(argv=None) -> None:
             make_datasets_provider(recipe),
             ModelType.encoder_or_decoder,
             make_forward_step(recipe),
-            model_provider=make_model_provider(recipe, metrics_registry),
+            model_provider=make_model_provider(recipe),
         )
     except SystemExit as exc:  # megatron's early exits: signal handler, exit interval/duration
         if exc.code == EXIT_NONFINITE:

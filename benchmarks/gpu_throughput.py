@@ -56,8 +56,9 @@ def build_layer(router: str, hidden: int, ffn: int, experts: int, topk: int, pre
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from acmoe_megatron.labels import LabelCarrier
-    from acmoe_megatron.routers import ACRouter, ACSettings
+    from acmoe_megatron.chunk_state import ChunkState
+    from acmoe_megatron.routers import ACRouter
+    from acmoe_megatron.settings import ACSettings
 
     fp8 = {"fp8": "hybrid", "fp8_recipe": "delayed"} if precision == "fp8" else {}
     config = TransformerConfig(
@@ -73,28 +74,30 @@ def build_layer(router: str, hidden: int, ffn: int, experts: int, topk: int, pre
     else:
         spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False)
     mlp = spec.submodules.mlp
-    carrier = None
+    state = None
     if router in ("ac", "ac+compile"):
-        carrier = LabelCarrier([1, 2])
+        state = ChunkState([1, 2], [1, 2])
         sub = mlp.keywords["submodules"]
         import dataclasses
 
-        sub = dataclasses.replace(sub, router=functools.partial(ACRouter, label_carrier=carrier,
-                                                                 ac=ACSettings(compile=router == "ac+compile")))
+        sub = dataclasses.replace(sub, router=functools.partial(ACRouter,
+                                                                 settings=ACSettings(compile=router == "ac+compile")))
         mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": sub})
     layer = mlp(config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
     layer.set_layer_number(2)
-    return layer.cuda(), carrier, config
+    if state is not None:
+        layer.router.bind_chunk_state(state)
+    return layer.cuda(), state, config
 
 
-def make_step(layer, carrier, tokens: int, hidden: int, experts: int, topk: int, fp8: bool):
+def make_step(layer, state, tokens: int, hidden: int, experts: int, topk: int, fp8: bool):
     """A closure running one forward+backward of ``layer`` on fixed inputs."""
     x = torch.randn(tokens, 1, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    if carrier is not None:  # labels of the previous MoE layer: a fixed random assignment
+    if state is not None:  # labels of the previous MoE layer: a fixed random assignment
         g = torch.Generator(device="cuda").manual_seed(0)
         probs = torch.rand(tokens, experts, device="cuda", generator=g)
         rmap = torch.zeros_like(probs, dtype=torch.bool).scatter(1, probs.topk(topk, -1).indices, True)
-        carrier.put(1, probs * rmap, rmap)
+        state.put_routing(1, probs * rmap, rmap)
     grad = torch.randn_like(x)
     if fp8:
         import transformer_engine.pytorch as te
@@ -190,8 +193,8 @@ def main(argv=None):
                 torch.manual_seed(0)
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()  # other routers' layers stay alive: subtract them
-                layer, carrier, _ = build_layer(router, hidden, ffn, experts, a.topk, precision, a.te)
-                runs[router], router_runs[router] = make_step(layer, carrier, tokens, hidden, experts, a.topk,
+                layer, state, _ = build_layer(router, hidden, ffn, experts, a.topk, precision, a.te)
+                runs[router], router_runs[router] = make_step(layer, state, tokens, hidden, experts, a.topk,
                                                               precision == "fp8")
                 torch.cuda.reset_peak_memory_stats()
                 try:

@@ -36,11 +36,12 @@ VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "permute", "unsqueeze", "s
             "select", "slice", "alias", "as_strided", "split", "unbind", "chunk", "narrow", "diagonal"}
 
 
-def build(router: str, hidden: int, experts: int, dtype, carrier):
+def build(router: str, hidden: int, experts: int, dtype, state):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from acmoe_megatron.routers import ACRouter, ACSettings, CosineRouter
+    from acmoe_megatron.routers import ACRouter, CosineRouter
+    from acmoe_megatron.settings import ACSettings
     from acmoe_megatron.testing import tiny_config
 
     cfg = tiny_config(hidden_size=hidden, num_moe_experts=experts, moe_router_dtype="fp32",
@@ -49,22 +50,23 @@ def build(router: str, hidden: int, experts: int, dtype, carrier):
     if router == "topk":
         r = TopKRouter(config=cfg, pg_collection=pg)
     elif router == "cosine":
-        r = CosineRouter(config=cfg, pg_collection=pg, label_carrier=carrier)
+        r = CosineRouter(config=cfg, pg_collection=pg)
     else:
-        r = ACRouter(config=cfg, pg_collection=pg, label_carrier=carrier,
-                     ac=ACSettings(compile=router == "ac+compile"))
+        r = ACRouter(config=cfg, pg_collection=pg, settings=ACSettings(compile=router == "ac+compile"))
+    if router != "topk":
+        r.bind_chunk_state(state)
     r.set_layer_number(2)
     return r
 
 
-def inputs(tokens: int, hidden: int, experts: int, dtype, carrier):
+def inputs(tokens: int, hidden: int, experts: int, dtype, state):
     """x of the MoE layer and the previous MoE layer's labels (a random top-2 assignment)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, 1, hidden, generator=g).to(dtype).requires_grad_(True)
     probs = torch.rand(tokens, experts, generator=g)
     rmap = torch.zeros_like(probs, dtype=torch.bool).scatter(1, probs.topk(2, -1).indices, True)
-    carrier.reset()
-    carrier.put(1, probs * rmap, rmap)
+    state.reset()
+    state.put_routing(1, probs * rmap, rmap)
     return x
 
 
@@ -139,21 +141,21 @@ def main(argv=None):
     from acmoe_megatron.testing import init_single_process
 
     init_single_process("gloo")
-    from acmoe_megatron.labels import LabelCarrier
+    from acmoe_megatron.chunk_state import ChunkState
 
     E = a.experts
     routers = a.routers.split(",")
-    carriers = {name: LabelCarrier([1, 2]) for name in routers}
-    tiny = {name: build(name, 64, E, torch.float32, carriers[name]) for name in routers}
-    xs = {name: inputs(64, 64, E, torch.float32, carriers[name]) for name in routers}
+    states = {name: ChunkState([1, 2], [1, 2]) for name in routers}
+    tiny = {name: build(name, 64, E, torch.float32, states[name]) for name in routers}
+    xs = {name: inputs(64, 64, E, torch.float32, states[name]) for name in routers}
     with cpu_runtime.device_redirect_paused():  # a GPU run has no CUDA->CPU function mode either
         ops = {name: count_ops(tiny[name], xs[name]) for name in routers}
         ms = host_ms(tiny, xs, a.rounds, a.reps)
     T, D = (int(v) for v in a.saved_shape.split("x"))
     saved = {}
     for name in routers:
-        r = build(name, D, E, torch.bfloat16, carriers[name])
-        saved[name] = saved_bytes(r, inputs(T, D, E, torch.bfloat16, carriers[name])) / 2**20
+        r = build(name, D, E, torch.bfloat16, states[name])
+        saved[name] = saved_bytes(r, inputs(T, D, E, torch.bfloat16, states[name])) / 2**20
         del r
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -43,7 +43,8 @@ def main(argv=None):
 
     init_single_process("gloo")  # the CPU runtime first: the modules below import megatron's layers
     from acmoe_megatron.elliptical import EllipticalSettings
-    from acmoe_megatron.routers import ACSettings
+    from acmoe_megatron.chunk_state import reset_states
+    from acmoe_megatron.settings import ACSettings
 
     cfg = dict(num_layers=a.layers, hidden_size=a.hidden, num_attention_heads=4, ffn_hidden_size=2 * a.hidden,
                num_moe_experts=a.experts, moe_ffn_hidden_size=2 * a.hidden, moe_z_loss_coeff=1e-3)
@@ -62,8 +63,7 @@ def main(argv=None):
                                  vocab_size=256, max_sequence_length=a.seq, elliptical=el)
 
     def step(model):
-        if model.acmoe_labels is not None:
-            model.acmoe_labels.reset()
+        reset_states(model)
         loss = model(tokens[:, :-1], pos, None, labels=tokens[:, 1:]).mean()
         loss.backward()
 

@@ -18,6 +18,12 @@ single-process reference that has it on too.
 PP=2 + virtual-stage run: each stage's optimizer holds its own routers, and steps 2-3 must equal a
 single-process reference with the same setting (EP=2 and resume: test_train_integration; DP=2 with
 a distributed-optimizer shard boundary inside a row: test_expert_norm).
+
+The plugin API: ``examples/pretrain_gpt_acmoe.py`` (a plain Megatron script: megatron's own
+``pretrain`` and a stock forward step, plus ``plugin.add_arguments/validate_args/patch_block_spec/
+attach``) must give exactly our launcher's numbers on the same recipe, with PP=2 + full recompute
+(the launcher's run is shared with the layout test) and with EP=2 + a spec the script customised
+(``qk_l2_norm``).
 """
 
 import json
@@ -61,15 +67,24 @@ def setup(tmp_path_factory):
     return tmp
 
 
+def _overrides(setup, name, *overrides, mbs=4, gbs=8) -> list[str]:
+    return [f"data.path={setup / 'data'}", f"megatron.train_iters={STEPS}",
+            f"megatron.micro_batch_size={mbs}", f"megatron.global_batch_size={gbs}",
+            f"megatron.load={setup / 'init' / 'checkpoints'}", "megatron.finetune=true",
+            "megatron.no_load_optim=true", "megatron.no_load_rng=true", "megatron.save=null",
+            "run.log_router_grad_norms=true", *overrides]
+
+
 def _run(setup, name, nproc, *overrides, mbs=4, gbs=8):
     run_dir = setup / name
-    out = _launch(nproc, run_dir, f"data.path={setup / 'data'}", f"megatron.train_iters={STEPS}",
-                  f"megatron.micro_batch_size={mbs}", f"megatron.global_batch_size={gbs}",
-                  f"megatron.load={setup / 'init' / 'checkpoints'}", "megatron.finetune=true",
-                  "megatron.no_load_optim=true", "megatron.no_load_rng=true", "megatron.save=null",
-                  "run.log_router_grad_norms=true", *overrides)
+    out = _launch(nproc, run_dir, *_overrides(setup, name, *overrides, mbs=mbs, gbs=gbs))
     if EXPERT_NORM in overrides:
         assert "held at their fixed row norm after every optimizer step" in out.stdout  # the hook is installed
+    return _read(run_dir)
+
+
+def _read(run_dir):
+    """(per-step LM losses from TensorBoard, {step: {layer: reduced router grad norm}})."""
     losses = [v for _, v in read_scalars(run_dir / "tensorboard")["lm loss"]]
     norms: dict[int, dict[str, float]] = {}
     for path in run_dir.glob("router_grad_norms_rank*.jsonl"):
@@ -81,6 +96,43 @@ def _run(setup, name, nproc, *overrides, mbs=4, gbs=8):
                 seen[layer] = value
     assert len(losses) == STEPS and sorted(norms) == list(range(1, STEPS + 1)), (losses, norms)
     return losses, norms
+
+
+_SHARED: dict[str, tuple] = {}  # launcher runs read by several tests of this module: one launch each
+
+
+def _shared_run(setup, name, nproc, *overrides):
+    if name not in _SHARED:
+        _SHARED[name] = _run(setup, name, nproc, *overrides)
+    return _SHARED[name]
+
+
+def _run_example(setup, name, nproc, *overrides):
+    """examples/pretrain_gpt_acmoe.py (a plain Megatron script using the plugin API) under torchrun,
+    with the Megatron flags our trainer derives from the same recipe plus the --acmoe-* flags."""
+    import os
+    import socket
+
+    from acmoe_megatron.config import load_recipe
+    from acmoe_megatron.data.manifest import read_manifest
+    from acmoe_megatron.megatron_args import build_argv
+    from acmoe_megatron.plugin import settings_argv
+
+    run_dir = setup / name
+    recipe = load_recipe(ROOT / "configs/tiny_cpu.yaml", [*BASE, f"run.dir={run_dir}", *_overrides(setup, name, *overrides)])
+    argv = build_argv(recipe, read_manifest(recipe.data.path)) + settings_argv(recipe.acmoe, recipe.elliptical)
+    argv += ["--shards", recipe.data.path, "--shards-seed", str(recipe.data.seed)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, ACMOE_GRAD_NORM_DIR=str(run_dir))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # as acmoe-pretrain
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), "tests/dist/plugin_example.py", *argv]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    return _read(run_dir)
 
 
 ELLIPTICAL = "elliptical.enabled=true"
@@ -151,7 +203,30 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(setup, request, name):
     nproc, overrides = LAYOUTS[name]
-    _assert_same(_run(setup, name, nproc, *overrides), _reference_for(request, overrides))
+    _assert_same(_shared_run(setup, name, nproc, *overrides), _reference_for(request, overrides))
+
+
+# The plugin API (plugin.py) in a plain Megatron script, against our own launcher on the same recipe:
+# megatron's parse_and_validate_args + pretrain, a stock forward step, and only add_arguments /
+# validate_args / patch_block_spec / attach. PP=2 with full recompute (labels and elliptical values
+# cross the stage boundary in the hooks, replays read them) and EP=2 with a spec the script
+# customised itself (qk_l2_norm, which must survive the patch and change the result).
+QK_L2_NORM = "megatron.qk_l2_norm=true"
+PLUGIN_CASES = {
+    "pp2_full_recompute": (2, LAYOUTS["pp2_full_recompute"][1]),
+    "ep2_qk_l2_norm": (2, [*LAYOUTS["ep2"][1], QK_L2_NORM]),
+}
+
+
+@pytest.mark.parametrize("name", list(PLUGIN_CASES))
+def test_plain_megatron_script_with_the_plugin_matches_our_launcher(setup, name):
+    nproc, overrides = PLUGIN_CASES[name]
+    ours = _shared_run(setup, name, nproc, *overrides)
+    example = _run_example(setup, f"example_{name}", nproc, *overrides)
+    _assert_same(example, ours, rel=0.0)
+    if QK_L2_NORM in overrides:  # the customisation is in both models: the numbers differ from plain EP=2
+        plain = _shared_run(setup, "ep2", LAYOUTS["ep2"][0], *LAYOUTS["ep2"][1])
+        assert not _close(example[0][0], plain[0][0], 1e-6), (example[0], plain[0])
 
 
 @pytest.mark.parametrize("name, overrides", [

@@ -4,7 +4,9 @@ leak and its fix), presets, megatron router features on top of AC scores, label 
 import pytest
 import torch
 
-from acmoe_megatron.routers import PRESETS, ACRouter, ACSettings
+from acmoe_megatron.chunk_state import state_of
+from acmoe_megatron.routers import ACRouter
+from acmoe_megatron.settings import PRESETS, ACSettings
 from acmoe_megatron.testing import build_gpt, tiny_config
 
 pytestmark = pytest.mark.usefixtures("megatron_ws1")
@@ -21,7 +23,7 @@ def _tokens(seed=1, b=2):
 
 
 def _forward(model, tokens, labels=None):
-    model.acmoe_labels.reset()
+    state_of(model).reset()
     pos = torch.arange(SEQ).unsqueeze(0).expand(tokens.shape[0], -1)
     return model(tokens, pos, None, labels=labels)
 

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe.router import TopKRouter
 
 from acmoe_megatron import baseline_routers as br
-from acmoe_megatron.routers import ACSettings, LabelSourceRouter
-from acmoe_megatron.step_inputs import put_tokens
+from acmoe_megatron.routers import LabelSourceRouter
+from acmoe_megatron.settings import ACSettings, router_class
+from acmoe_megatron.chunk_state import state_of
 from acmoe_megatron.testing import build_gpt, capture_router_outputs, tiny_config
 
 # -- maths (pure functions) -------------------------------------------------------------------
@@ -95,19 +96,35 @@ def test_stablemoe_distillation_targets_the_main_routers_argmax():
 VOCAB, SEQ, MBS = 128, 32, 2
 
 
+class _Progress:
+    """The trainer's (iteration, train_iters) as the routers read it (plugin.attach's ``progress``)."""
+
+    def __init__(self):
+        self.value = (0, 100)
+
+    def set_progress(self, iteration, train_iters):
+        self.value = (iteration, train_iters)
+
+    def __call__(self):
+        return self.value
+
+
+_PROGRESS: dict[int, _Progress] = {}
+
+
 def _model(router, **cfg):
     torch.manual_seed(0)
     if router == "etr":
         cfg.setdefault("moe_expert_capacity_factor", 1.0)
-    model = build_gpt(tiny_config(**cfg), ACSettings(router=router), vocab_size=VOCAB, max_sequence_length=SEQ)
-    model.acmoe_labels.step_inputs.set_progress(0, 100)
+    progress = _Progress()
+    model = build_gpt(tiny_config(**cfg), ACSettings(router=router), vocab_size=VOCAB, max_sequence_length=SEQ,
+                      progress=progress)
+    _PROGRESS[id(model)] = progress
     return model
 
 
-def _forward(model, tokens, training=True):
-    carrier = model.acmoe_labels
-    carrier.begin_forward(training=training)
-    put_tokens(carrier, tokens[:, :-1])
+def _forward(model, tokens):
+    """One micro-batch; the model's hooks start it and record its token ids (plugin.attach)."""
     pos = torch.arange(SEQ).unsqueeze(0).expand(tokens.shape[0], -1)
     return model(tokens[:, :-1], pos, None, labels=tokens[:, 1:]).float().mean()
 
@@ -121,7 +138,7 @@ def _tokens(seed=1):
 def test_router_routes_every_moe_layer_and_trains(router):
     model = _model(router)
     routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
-    assert len(routers) == 4 and all(type(r) is br.BASELINE_CLASSES[router] for r in routers)
+    assert len(routers) == 4 and all(type(r) is router_class(router) for r in routers)
     assert all(isinstance(r, LabelSourceRouter) for r in routers)  # labels + metrics like AC
     seen = capture_router_outputs(model)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -168,7 +185,7 @@ def test_xmoe_and_etr_router_parameters():
 def test_stablemoe_freezes_the_distilled_router_at_the_stage_switch():
     model = _model("stablemoe", num_layers=2)
     router = model.decoder.layers[0].mlp.router
-    inputs = model.acmoe_labels.step_inputs
+    inputs = _PROGRESS[id(model)]
     seen = capture_router_outputs(model)
     tokens = _tokens()
     inputs.set_progress(5, 100)  # stage 1 (switch at ceil(0.1 · 100) = 10)
@@ -187,24 +204,23 @@ def test_stablemoe_freezes_the_distilled_router_at_the_stage_switch():
         router.distill_embedding.add_(torch.randn_like(router.distill_embedding))
     model.eval()
     with torch.no_grad():
-        _forward(model, tokens, training=False)
+        _forward(model, tokens)
     assert torch.equal(seen[1][1], rmap)
     # a resumed run stays in stage 2 whatever the progress says
     fresh = _model("stablemoe", num_layers=2)
     fresh.load_state_dict(model.state_dict())
     fresh_router = fresh.decoder.layers[0].mlp.router
-    fresh.acmoe_labels.step_inputs.set_progress(0, 100)
+    _PROGRESS[id(fresh)].set_progress(0, 100)
     assert fresh_router.in_stage2()
 
 
 @pytest.mark.usefixtures("megatron_ws1")
 def test_stablemoe_without_token_ids_fails_clearly():
     model = _model("stablemoe", num_layers=2)
-    pos = torch.arange(SEQ).unsqueeze(0).expand(MBS, -1)
-    tokens = _tokens()
-    model.acmoe_labels.begin_forward(training=True)
-    with pytest.raises(RuntimeError, match="token ids of micro-batch"):
-        model(tokens[:, :-1], pos, None, labels=tokens[:, 1:])
+    router = model.decoder.layers[0].mlp.router
+    state_of(model).begin_forward(training=True)  # a micro-batch whose forward got no input_ids
+    with pytest.raises(RuntimeError, match="token ids of micro-batch 0 are not available"):
+        router.routing(torch.randn(SEQ - 1, MBS, 4))
 
 
 def test_baseline_settings_validation():

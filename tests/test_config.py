@@ -26,7 +26,7 @@ from acmoe_megatron.config import (
     write_resolved,
 )
 from acmoe_megatron.data import Manifest, prepare
-from acmoe_megatron.routers import ACSettings
+from acmoe_megatron.settings import ACSettings
 from acmoe_megatron.megatron_args import build_argv, validate_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,10 +204,16 @@ def test_section_that_is_not_a_mapping_is_a_config_error(tmp_path):
     "override, match",
     [
         ("acmoe.router=linear", r"acmoe.router='linear'.*\('ac', 'cosine', 'topk', 'xmoe', 'stablemoe', 'stablemoe-lite', 'usmoe', 'etr'\)"),
-        ("acmoe.first_ac_layer=0", r"acmoe.first_ac_layer=0: must be >= 1"),
+        ("acmoe.first_ac_layer=0", r"acmoe.first_ac_layer=0: must be an integer >= 1"),
+        ("acmoe.first_ac_layer=3.7", r"acmoe.first_ac_layer=3.7: must be an integer >= 1"),
+        ("acmoe.first_ac_layer=three", r"acmoe.first_ac_layer='three': must be an integer >= 1"),
+        ("acmoe.compile=yes-please", r"acmoe.compile='yes-please': use true or false"),
+        ("acmoe.min_cluster_size=2.5", r"acmoe.min_cluster_size=2.5: must be an integer >= 1"),
         ("acmoe.mode=all", r"acmoe.mode='all'"),
-        ("acmoe.eps=0", r"acmoe.eps must be > 0"),
-        ("acmoe.clip=-1.0", r"acmoe.clip must be > 0"),
+        ("acmoe.eps=0", r"acmoe.eps=0: must be a number > 0"),
+        ("acmoe.eps=small", r"acmoe.eps='small': must be a number > 0"),
+        ("acmoe.clip=-1.0", r"acmoe.clip=-1.0: must be a number > 0"),
+        ("elliptical.first_layer=2.5", r"elliptical.first_layer=2.5: must be an integer >= 2"),
     ],
 )
 def test_acsettings_validation_errors_are_config_errors(override, match):

@@ -20,7 +20,7 @@ from acmoe_megatron.elliptical import (
     scale_query,
     sequence_weights,
 )
-from acmoe_megatron.labels import VALUES, LabelCarrier
+from acmoe_megatron.chunk_state import VALUES, ChunkState
 
 # ---------------------------------------------------------------------------------------------
 # literal re-implementation of the official code (stefvk/Elliptical-Attention, ImageNet/models.py,
@@ -90,14 +90,17 @@ def test_scale_query_broadcasts_over_query_groups():
 # the megatron core-attention subclass
 
 
-def _core(config, cls, carrier=None, settings=None, layer=2):
+def _core(config, cls, state=None, settings=None, layer=2):
     from megatron.core.transformer.enums import AttnMaskType
 
     kw = dict(config=config, layer_number=layer, attn_mask_type=AttnMaskType.causal, attention_type="self",
               softmax_scale=None, cp_comm_type=None, pg_collection=None)
     if settings is not None:
-        kw.update(elliptical=settings, label_carrier=carrier)
-    return cls(**kw)
+        kw.update(elliptical=settings)
+    core = cls(**kw)
+    if state is not None:
+        core.bind_chunk_state(state)
+    return core
 
 
 @pytest.mark.parametrize("heads, groups, scale", [(4, 4, "standard"), (4, 2, "standard"), (4, 4, "none")])
@@ -108,16 +111,16 @@ def test_core_attention_matches_official_elliptical_attention(megatron_ws1, head
 
     config = tiny_config(num_attention_heads=heads, num_query_groups=groups)  # head dim 16
     settings = EllipticalSettings(enabled=True, scale=scale)
-    carrier = LabelCarrier([])
-    core = _core(config, elliptical_core_attention(DotProductAttention), carrier, settings, layer=2)
+    state = ChunkState([], [])
+    core = _core(config, elliptical_core_attention(DotProductAttention), state, settings, layer=2)
     assert isinstance(core, DotProductAttention)
     g = torch.Generator().manual_seed(2)
     S, B, D = 12, 2, 16
     q = torch.randn(S, B, heads, D, generator=g)
     k, v, v_prev = torch.randn(3, S, B, groups, D, generator=g)
-    carrier.put_state(VALUES, 1, v_prev)
+    state.put_state(VALUES, 1, v_prev)
     out = core(q, k, v, None)  # [S, B, H*D]
-    assert torch.equal(carrier.get_state(VALUES, 2), v)  # stored for layer 3
+    assert torch.equal(state.get_state(VALUES, 2), v)  # stored for layer 3
 
     r = heads // groups
     W = official_w_over_layers(_bhnd(v, r), _bhnd(v_prev, r), delta=1.0)
@@ -131,13 +134,13 @@ def test_equal_weights_give_standard_attention(megatron_ws1):
     from acmoe_megatron.testing import tiny_config
 
     config = tiny_config()
-    carrier = LabelCarrier([])
-    core = _core(config, elliptical_core_attention(DotProductAttention), carrier,
+    state = ChunkState([], [])
+    core = _core(config, elliptical_core_attention(DotProductAttention), state,
                  EllipticalSettings(enabled=True), layer=3)
     plain = _core(config, DotProductAttention, layer=3)
     q, k, v = torch.randn(3, 10, 2, 4, 16)
     shift = torch.where(torch.arange(16) % 2 == 0, 0.5, -0.5)  # |v - v_prev| = 0.5 in every feature
-    carrier.put_state(VALUES, 2, v - shift)
+    state.put_state(VALUES, 2, v - shift)
     torch.testing.assert_close(core(q, k, v, None), plain(q, k, v, None), rtol=0, atol=1e-6)
 
 
@@ -146,8 +149,8 @@ def test_missing_previous_values_and_packed_sequences_are_clear_errors(megatron_
 
     from acmoe_megatron.testing import tiny_config
 
-    carrier = LabelCarrier([])
-    core = _core(tiny_config(), elliptical_core_attention(DotProductAttention), carrier,
+    state = ChunkState([], [])
+    core = _core(tiny_config(), elliptical_core_attention(DotProductAttention), state,
                  EllipticalSettings(enabled=True), layer=3)
     q, k, v = torch.randn(3, 8, 1, 4, 16)
     with pytest.raises(RuntimeError, match="values of attention layer 2 for micro-batch 0 are missing"):
@@ -161,7 +164,7 @@ def test_missing_previous_values_and_packed_sequences_are_clear_errors(megatron_
 
 
 def _gpt(elliptical=None, router="ac", **cfg):
-    from acmoe_megatron.routers import ACSettings
+    from acmoe_megatron.settings import ACSettings
     from acmoe_megatron.testing import build_gpt, tiny_config
 
     torch.manual_seed(0)
@@ -211,13 +214,10 @@ def test_prefix_source_is_causal_in_a_gpt(megatron_ws1, source, causal):
 def test_recompute_replays_read_their_micro_batch(megatron_ws1, recompute):
     """Two micro-batches forward, then both backwards (the 1F1B order on a non-last stage): replays
     of micro-batch 0 run after micro-batch 1's forward and must read micro-batch 0's values."""
-    from acmoe_megatron.labels import mark_backward
-
     settings = EllipticalSettings(enabled=True)
     grads = []
     for cfg in ({}, recompute):
         model = _gpt(settings, router="topk", **cfg)  # top-k: only the values depend on the micro-batch
-        carrier = model.acmoe_labels
         g = torch.Generator().manual_seed(6)
         pos = torch.arange(16).unsqueeze(0).expand(2, -1)
         # an explicit causal mask: megatron's default one is made with device="cuda" in the replay,
@@ -226,9 +226,7 @@ def test_recompute_replays_read_their_micro_batch(megatron_ws1, recompute):
         outs = []
         for _ in range(2):
             tokens = torch.randint(0, 128, (2, 16), generator=g)
-            mb = carrier.begin_forward(training=True)
-            out = model(tokens, pos, mask, labels=tokens)
-            outs.append(mark_backward(out, carrier, mb))
+            outs.append(model(tokens, pos, mask, labels=tokens))  # the hooks mark each micro-batch
         for out in outs:
             out.float().mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

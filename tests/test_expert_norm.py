@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from acmoe_megatron import expert_norm
-from acmoe_megatron.routers import ACSettings
+from acmoe_megatron.settings import ACSettings
 from acmoe_megatron.testing import build_gpt, cuda_type_names, init_single_process, tiny_config
 from reference_acmoe import ReleaseGate
 
@@ -143,7 +143,7 @@ def test_an_embedding_no_optimizer_steps_is_an_error():
 class _OneGate(torch.nn.Module):
     """A token projection and our AC router (layer 2, labels from layer 1) — what megatron trains."""
 
-    def __init__(self, config, carrier, settings):
+    def __init__(self, config, state, settings):
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         from acmoe_megatron.routers import ACRouter
@@ -152,7 +152,8 @@ class _OneGate(torch.nn.Module):
         self.config = config
         self.proj = torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.router = ACRouter(config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-                               label_carrier=carrier, ac=settings)
+                               settings=settings)
+        self.router.bind_chunk_state(state)
         self.router.set_layer_number(2)
 
     def forward(self, x_TD):
@@ -166,7 +167,7 @@ def test_ten_adam_steps_follow_the_release(hold):
     agree to 1e-5 relative after every step. Without the hook they part (the test sees it)."""
     import torch.nn.functional as F
 
-    from acmoe_megatron.labels import LabelCarrier
+    from acmoe_megatron.chunk_state import ChunkState
 
     T, D, E, lr = 192, 32, 16, 2e-2
     config = tiny_config(num_moe_experts=E, moe_router_topk=2, hidden_size=D, num_attention_heads=4,
@@ -175,10 +176,10 @@ def test_ten_adam_steps_follow_the_release(hold):
     x_TD = torch.randn(T, D, generator=gen)
     prev_T = torch.randint(0, E, (T,), generator=gen)
     target_TE = torch.randn(T, E, generator=gen)
-    carrier = LabelCarrier([1, 2])
+    state = ChunkState([1, 2], [1, 2])
 
     torch.manual_seed(7)
-    ours = _OneGate(config, carrier, ACSettings(router="ac", expert_norm=1.5))
+    ours = _OneGate(config, state, ACSettings(router="ac", expert_norm=1.5))
     emb_ED = ours.router.weight.detach().clone().double()
     # the release's starting point: orthogonal_(gain 0.32) rows, rescaled to 1.5 by its first forward
     assert torch.allclose(emb_ED @ emb_ED.t(), 2.25 * torch.eye(E, dtype=torch.float64), atol=1e-5)
@@ -199,7 +200,7 @@ def test_ten_adam_steps_follow_the_release(hold):
 
     def our_loss():
         one_hot = F.one_hot(prev_T, E).float()
-        carrier.put(1, one_hot, one_hot.bool())  # the previous MoE layer's top-1 (what the release passes on)
+        state.put_routing(1, one_hot, one_hot.bool())  # the previous MoE layer's top-1 (what the release passes on)
         probs_TE, _ = ddp(x_TD)
         return (probs_TE * target_TE).sum() / T
 

@@ -148,12 +148,14 @@ def test_router_losses_reach_megatrons_moe_report(megatron_ws1, monkeypatch):
     from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
 
     from acmoe_megatron import observability
-    from acmoe_megatron.baseline_routers import STABLEMOE_DISTILL_LOSS, router_losses
+    from acmoe_megatron.baseline_routers import STABLEMOE_DISTILL_LOSS
+    from acmoe_megatron.settings import router_class
 
     tracker = MoEMetricsTracker()
     monkeypatch.setattr(training, "get_moe_metrics_tracker", lambda: tracker)
-    observability.report_extra_moe_losses(router_losses("stablemoe"))
-    assert router_losses("ac") == () and router_losses("stablemoe") == (STABLEMOE_DISTILL_LOSS,)
+    observability.report_extra_moe_losses(router_class("stablemoe").reported_losses)
+    assert router_class("ac").reported_losses == () and router_class("stablemoe").reported_losses == (
+        STABLEMOE_DISTILL_LOSS,)
     t = training.get_moe_metrics_tracker()  # what training_log calls
     t.record("load_balancing_loss", torch.tensor(0.5), layer_number=1, num_layers=2)
     t.record(STABLEMOE_DISTILL_LOSS, torch.tensor(0.3), layer_number=1, num_layers=2)

@@ -6,7 +6,9 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe.router import TopKRouter
 from reference_acmoe import official_scores
 
-from acmoe_megatron.routers import ACRouter, ACSettings, CosineRouter, LabelSourceRouter
+from acmoe_megatron.chunk_state import ChunkState, state_of
+from acmoe_megatron.routers import ACRouter, CosineRouter, LabelSourceRouter
+from acmoe_megatron.settings import ACSettings
 from acmoe_megatron.testing import build_gpt, capture_router_outputs, tiny_config
 
 pytestmark = pytest.mark.usefixtures("megatron_ws1")
@@ -25,7 +27,7 @@ def test_spec_puts_the_right_router_on_each_layer():
             kinds[m.layer_number] = type(m).__name__
     # MoE layers are 1, 2, 4, 5, 6; ordinals 1-2 are label sources, 3.. are AC (layers 4, 5, 6)
     assert kinds == {1: "LabelSourceRouter", 2: "LabelSourceRouter", 4: "ACRouter", 5: "ACRouter", 6: "ACRouter"}
-    assert model.acmoe_labels.previous_moe_layer(4) == 2  # the dense layer 3 is skipped
+    assert state_of(model).previous_moe_layer(4) == 2  # the dense layer 3 is skipped
 
 
 def test_topk_setting_keeps_megatrons_router():
@@ -65,13 +67,14 @@ def test_ac_router_routes_with_ac_scores_inside_moe_layer():
     torch.testing.assert_close(probs2, exp_probs, rtol=1e-5, atol=1e-6)
 
 
-def _router(cls, carrier=None, **kw):
+def _router(cls, state=None, **kw):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     config = tiny_config(num_moe_experts=4, moe_router_topk=1, moe_router_pre_softmax=True,
                          hidden_size=8, num_attention_heads=2)
-    extra = {"label_carrier": carrier} if cls is not TopKRouter else {}
-    r = cls(config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups(), **extra, **kw)
+    r = cls(config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups(), **kw)
+    if state is not None:
+        r.bind_chunk_state(state)
     r.set_layer_number(2)
     with torch.no_grad():
         r.weight.zero_()
@@ -97,20 +100,18 @@ def _crafted_tokens():
     return x, labels
 
 
-def _carrier_with(labels, num_experts=4):
-    from acmoe_megatron.labels import LabelCarrier
-
-    carrier = LabelCarrier([1, 2])
+def _state_with(labels, num_experts=4):
+    state = ChunkState([1, 2], [1, 2])
     probs = F.one_hot(labels, num_experts).float()
-    carrier.put(1, probs, probs.bool())
-    return carrier
+    state.put_routing(1, probs, probs.bool())
+    return state
 
 
 def test_ac_differs_from_topk_and_cosine_on_crafted_input():
     x, labels = _crafted_tokens()
-    carrier = _carrier_with(labels)
-    ac = _router(ACRouter, carrier, ac=ACSettings())
-    cos = _router(CosineRouter, carrier)
+    state = _state_with(labels)
+    ac = _router(ACRouter, state, settings=ACSettings())
+    cos = _router(CosineRouter, state)
     lin = _router(TopKRouter)
     h = x.unsqueeze(1)  # [s, b=1, h]
     _, map_ac = ac(h)
@@ -131,9 +132,9 @@ def test_ac_equals_cosine_when_all_weights_are_one():
                          [0.5, 2.0, -1.0, -1.0, 1.5, -1.5, -0.75, 2.0]])
     x = torch.cat([base, base + 4.0])
     labels = torch.tensor([0] * 4 + [1] * 4)
-    carrier = _carrier_with(labels)
-    ac = _router(ACRouter, carrier, ac=ACSettings())
-    cos = _router(CosineRouter, carrier)
+    state = _state_with(labels)
+    ac = _router(ACRouter, state, settings=ACSettings())
+    cos = _router(CosineRouter, state)
     with torch.no_grad():
         w = torch.randn(4, 8, generator=torch.Generator().manual_seed(9))
         ac.weight.copy_(w)
@@ -145,25 +146,23 @@ def test_ac_equals_cosine_when_all_weights_are_one():
 
 
 def test_labels_are_recorded_and_missing_labels_fail_clearly():
-    from acmoe_megatron.labels import LabelCarrier
-
-    carrier = LabelCarrier([1, 2])
-    ac = _router(ACRouter, carrier, ac=ACSettings())
+    state = ChunkState([1, 2], [1, 2])
+    ac = _router(ACRouter, state, settings=ACSettings())
     with pytest.raises(RuntimeError, match="has not routed micro-batch 0"):
         ac(torch.randn(6, 1, 8))
-    carrier.put(1, torch.eye(4)[[0, 1, 2]], torch.eye(4, dtype=torch.bool)[[0, 1, 2]])
+    state.put_routing(1, torch.eye(4)[[0, 1, 2]], torch.eye(4, dtype=torch.bool)[[0, 1, 2]])
     with pytest.raises(RuntimeError, match="6 tokens but MoE layer 1 labelled 3"):
         ac(torch.randn(6, 1, 8))
-    src = _router(LabelSourceRouter, carrier)
+    src = _router(LabelSourceRouter, state)
     src.set_layer_number(1)
     probs, _ = src(torch.randn(6, 1, 8))
-    assert torch.equal(carrier.get(2, 6).top1_T, probs.argmax(-1))
+    assert torch.equal(state.labels_for(2, 6).top1_T, probs.argmax(-1))
 
 
 def test_router_gradients_flow_to_tokens_and_embeddings():
     x, labels = _crafted_tokens()
     x.requires_grad_(True)
-    ac = _router(ACRouter, _carrier_with(labels), ac=ACSettings())
+    ac = _router(ACRouter, _state_with(labels), settings=ACSettings())
     probs, _ = ac(x.unsqueeze(1))
     (probs * torch.arange(4.0)).sum().backward()
     assert ac.weight.grad is not None and x.grad is not None

@@ -29,7 +29,8 @@ import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 
-from acmoe_megatron.routers import ACSettings  # noqa: E402
+from acmoe_megatron.chunk_state import reset_states  # noqa: E402
+from acmoe_megatron.settings import ACSettings  # noqa: E402
 from acmoe_megatron.testing import build_gpt, tiny_config  # noqa: E402
 
 NUM_EXPERTS, SEQ, MBS, VOCAB = 4, 32, 2, 128
@@ -73,7 +74,7 @@ def main():
 
     losses = []
     for mb in micro_batches:
-        model.acmoe_labels.reset()
+        reset_states(model)
         t = tokens[mb]
         loss = model(t[:, :-1], position_ids, None, labels=t[:, 1:]).float().mean()
         (loss / 2).backward()

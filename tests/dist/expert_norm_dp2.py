@@ -21,7 +21,7 @@ from megatron.core import parallel_state  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 
 from acmoe_megatron import expert_norm  # noqa: E402
-from acmoe_megatron.routers import ACSettings  # noqa: E402
+from acmoe_megatron.settings import ACSettings  # noqa: E402
 from acmoe_megatron.testing import build_gpt, cuda_type_names, tiny_config  # noqa: E402
 
 

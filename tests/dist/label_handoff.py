@@ -21,9 +21,9 @@ from megatron.core import parallel_state  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 
 from acmoe_megatron.elliptical import EllipticalAttentionMixin, EllipticalSettings  # noqa: E402
-from acmoe_megatron.label_transport import LabelTransport  # noqa: E402
-from acmoe_megatron.labels import VALUES  # noqa: E402
-from acmoe_megatron.routers import ACRouter, ACSettings  # noqa: E402
+from acmoe_megatron.chunk_state import VALUES, state_of  # noqa: E402
+from acmoe_megatron.routers import ACRouter  # noqa: E402
+from acmoe_megatron.settings import ACSettings  # noqa: E402
 from acmoe_megatron.testing import build_gpt, tiny_config  # noqa: E402
 
 SEQ, MBS, HIDDEN = 16, 2, 64
@@ -41,35 +41,32 @@ def main():
     model = build_gpt(config, ACSettings(first_ac_layer=2), vocab_size=128, max_sequence_length=SEQ,
                       elliptical=EllipticalSettings(enabled=True, first_layer=3),
                       pre_process=stage == 0, post_process=stage == 1)
-    carrier = model.acmoe_labels
-    transport = LabelTransport.create(vp_size=None)
+    state = state_of(model)  # attach (in build_gpt) made the stage transport: the hooks send/receive
+    assert state.transport is not None
     tokens = torch.randint(0, 128, (MBS, SEQ), generator=torch.Generator().manual_seed(3))
     pos = torch.arange(SEQ).unsqueeze(0).expand(MBS, -1)
     n_tok = SEQ * MBS
     for mb in range(2):  # two micro-batches, forward only
-        carrier.begin_forward(training=False)
         if stage == 0:
-            hidden = model(tokens + mb, pos, None)
-            transport.send(carrier, 0, n_tok, "cpu")
+            hidden = model(tokens + mb, pos, None)  # the forward hook sends labels and values
             dist.send(hidden.detach().contiguous(), dst=1)
-            layer, labels = carrier.latest()
-            torch.save({"layer": layer, "top1": labels.top1_T, "values": carrier.get_state(VALUES, 2).clone()},
+            layer, labels = state.latest_labels()
+            torch.save({"layer": layer, "top1": labels.top1_T, "values": state.get_state(VALUES, 2).clone()},
                        out / f"stage0_mb{mb}.pt")
         else:
             hidden = torch.empty(SEQ, MBS, HIDDEN)
-            transport.receive(carrier, 0, n_tok, "cpu")
-            dist.recv(hidden, src=0)
+            dist.recv(hidden, src=0)  # the forward pre-hook receives labels and values
             used = {}
             ac3 = [m for m in model.modules() if isinstance(m, ACRouter) and m.layer_number == 3][0]
 
             def record(module, _args):  # a pre-hook must return None (or it replaces the input)
-                used.setdefault("top1", module.label_carrier.get(3, n_tok).top1_T.clone())
+                used.setdefault("top1", module.chunk_state.labels_for(3, n_tok).top1_T.clone())
 
             core3 = [m for m in model.modules()
                      if isinstance(m, EllipticalAttentionMixin) and m.elliptical_layer == 3][0]
 
             def record_values(module, args):
-                used["values"] = module.label_carrier.get_state(VALUES, 2).reshape(args[2].shape).clone()
+                used["values"] = module.chunk_state.get_state(VALUES, 2).reshape(args[2].shape).clone()
                 used["applies"] = module.apply_metric
 
             handles = [ac3.register_forward_pre_hook(record), core3.register_forward_pre_hook(record_values)]
@@ -78,7 +75,7 @@ def main():
             for handle in handles:
                 handle.remove()
             torch.save(used, out / f"stage1_mb{mb}.pt")
-    transport.wait_all()
+    state.transport.wait_all()
     dist.barrier()
 
 

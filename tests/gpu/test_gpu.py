@@ -12,7 +12,8 @@ if not torch.cuda.is_available():
                 allow_module_level=True)
 
 from acmoe_megatron.precision import have_transformer_engine  # noqa: E402
-from acmoe_megatron.routers import ACSettings  # noqa: E402
+from acmoe_megatron.chunk_state import reset_states, state_of  # noqa: E402
+from acmoe_megatron.settings import ACSettings  # noqa: E402
 from acmoe_megatron.testing import build_gpt, tiny_config  # noqa: E402
 
 VOCAB, SEQ, MBS = 256, 128, 4
@@ -53,7 +54,7 @@ def _train(config, steps=30, seed=0, use_te=False):
         idx = torch.randint(0, 16, (MBS, (SEQ + 1) // 16 + 1), generator=g)
         data = phrases[idx].reshape(MBS, -1)[:, : SEQ + 1].cuda()
         pos = torch.arange(SEQ, device="cuda").unsqueeze(0).expand(MBS, -1)
-        inner.acmoe_labels.reset()
+        reset_states(inner)
         loss = model(data[:, :-1], pos, None, labels=data[:, 1:]).float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -68,7 +69,7 @@ def test_bf16_training_steps_learn(nccl_ws1):
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
     routers = [m for m in model.modules() if type(m).__name__ == "ACRouter"]
     x = torch.randn(64, 1, 128, device="cuda", dtype=torch.bfloat16)
-    model.acmoe_labels.put(1, torch.ones(64, 8, device="cuda") / 8, torch.eye(8, device="cuda", dtype=torch.bool)[torch.arange(64) % 8])
+    state_of(model).put_routing(1, torch.ones(64, 8, device="cuda") / 8, torch.eye(8, device="cuda", dtype=torch.bool)[torch.arange(64) % 8])
     assert routers and routers[0].gating(x).dtype == torch.float32  # AC scores stay fp32 under bf16
 
 
@@ -85,15 +86,16 @@ def test_fp8_loss_close_to_bf16(nccl_ws1):
 def _ac_router(config, compile_=False):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from acmoe_megatron.labels import LabelCarrier
+    from acmoe_megatron.chunk_state import ChunkState
     from acmoe_megatron.routers import ACRouter
 
-    carrier = LabelCarrier([1, 2])
+    state = ChunkState([1, 2], [1, 2])
     torch.manual_seed(0)
     router = ACRouter(config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-                      label_carrier=carrier, ac=ACSettings(compile=compile_)).cuda()
+                      settings=ACSettings(compile=compile_)).cuda()
+    router.bind_chunk_state(state)
     router.set_layer_number(2)
-    return router, carrier
+    return router, state
 
 
 def _needs_triton(compile_):
@@ -104,16 +106,16 @@ def _needs_triton(compile_):
 @pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
 def test_ac_path_makes_no_host_sync(nccl_ws1, compile_):
     _needs_triton(compile_)
-    router, carrier = _ac_router(_gpu_config(), compile_)
+    router, state = _ac_router(_gpu_config(), compile_)
     x = torch.randn(256, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     probs = torch.rand(512, 8, device="cuda")
     rmap = torch.zeros(512, 8, device="cuda", dtype=torch.bool).scatter(1, probs.topk(2, -1).indices, True)
-    carrier.put(1, probs * rmap, rmap)
+    state.put_routing(1, probs * rmap, rmap)
     router.gating(x).float().sum().backward()  # warm-up: compilation may sync, a training step does not
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        carrier.put(1, probs * rmap, rmap)
+        state.put_routing(1, probs * rmap, rmap)
         logits = router.gating(x)
         logits.float().sum().backward()
     finally:
@@ -128,9 +130,9 @@ def test_compiled_ac_router_matches_eager(nccl_ws1):
     rmap = torch.zeros(1024, 8, device="cuda", dtype=torch.bool).scatter(1, probs.topk(2, -1).indices, True)
     out = []
     for compile_ in (False, True):
-        router, carrier = _ac_router(_gpu_config(), compile_)
+        router, state = _ac_router(_gpu_config(), compile_)
         x = x0.clone().requires_grad_(True)
-        carrier.put(1, probs * rmap, rmap)
+        state.put_routing(1, probs * rmap, rmap)
         logits = router.gating(x)
         logits.float().square().sum().backward()
         out.append((logits.detach().float(), x.grad.float(), router.weight.grad.float()))
@@ -173,7 +175,7 @@ def test_expert_norm_holds_on_cuda_optimizers_without_host_sync(nccl_ws1, distri
     for step in range(3):
         model.zero_grad_buffer()
         opt.zero_grad()
-        inner.acmoe_labels.reset()
+        reset_states(inner)
         model(data[:, :-1], pos, None, labels=data[:, 1:]).float().mean().backward()
         model.finish_grad_sync()
         if step == 2:  # the hook alone, on the last step

@@ -1,0 +1,228 @@
+"""The public plugin API: the AC router (and our baselines, elliptical attention) in any Megatron script.
+
+Four calls, each a thin adapter over the modules that do the work:
+
+* ``patch_block_spec(spec, settings, config, vp_stage=...)`` (spec.py) — takes the block spec the
+  script already built (Transformer Engine or local, any options, or customised) and swaps only the
+  routers of the intended MoE layers (and, with ``elliptical``, the core attention).
+* ``attach(model_chunks)`` — gives every built model chunk its ``chunk_state.ChunkState`` (labels,
+  elliptical values, token ids, metrics, the pipeline hand-off) and registers the two forward hooks
+  that run the per-micro-batch protocol, so megatron's stock forward step, pipeline schedules
+  (PP, VPP) and full/selective recompute work unchanged. A model that is not attached fails at its
+  first forward with an error naming this call.
+* ``add_arguments(parser)`` for Megatron's ``extra_args_provider``: ``--acmoe-router ac
+  --acmoe-first-ac-layer 3 ...`` (one flag per ``settings.ACSettings`` key, ``--acmoe-elliptical-*``
+  for ``settings.EllipticalSettings``); ``settings_from_args(args)`` maps them to the same typed
+  settings the YAML recipes use, and ``validate_args(args)`` runs our checks on Megatron's parsed
+  arguments before any model is built.
+* ``install_expert_norm()`` — with ``--acmoe-expert-norm`` (the release's rows held at a fixed norm):
+  the optimizer that megatron.training builds rescales them after every step (other trainers:
+  ``expert_norm.install(optimizer, model_chunks)``).
+* ``bridge_layer_spec(settings)`` — a callable for Megatron-Bridge's
+  ``GPTModelProvider.transformer_layer_spec`` (Bridge calls it as ``spec(provider, vp_stage=...)``);
+  ``pre_wrap_hook()`` attaches the chunks through ``provider.register_pre_wrap_hook``.
+
+A minimal Megatron-style pretraining script that uses only these calls is
+``examples/pretrain_gpt_acmoe.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import typing
+from collections.abc import Callable
+
+from acmoe_megatron.settings import ACSettings, EllipticalSettings
+
+__all__ = ["patch_block_spec", "attach", "add_arguments", "settings_from_args", "validate_args",
+           "install_expert_norm", "bridge_layer_spec", "pre_wrap_hook", "settings_argv"]
+
+
+def patch_block_spec(spec, settings: ACSettings, config, **kwargs):
+    """See ``spec.patch_block_spec`` (imported lazily: this module is light to import)."""
+    from acmoe_megatron.spec import patch_block_spec as patch
+
+    return patch(spec, settings, config, **kwargs)
+
+
+# -- attach --------------------------------------------------------------------------------------
+
+_TRANSPORTS: dict = {}  # one pipeline transport per process and virtual-pipeline size
+
+
+def _transport(vp_size: int | None):
+    """Collective on first use (every rank attaches its chunks at the same point of start-up)."""
+    from acmoe_megatron.label_transport import LabelTransport
+
+    if vp_size not in _TRANSPORTS:
+        _TRANSPORTS[vp_size] = LabelTransport.create(vp_size)
+    return _TRANSPORTS[vp_size]
+
+
+def attach(model, *, progress: Callable[[], tuple[int, int | None]] | None = None) -> list:
+    """Give every model chunk (a GPTModel, possibly wrapped by megatron's DDP/Float16Module, or a
+    list of them) its cross-layer state and micro-batch hooks; returns the states, in chunk order.
+
+    Call it once per chunk on every rank, after the chunk is built (in the model provider, or on
+    the list of chunks). ``progress``: where routers that change with training progress (StableMoE)
+    read (iteration, train_iters); default: megatron.training's arguments.
+    """
+    from acmoe_megatron.chunk_state import ChunkState, UsesChunkState, register, unwrap_chunk
+    from acmoe_megatron.elliptical import EllipticalAttentionMixin, value_handoff
+    from acmoe_megatron.metrics import RouterMetrics
+    from acmoe_megatron.spec import moe_layer_numbers
+
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    states = []
+    for chunk in chunks:
+        gpt = unwrap_chunk(chunk)
+        config = gpt.config
+        users = [m for m in gpt.modules() if isinstance(m, UsesChunkState)]
+        elliptical = [m.elliptical for m in users if isinstance(m, EllipticalAttentionMixin)]
+        moe_numbers = moe_layer_numbers(config)
+        state = ChunkState(
+            moe_numbers, [layer.layer_number for layer in gpt.decoder.layers], gpt.vp_stage,
+            metrics=RouterMetrics(config.num_moe_experts, moe_numbers) if moe_numbers else None,
+            value_handoff=value_handoff(config, elliptical[0]) if elliptical else None,
+            transport=_transport(config.virtual_pipeline_model_parallel_size),
+            progress=progress,
+            sequence_parallel_tp=config.tensor_model_parallel_size if config.sequence_parallel else 1,
+        )
+        register(gpt, state)
+        for module in users:
+            module.bind_chunk_state(state)
+        gpt.register_forward_pre_hook(state.pre_forward, with_kwargs=True)
+        gpt.register_forward_hook(state.post_forward, with_kwargs=True)
+        states.append(state)
+    return states
+
+
+def install_expert_norm() -> None:
+    """Megatron-LM scripts, before ``pretrain``: the optimizer megatron.training builds keeps the
+    expert embeddings at ``expert_norm`` (run_hooks.install_expert_norm; a no-op without it)."""
+    from acmoe_megatron import run_hooks
+
+    run_hooks.install_expert_norm()
+
+
+def pre_wrap_hook(progress=None) -> Callable[[list], list]:
+    """For Megatron-Bridge: ``provider.register_pre_wrap_hook(pre_wrap_hook())`` attaches the chunks."""
+
+    def hook(chunks: list) -> list:
+        attach(chunks, progress=progress)
+        return chunks
+
+    return hook
+
+
+def bridge_layer_spec(settings: ACSettings, elliptical: EllipticalSettings | None = None, *,
+                      base: Callable | None = None, use_transformer_engine: bool = True) -> Callable:
+    """A ``transformer_layer_spec`` callable for Megatron-Bridge: ``base(provider, vp_stage=...)``
+    (default: megatron's ``get_gpt_decoder_block_spec``), patched. Not tested here: Megatron-Bridge
+    does not install without its GPU-only dependencies."""
+
+    def layer_spec(provider, vp_stage: int | None = None):
+        if base is not None:
+            block = base(provider, vp_stage=vp_stage)
+        else:
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+            block = get_gpt_decoder_block_spec(provider, use_transformer_engine=use_transformer_engine,
+                                               normalization=provider.normalization, vp_stage=vp_stage)
+        return patch_block_spec(block, settings, provider, vp_stage=vp_stage, vocab_size=provider.vocab_size,
+                                elliptical=elliptical)
+
+    return layer_spec
+
+
+# -- command-line flags ----------------------------------------------------------------------------
+
+_SECTIONS = {"acmoe": (ACSettings, "--acmoe-"), "elliptical": (EllipticalSettings, "--acmoe-elliptical-")}
+
+
+def _flag(section: str, key: str) -> str:
+    return _SECTIONS[section][1] + key.replace("_", "-")
+
+
+def _dest(section: str, key: str) -> str:
+    return _flag(section, key)[2:].replace("-", "_")
+
+
+def _none_or(parse):
+    def convert(text: str):
+        return None if text.lower() in ("none", "null") else parse(text)
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _add_flag(group, section: str, field: dataclasses.Field, hint) -> None:
+    flag, dest = _flag(section, field.name), _dest(section, field.name)
+    optional = type(None) in typing.get_args(hint)
+    base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+    default = field.default
+    help_text = f"{section}.{field.name} of the YAML recipes (default: {default!r})"
+    if base is bool:
+        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        return
+    parse = {int: int, float: float, str: str}[base]
+    group.add_argument(flag, dest=dest, type=_none_or(parse) if optional else parse, default=None,
+                       metavar=base.__name__.upper() + ("|none" if optional else ""), help=help_text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron ``extra_args_provider``: one ``--acmoe-*`` flag per setting; returns the parser."""
+    for section, (cls, _) in _SECTIONS.items():
+        group = parser.add_argument_group(f"acmoe: {section} settings (acmoe_megatron.settings.{cls.__name__})")
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            _add_flag(group, section, field, hints[field.name])
+    return parser
+
+
+def settings_from_args(args) -> tuple[ACSettings, EllipticalSettings]:
+    """The typed settings from parsed ``--acmoe-*`` flags (flags not given keep the defaults).
+    Invalid values raise ``ValueError`` naming the flag and the fix."""
+    out = []
+    for section, (cls, _) in _SECTIONS.items():
+        given = {}
+        for field in dataclasses.fields(cls):
+            value = vars(args).get(_dest(section, field.name))
+            if value is not None:
+                given[field.name] = value
+        try:
+            out.append(cls(**given))
+        except ValueError as err:
+            # the messages name recipe keys (acmoe.first_ac_layer): name the flags instead
+            message = re.sub(rf"\b{section}\.(\w+)", lambda m: _flag(section, m.group(1)), str(err))
+            raise ValueError(message) from None
+    return out[0], out[1]
+
+
+def settings_argv(acmoe: ACSettings, elliptical: EllipticalSettings | None = None) -> list[str]:
+    """The flags that reproduce ``acmoe`` / ``elliptical`` (non-default keys only)."""
+    argv = []
+    for section, settings in (("acmoe", acmoe), ("elliptical", elliptical or EllipticalSettings())):
+        defaults = type(settings)()
+        for field in dataclasses.fields(settings):
+            value = getattr(settings, field.name)
+            if value == getattr(defaults, field.name):
+                continue
+            flag = _flag(section, field.name)
+            if isinstance(value, bool):
+                argv.append(flag if value else "--no-" + flag[2:])
+            else:
+                argv += [flag, "none" if value is None else str(value)]
+    return argv
+
+
+def validate_args(args) -> tuple[ACSettings, EllipticalSettings]:
+    """Our checks on Megatron's parsed arguments (first AC layer within the MoE layers, options that
+    defeat the router, elliptical attention's refusals); returns the settings."""
+    from acmoe_megatron.megatron_args import check_settings
+
+    acmoe, elliptical = settings_from_args(args)
+    check_settings(args, acmoe, elliptical)
+    return acmoe, elliptical
