@@ -234,12 +234,6 @@ def local_weights(
     return w_KD, stats
 
 
-@torch.no_grad()
-def token_weights(w_KD: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
-    """m_i = w[c_i]: each token's diagonal of M_{c_i}, ``[T, D]``."""
-    return torch.index_select(w_KD, 0, labels_T.long())
-
-
 _NORM_EPS = 1e-12  # F.normalize's default
 
 
@@ -249,12 +243,6 @@ def _replace_nonfinite(scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     finite_or_inf_TE = torch.nan_to_num(scores_TE, nan=inf, posinf=inf, neginf=inf)
     bad_TE = finite_or_inf_TE == inf
     return torch.where(bad_TE, finite_or_inf_TE.amin(), finite_or_inf_TE), bad_TE
-
-
-@torch.no_grad()
-def replace_nonfinite(scores_TE: torch.Tensor) -> torch.Tensor:
-    """Replace non-finite scores by the minimum finite score (spec §4.5), without a host sync."""
-    return _replace_nonfinite(scores_TE)[0]
 
 
 def scores_forward(x_TD, e_ED, w_KD, labels_T, dtype):

@@ -171,7 +171,10 @@ def test_router_routes_every_moe_layer_and_trains(router):
 def test_xmoe_and_etr_router_parameters():
     x = _model("xmoe").decoder.layers[0].mlp.router
     assert x.weight.shape == (4, 2) and x.proj.shape == (2, 64) and x.bias is None  # xmoe_dim = E/2
-    torch.testing.assert_close(x.weight @ x.weight.t() / 0.32**2, torch.eye(4)[:4, :4], atol=1, rtol=0)
+    # orthogonal_(gain 0.32) of [E=4, P=2] (more rows than columns): orthonormal columns × 0.32
+    torch.testing.assert_close(x.weight.t() @ x.weight, 0.32**2 * torch.eye(2), atol=1e-6, rtol=0)
+    lite = _model("stablemoe-lite").decoder.layers[0].mlp.router  # [E=4, d=64]: orthogonal rows × 0.32
+    torch.testing.assert_close(lite.weight @ lite.weight.t(), 0.32**2 * torch.eye(4), atol=1e-6, rtol=0)
     e = _model("etr").decoder.layers[0].mlp.router
     assert e.weight.shape == (4, 16) and not e.weight.requires_grad  # Eq. 3: fixed n/d entries
     with pytest.raises(ValueError, match="moe_expert_capacity_factor"):
