@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from acmoe_megatron.settings import ACSettings, EllipticalSettings
+from acmoe_megatron.settings import ACSettings, EllipticalSettings, check_types
 
 SECTIONS = ("megatron", "acmoe", "elliptical", "data", "run")
 
@@ -64,6 +64,9 @@ class DataSettings:
     seed: int = 1234  # shuffle seed of the training stream
     verify_checksums: bool = False  # sha256 of every shard against the manifest at start-up
 
+    def __post_init__(self):
+        check_types(self, "data")
+
 
 @dataclass(frozen=True)
 class RunSettings:
@@ -71,6 +74,11 @@ class RunSettings:
     name: str = ""  # free-form label written to the summary
     log_router_grad_norms: bool = False  # per step, per router: dir/router_grad_norms_rank*.jsonl
     keep_last_checkpoints: int = 0  # after each save keep only the newest N iter_* dirs (0 = keep all)
+
+    def __post_init__(self):
+        check_types(self, "run")
+        if self.keep_last_checkpoints < 0:
+            raise ValueError(f"run.keep_last_checkpoints={self.keep_last_checkpoints}: must be >= 0 (0 keeps all)")
 
 
 @dataclass

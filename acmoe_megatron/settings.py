@@ -14,7 +14,9 @@ A leaf module: it imports neither torch nor megatron nor our model code, so vali
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import typing
 from dataclasses import dataclass
 
 # name -> "module:Class". ac / cosine route MoE layers from ``first_ac_layer`` on (earlier MoE
@@ -58,6 +60,29 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_TYPE_CHECKS = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (_is_int, "an integer"),
+    float: (_is_number, "a number"),
+    str: (lambda v: isinstance(v, str), "a string (quote it in YAML)"),
+}
+
+
+def check_types(settings, section: str) -> None:
+    """Each field holds its annotated type (bool, int, float, str; ``| None`` allows null); the
+    error names the key, the value and the expected type."""
+    hints = typing.get_type_hints(type(settings))
+    for field in dataclasses.fields(settings):
+        value, hint = getattr(settings, field.name), hints[field.name]
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            continue
+        base = next((a for a in args if a is not type(None)), hint)
+        ok, expected = _TYPE_CHECKS[base]
+        if not ok(value):
+            raise ValueError(f"{section}.{field.name}={value!r}: expected {expected}")
 
 
 @dataclass(frozen=True)

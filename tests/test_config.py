@@ -214,6 +214,11 @@ def test_section_that_is_not_a_mapping_is_a_config_error(tmp_path):
         ("acmoe.eps=small", r"acmoe.eps='small': must be a number > 0"),
         ("acmoe.clip=-1.0", r"acmoe.clip=-1.0: must be a number > 0"),
         ("elliptical.first_layer=2.5", r"elliptical.first_layer=2.5: must be an integer >= 2"),
+        ("data.seed=abc", r"data.seed='abc': expected an integer"),
+        ("data.verify_checksums=1", r"data.verify_checksums=1: expected true or false"),
+        ("run.keep_last_checkpoints=two", r"run.keep_last_checkpoints='two': expected an integer"),
+        ("run.keep_last_checkpoints=-1", r"run.keep_last_checkpoints=-1: must be >= 0"),
+        ("run.dir=7", r"run.dir=7: expected a string \(quote it in YAML\)"),
     ],
 )
 def test_acsettings_validation_errors_are_config_errors(override, match):

@@ -166,3 +166,37 @@ def test_hooks_run_the_micro_batch_protocol():
     with torch.no_grad():
         model(batches[0], pos, None, labels=batches[0])
     assert {key[1] for key in state._state} == {2}  # evaluation: only the current micro-batch
+
+
+@pytest.mark.usefixtures("megatron_ws1")
+def test_bridge_layer_spec_is_called_the_way_megatron_bridge_calls_it():
+    """Megatron-Bridge calls ``provider.transformer_layer_spec(provider, vp_stage=...)`` when the
+    callable has a ``vp_stage`` parameter, with the provider being a TransformerConfig that also
+    carries ``vocab_size`` and ``normalization`` (Bridge itself does not install without GPU-only
+    dependencies, so a TransformerConfig subclass stands in for its GPTModelProvider)."""
+    import inspect
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from acmoe_megatron.testing import tiny_config
+
+    @dataclasses.dataclass
+    class Provider(TransformerConfig):
+        vocab_size: int = 128
+        normalization: str = "LayerNorm"
+
+    base = dataclasses.asdict(tiny_config())
+    provider = Provider(**{f.name: base[f.name] for f in dataclasses.fields(TransformerConfig) if f.init})
+    spec_fn = plugin.bridge_layer_spec(ACSettings(router="stablemoe"), use_transformer_engine=False)
+    assert "vp_stage" in inspect.signature(spec_fn).parameters
+    spec = spec_fn(provider, vp_stage=None)
+    builders = [layer.submodules.mlp.keywords["submodules"].router for layer in spec.layer_specs]
+    assert all(b.func.__name__ == "StableMoERouter" and b.keywords["vocab_size"] == 128 for b in builders)
+    from megatron.core.models.gpt import GPTModel
+
+    from acmoe_megatron.chunk_state import state_of
+
+    model = GPTModel(config=provider, transformer_layer_spec=spec, vocab_size=128, max_sequence_length=64)
+    chunks = [model]
+    assert plugin.pre_wrap_hook(progress=lambda: (0, 10))(chunks) is chunks  # Bridge's pre-wrap hook contract
+    assert state_of(model) is not None and state_of(model).progress() == (0, 10)
