@@ -1,6 +1,7 @@
-"""benchmarks/quality.py: the aggregation (mean/std, steps to a target loss, verdict), the row table,
-the paper-reproduction recipe for enwik8, and one tiny end-to-end run of two rows (one trained and
-evaluated on corrupted text through acmoe-pretrain, one from the result cache; about 40 s)."""
+"""The router-quality benchmark (benchmarks/quality.py, implemented in benchmarks/quality_bench/): the
+aggregation (mean/std, steps to a target loss, verdict), the row table, the paper-reproduction recipe
+for enwik8, and one tiny end-to-end run of two rows (one trained and evaluated on corrupted text
+through acmoe-pretrain, one from the result cache; about 40 s)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "benchmarks") not in sys.path:  # benchmarks/ is not a package: quality_bench is top-level
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from quality_bench import report, rows, runner  # noqa: E402
+from quality_bench import statistics as stats  # noqa: E402
+
+# the command line (argument parsing and main) stays a script: load it as a module
 _spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
-quality = importlib.util.module_from_spec(_spec)
-sys.modules["quality_benchmark"] = quality
-_spec.loader.exec_module(quality)
+cli = importlib.util.module_from_spec(_spec)
+sys.modules["quality_benchmark"] = cli
+_spec.loader.exec_module(cli)
 
 
 def _result(seed, final, curve=None, corrupt=None, status="ok", **extra):
@@ -28,62 +36,62 @@ def _result(seed, final, curve=None, corrupt=None, status="ok", **extra):
 
 
 def test_mean_std():
-    assert quality.mean_std([]) == (None, None)
-    assert quality.mean_std([2.0]) == (2.0, None)
-    m, s = quality.mean_std([1.0, 2.0, 3.0])
+    assert stats.mean_std([]) == (None, None)
+    assert stats.mean_std([2.0]) == (2.0, None)
+    m, s = stats.mean_std([1.0, 2.0, 3.0])
     assert m == pytest.approx(2.0) and s == pytest.approx(1.0)  # sample std (ddof 1)
-    assert quality.mean_std([1.0, None, float("nan"), 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert stats.mean_std([1.0, None, float("nan"), 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
 
 
 def test_steps_to_target_interpolates_between_evaluations():
     curve = [(25, 3.0), (50, 2.0), (75, 1.5), (100, 1.2)]
-    assert quality.steps_to_target(curve, 2.0) == 50.0  # exactly at an evaluation
-    assert quality.steps_to_target(curve, 1.75) == pytest.approx(62.5)  # halfway between 50 and 75
-    assert quality.steps_to_target(curve, 3.5) == 25.0  # the first evaluation already reaches it
-    assert quality.steps_to_target(curve, 1.2) == 100.0
-    assert quality.steps_to_target(curve, 1.0) is None  # not reached
-    assert quality.steps_to_target([], 1.0) is None
+    assert stats.steps_to_target(curve, 2.0) == 50.0  # exactly at an evaluation
+    assert stats.steps_to_target(curve, 1.75) == pytest.approx(62.5)  # halfway between 50 and 75
+    assert stats.steps_to_target(curve, 3.5) == 25.0  # the first evaluation already reaches it
+    assert stats.steps_to_target(curve, 1.2) == 100.0
+    assert stats.steps_to_target(curve, 1.0) is None  # not reached
+    assert stats.steps_to_target([], 1.0) is None
     # a curve that goes up and down: the first crossing counts; unsorted input is sorted
-    assert quality.steps_to_target([(30, 1.8), (10, 2.0), (20, 2.2)], 1.9) == pytest.approx(20 + 10 * 0.3 / 0.4)
+    assert stats.steps_to_target([(30, 1.8), (10, 2.0), (20, 2.2)], 1.9) == pytest.approx(20 + 10 * 0.3 / 0.4)
 
 
 def test_mean_curve_uses_common_steps():
-    assert quality.mean_curve([[(10, 2.0), (20, 1.0)], [(10, 4.0), (20, 3.0), (30, 1.0)]]) == [(10, 3.0), (20, 2.0)]
-    assert quality.mean_curve([]) == []
+    assert stats.mean_curve([[(10, 2.0), (20, 1.0)], [(10, 4.0), (20, 3.0), (30, 1.0)]]) == [(10, 3.0), (20, 2.0)]
+    assert stats.mean_curve([]) == []
 
 
 def test_aggregate_row_and_steps_to_topk():
     curve = lambda a, b, c: [[50, a], [100, b], [150, c]]  # noqa: E731
     topk = [_result(1, 2.0, curve(3.0, 2.4, 2.0), corrupt=2.2), _result(2, 2.2, curve(3.2, 2.6, 2.2), corrupt=2.5)]
-    target = quality.aggregate_row(topk, None)["loss"][0]
+    target = stats.aggregate_row(topk, None)["loss"][0]
     assert target == pytest.approx(2.1)
-    agg_topk = quality.aggregate_row(topk, target)
+    agg_topk = stats.aggregate_row(topk, target)
     assert agg_topk["steps_to_target"] == pytest.approx(150.0)  # topk's mean curve ends on its own mean
     assert agg_topk["seeds_reaching"] == 1  # seed 2 ends above the mean
     assert agg_topk["gap"][0] == pytest.approx(0.25)
     assert agg_topk["bits"][0] == pytest.approx(2.1 / math.log(2))
     ac = [_result(1, 1.8, curve(2.6, 2.0, 1.8)), _result(2, 1.9, curve(2.8, 2.2, 1.9)),
           _result(3, None, status="nonfinite")]
-    agg_ac = quality.aggregate_row(ac, target)
+    agg_ac = stats.aggregate_row(ac, target)
     assert agg_ac["n"] == 2 and agg_ac["failed"] == [3]
     # mean curve (2.7, 2.1, 1.85): reaches 2.1 exactly at step 100
     assert agg_ac["steps_to_target"] == pytest.approx(100.0)
     assert agg_ac["corrupt"] == (None, None)
-    slow = quality.aggregate_row([_result(1, 2.5, curve(3.0, 2.8, 2.5))], target)
+    slow = stats.aggregate_row([_result(1, 2.5, curve(3.0, 2.8, 2.5))], target)
     assert slow["steps_to_target"] is None and slow["seeds_reaching"] == 0
 
 
 def test_compare_and_paired_difference():
     ac = {"loss": (1.90, 0.01)}
-    assert quality.compare(ac, {"loss": (2.00, 0.02)})["beyond_spread"] is True
-    close = quality.compare(ac, {"loss": (1.915, 0.02)})
+    assert stats.compare(ac, {"loss": (2.00, 0.02)})["beyond_spread"] is True
+    close = stats.compare(ac, {"loss": (1.915, 0.02)})
     assert close["lower"] and close["beyond_spread"] is False and close["spread"] == pytest.approx(0.02)
-    assert quality.compare(ac, {"loss": (1.80, 0.01)})["lower"] is False
-    assert quality.compare(ac, {"loss": (2.0, None)})["beyond_spread"] is None  # one seed: no spread
-    assert quality.compare({"loss": (None, None)}, {"loss": (2.0, 0.1)}) == {"available": False}
+    assert stats.compare(ac, {"loss": (1.80, 0.01)})["lower"] is False
+    assert stats.compare(ac, {"loss": (2.0, None)})["beyond_spread"] is None  # one seed: no spread
+    assert stats.compare({"loss": (None, None)}, {"loss": (2.0, 0.1)}) == {"available": False}
     a = [_result(1, 2.0), _result(2, 2.1), _result(3, 2.2)]
     b = [_result(1, 1.9), _result(2, 2.05), _result(4, 1.0)]
-    m, s, n = quality.paired_diff(a, b, "final_valid_loss")
+    m, s, n = stats.paired_diff(a, b, "final_valid_loss")
     assert n == 2 and m == pytest.approx(-0.075) and s == pytest.approx(math.sqrt(2) * 0.025)
 
 
@@ -96,9 +104,9 @@ def _table(ac_finals, topk_finals, cos_finals, ac_curves=None, corrupt_shift=(0.
 
     results = {"ac": row(ac_finals, corrupt_shift[0], ac_curves), "topk": row(topk_finals, corrupt_shift[1]),
                "cosine": row(cos_finals, corrupt_shift[2])}
-    target = quality.aggregate_row(results["topk"], None)["loss"][0]
-    aggs = {k: quality.aggregate_row(v, target) for k, v in results.items()}
-    return "\n".join(quality.verdict(aggs, results))
+    target = stats.aggregate_row(results["topk"], None)["loss"][0]
+    aggs = {k: stats.aggregate_row(v, target) for k, v in results.items()}
+    return "\n".join(stats.verdict(aggs, results))
 
 
 def test_verdict_when_ac_wins():
@@ -122,14 +130,14 @@ def test_verdict_when_ac_does_not_win():
     assert "AC 0.3000 vs topk 0.2000 nats" in text and "→ **not met**" in text.split("corrupted text vs topk")[1]
     one_seed = _table([1.9], [2.0], [2.0])
     assert "undetermined (fewer than 2 seeds" in one_seed
-    assert quality.verdict({}, {}) == ["- no finished `ac` runs: nothing to judge."]
+    assert stats.verdict({}, {}) == ["- no finished `ac` runs: nothing to judge."]
 
 
 def test_verdict_lists_investigation_rows_paired_by_seed():
     results = {name: [_result(i + 1, f) for i, f in enumerate(finals)]
                for name, finals in (("topk", [2.0, 2.1]), ("ac", [1.9, 2.0]), ("ac-clean", [1.85, 1.9]))}
-    aggs = {k: quality.aggregate_row(v, 2.05) for k, v in results.items()}
-    text = "\n".join(quality.verdict(aggs, results))
+    aggs = {k: stats.aggregate_row(v, 2.05) for k, v in results.items()}
+    text = "\n".join(stats.verdict(aggs, results))
     assert "investigation row `ac-clean`: validation loss 1.8750; paired ac-clean − ac = -0.0750" in text
     assert "ac-clean − topk = -0.1750 ± 0.0354 (2 seeds)" in text
 
@@ -144,7 +152,7 @@ def test_extract_run_windows_the_routing_statistics():
         "moe/layer02/load_max_over_mean": [(50, 2.5)],
         "moe/layer01/load_cv": [(10, 9.0)],  # outside the window: no value for the layer
     }
-    out = quality.extract_run(scalars, train_iters=50)  # window: steps >= 40
+    out = runner.extract_run(scalars, train_iters=50)  # window: steps >= 40
     assert out["valid_curve"] == [[25, 3.0], [50, 2.5]]
     assert out["instability"] == pytest.approx((0.2 + 0.5) / 2)
     assert out["load_max_over_mean"] == pytest.approx(2.0)
@@ -159,74 +167,74 @@ def test_extract_run_ac_internals_early_and_late():
         "ac/layer03/separation_ac": [(10, 5.0), (100, 7.0)],
         "ac/layer03/clip_rate": [(50, 0.5)],  # neither window: no value
     }
-    out = quality.extract_run(scalars, train_iters=100)["ac_internals"]  # early: <= 20, late: >= 80
+    out = runner.extract_run(scalars, train_iters=100)["ac_internals"]  # early: <= 20, late: >= 80
     assert out["separation_raw"] == {"early": pytest.approx((2.0 + 2.0) / 2), "late": pytest.approx((3.0 + 2.0) / 2)}
     assert out["separation_ac"] == {"early": 5.0, "late": 7.0}
     assert out["clip_rate"] == {"early": None, "late": None}
-    assert quality.extract_run({}, train_iters=100)["ac_internals"] is None
+    assert runner.extract_run({}, train_iters=100)["ac_internals"] is None
 
 
 def test_paired_95_ci_uses_student_t():
-    assert quality.ci95(0.0, 1.0, 1) is None and quality.ci95(0.1, None, 3) is None
-    lo, hi = quality.ci95(-0.01, 0.005, 5)  # t(4) = 2.776
+    assert stats.ci95(0.0, 1.0, 1) is None and stats.ci95(0.1, None, 3) is None
+    lo, hi = stats.ci95(-0.01, 0.005, 5)  # t(4) = 2.776
     assert (lo, hi) == (pytest.approx(-0.01 - 2.776 * 0.005 / math.sqrt(5)), pytest.approx(-0.01 + 2.776 * 0.005 / math.sqrt(5)))
     assert hi < 0
-    assert quality.fmt_paired(-0.01, 0.005, 5) == "-0.0100 ± 0.0050 (5 seeds; 95% CI [-0.0162, -0.0038])"
-    assert "95% CI excludes 0" in quality._ci_verdict(-0.01, 0.005, 5)
-    assert "includes 0" in quality._ci_verdict(-0.01, 0.02, 5)
+    assert stats.fmt_paired(-0.01, 0.005, 5) == "-0.0100 ± 0.0050 (5 seeds; 95% CI [-0.0162, -0.0038])"
+    assert "95% CI excludes 0" in stats._ci_verdict(-0.01, 0.005, 5)
+    assert "includes 0" in stats._ci_verdict(-0.01, 0.02, 5)
 
 
 def test_ablation_table_pairs_each_change_with_its_references():
     results = {name: [_result(i + 1, f) for i, f in enumerate(finals)] for name, finals in (
         ("topk", [2.0, 2.1]), ("cosine", [1.95, 2.0]), ("ac", [1.9, 2.0]),
         ("ac-balance", [2.0, 2.05]), ("topk-balance", [2.1, 2.1]), ("ac-freenorm", [1.95, 2.05]))}
-    lines = quality.ablation_lines(results)
+    lines = report.ablation_lines(results)
     table = "\n".join(lines)
     assert "| none (the base recipe) | `ac` | -0.1000 ± 0.0000 (2 seeds" in table
     assert "| aux balance loss 0.01 on every MoE layer | `ac-balance` | -0.0750 ± 0.0354 (2 seeds" in table
     assert "| – | +0.0750" in table  # no cosine-balance runs; ac-balance − ac
     freenorm = next(ln for ln in lines if "free expert norm" in ln)
     assert "-0.0500" in freenorm.split("|")[3]  # against the base topk: the norm does not touch it
-    assert quality.ablation_lines({"ac": results["ac"]}) == []
+    assert report.ablation_lines({"ac": results["ac"]}) == []
 
 
 def test_corrupt_loss_from_megatron_log():
     log = (" validation loss at iteration 40 | lm loss value: 3.0E+00 | \n"
            " validation loss at iteration 40 on validation set | lm loss value: 3.144227E+00 | lm loss PPL: 2.3E+01 |")
-    assert quality.corrupt_loss_from_log(log) == pytest.approx(3.144227)
-    assert quality.corrupt_loss_from_log("nothing") is None
+    assert runner.corrupt_loss_from_log(log) == pytest.approx(3.144227)
+    assert runner.corrupt_loss_from_log("nothing") is None
 
 
 # ------------------------------------------------------------------------------------ rows, CLI
 
 
 def test_row_table():
-    names = [r.name for r in quality.ROWS]
+    names = [r.name for r in rows.ROWS]
     assert len(names) == len(set(names))
-    assert list(quality.DEFAULT_ROWS) == ["topk", "cosine", "ac", "xmoe", "stablemoe", "stablemoe-lite", "usmoe",
+    assert list(rows.DEFAULT_ROWS) == ["topk", "cosine", "ac", "xmoe", "stablemoe", "stablemoe-lite", "usmoe",
                                           "etr", "elliptical", "ac+elliptical"]
-    assert quality.ROW_BY_NAME["etr"].overrides == ("acmoe.router=etr", "megatron.moe_expert_capacity_factor=1.25")
-    assert quality.ROW_BY_NAME["elliptical"].overrides == ("acmoe.router=topk", "elliptical.enabled=true")
+    assert rows.ROW_BY_NAME["etr"].overrides == ("acmoe.router=etr", "megatron.moe_expert_capacity_factor=1.25")
+    assert rows.ROW_BY_NAME["elliptical"].overrides == ("acmoe.router=topk", "elliptical.enabled=true")
     for name in ("ac-clean", "ac-first2", "ac-ema", "ac-local"):
-        assert not quality.ROW_BY_NAME[name].default
-    assert [r.name for r in quality.select_rows("ac, topk,ac")] == ["ac", "topk"]
-    assert len(quality.select_rows("all")) == len(quality.ROWS)
+        assert not rows.ROW_BY_NAME[name].default
+    assert [r.name for r in rows.select_rows("ac, topk,ac")] == ["ac", "topk"]
+    assert len(rows.select_rows("all")) == len(rows.ROWS)
     with pytest.raises(SystemExit, match="unknown row"):
-        quality.select_rows("nope")
-    assert quality.parse_seeds("3") == [1, 2, 3] and quality.parse_seeds("1,2,5") == [1, 2, 5]
-    assert quality.merge_overrides(["a.b=1", "c.d=2", "a.b=3"]) == ["a.b=3", "c.d=2"]
+        rows.select_rows("nope")
+    assert rows.parse_seeds("3") == [1, 2, 3] and rows.parse_seeds("1,2,5") == [1, 2, 5]
+    assert rows.merge_overrides(["a.b=1", "c.d=2", "a.b=3"]) == ["a.b=3", "c.d=2"]
 
 
 def test_ac_rows_of_the_default_model_use_two_ac_layers():
     from acmoe_megatron.config import load_recipe
     from acmoe_megatron.spec import ac_layer_numbers, moe_layer_numbers
 
-    plan = quality.build_plan(quality.parse_args([]))
+    plan = rows.build_plan(cli.parse_args([]))
     recipe = load_recipe(plan.config, plan.base + ["acmoe.router=ac"])
     mg = recipe.megatron
     shape = type("S", (), dict(num_layers=mg["num_layers"], moe_layer_freq=1, num_moe_experts=mg["num_experts"]))
     assert moe_layer_numbers(shape) == [1, 2, 3, 4] and ac_layer_numbers(shape, recipe.acmoe) == [3, 4]
-    assert mg["train_iters"] == quality.CPU_DEFAULT_STEPS and mg["expert_model_parallel_size"] == 1
+    assert mg["train_iters"] == rows.CPU_DEFAULT_STEPS and mg["expert_model_parallel_size"] == 1
     assert plan.nproc == 1 and plan.threads >= 1
 
 
@@ -284,23 +292,23 @@ def test_end_to_end_two_rows(tmp_path, capsys):
             "megatron.save_interval=6", "acmoe.first_ac_layer=2"]
     argv = ["--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--rows", "topk,ac", "--seeds", "1", "--steps", "6",
             "--jobs", "2", "--out", str(out), "--runs-dir", str(tmp_path / "runs")] + [f"--set={o}" for o in tiny]
-    plan = quality.build_plan(quality.parse_args(argv))
-    topk_row = quality.ROW_BY_NAME["topk"]
-    stored = {"row": "topk", "seed": 1, "status": "ok", "base_hash": quality.base_hash(plan),
-              "config_hash": load_recipe(plan.config, quality.run_overrides(plan, topk_row, 1)).hash(),
+    plan = rows.build_plan(cli.parse_args(argv))
+    topk_row = rows.ROW_BY_NAME["topk"]
+    stored = {"row": "topk", "seed": 1, "status": "ok", "base_hash": rows.base_hash(plan),
+              "config_hash": load_recipe(plan.config, rows.run_overrides(plan, topk_row, 1)).hash(),
               "train_iters": 6, "valid_curve": [[3, 5.6], [6, 5.5]], "final_valid_loss": 5.5,
               "corrupt_valid_loss": 5.52, "instability": 0.2, "load_max_over_mean": 1.3, "load_cv": 0.2,
               "wall_total_s": 1.0}
-    quality._write_json(quality.result_path(plan.results_dir, "topk", 1), stored)
+    runner._write_json(runner.result_path(plan.results_dir, "topk", 1), stored)
     out.write_text("old\n<!-- notes:begin -->\nAC layer 2 was checked.\n<!-- notes:end -->\n")
 
-    rc = quality.main(argv)
+    rc = cli.main(argv)
     captured = capsys.readouterr()
     assert rc == 0, captured.out[-3000:] + captured.err[-3000:]
     assert "ac seed 1: training in" in captured.out and "topk seed 1: training" not in captured.out
     assert not (tmp_path / "runs" / "topk").exists()
     assert (tmp_path / "data_wordswap0.025" / "manifest.json").is_file()
-    r = json.loads(quality.result_path(plan.results_dir, "ac", 1).read_text())
+    r = json.loads(runner.result_path(plan.results_dir, "ac", 1).read_text())
     assert r["status"] == "ok" and r["train_iters"] == 6 and r["base_hash"] == stored["base_hash"]
     assert [s for s, _ in r["valid_curve"]] == [3, 6]
     assert r["final_valid_loss"] == pytest.approx(r["valid_curve"][-1][1])
