@@ -2,7 +2,10 @@
 
 The in-process tests install the core shims into the pytest process (as the ``megatron_ws1``
 fixture does anyway); everything that must see a pristine ``torch.cuda`` (a faked GPU, the
-trainer shims, a 2-rank gloo group) runs in a fresh ``python -c`` subprocess.
+trainer shims, a 2-rank gloo group) runs in a fresh ``python -c`` subprocess. The shim table
+(``cpu_runtime.SHIMS``) is checked against the installed megatron-core: every call site resolves,
+another megatron-core version is refused with the fix in the message, and ``uninstall_all()``
+restores each replaced object exactly (also in a subprocess).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from acmoe_megatron import cpu_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE_SHIMS = ["streams", "device", "rng", "cudamode", "splits", "norm", "gloo_uneven"]
+TRAINING_SHIMS = ["T1_T2_initialize_without_cuda", "T4_clip_grads", "T5_device_arch"]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the shims apply only without CUDA")
 
@@ -226,3 +230,151 @@ def test_gloo_uneven_all_gather_and_reduce_scatter_two_ranks():
                 p.kill()
     for rank, (p, text) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0 and f"RANK_OK {rank}" in text, text[-3000:]
+
+
+# ---- the shim table (cpu_runtime.SHIMS) against the installed megatron-core ----------------------
+
+
+def test_every_call_site_resolves_in_installed_megatron():
+    """Each table entry's call site (and ``also`` names) exists in this megatron-core; a missing one
+    makes install() raise naming the shim and the call site, before anything is patched."""
+    out = _python(
+        f"""
+        import dataclasses
+        import torch
+        from acmoe_megatron import cpu_runtime
+        shims = cpu_runtime.SHIMS
+        assert [s.name for s in shims] == {CORE_SHIMS + TRAINING_SHIMS!r}, [s.name for s in shims]
+        stages = ["core"] * {len(CORE_SHIMS)} + ["training"] * {len(TRAINING_SHIMS)}
+        assert [s.stage for s in shims] == stages
+        sites = [site for s in shims for site in (s.call_site, *s.also)]
+        for site in sites:
+            assert site.startswith("megatron."), site
+            cpu_runtime.resolve(site)  # raises if megatron lacks it
+        cpu_runtime.check_call_sites()
+        assert cpu_runtime.APPLIED == [] and cpu_runtime._MODE is None  # checking patches nothing
+
+        # a call site megatron does not have (a function, a module): loud, naming shim and site
+        splits = next(s for s in shims if s.name == "splits")
+        for missing in ("megatron.core.transformer.moe.moe_utils.no_such_function",
+                        "megatron.core.no_such_module.maybe_move_tensor_to_cpu"):
+            bogus = dataclasses.replace(splits, call_site=missing)
+            cpu_runtime.SHIMS = tuple(bogus if s is splits else s for s in shims)
+            stream = torch.cuda.Stream
+            try:
+                cpu_runtime.install()
+            except RuntimeError as e:
+                msg = str(e)
+            else:
+                raise AssertionError("install() accepted a missing call site")
+            assert "'splits'" in msg and missing in msg, msg
+            assert cpu_runtime.APPLIED == [] and torch.cuda.Stream is stream  # nothing half-patched
+        print("RESOLVED", len(sites))
+        """
+    )
+    assert "RESOLVED" in out.stdout
+
+
+@pytest.mark.parametrize("version", ["0.19.2", "0.19.2+03caca8", "0.19.0rc1", "0.19"])
+def test_supported_megatron_versions_pass(version):
+    cpu_runtime.check_megatron_version(version)
+
+
+def test_installed_megatron_version_is_supported():
+    cpu_runtime.check_megatron_version()
+
+
+@pytest.mark.parametrize("version", ["0.20.0", "0.190.1", "0.18.5", "1.0.0+abc"])
+def test_wrong_megatron_version_raises(monkeypatch, version):
+    import megatron.core.package_info as package_info
+
+    monkeypatch.setattr(package_info, "__version__", version)
+    with pytest.raises(RuntimeError) as exc:
+        cpu_runtime.check_megatron_version()
+    msg = str(exc.value)
+    assert f"megatron-core {version}" in msg  # the installed version
+    assert f"megatron-core {cpu_runtime.SUPPORTED}.x" in msg and cpu_runtime.SUPPORTED == "0.19"
+    assert "pin megatron-core 0.19.x" in msg  # the fix ...
+    for shim in cpu_runtime.SHIMS:  # ... or review these call sites
+        assert f"{shim.name} [{shim.stage}]: {shim.call_site}" in msg, shim.name
+    # install() checks before patching: nothing is (re)applied on the wrong version
+    monkeypatch.setattr(cpu_runtime, "_INSTALLED", {"core": False, "training": False})
+    before = list(cpu_runtime.APPLIED)
+    with pytest.raises(RuntimeError, match="is not supported"):
+        cpu_runtime.install()
+    with pytest.raises(RuntimeError, match="is not supported"):
+        cpu_runtime.install_training()
+    assert cpu_runtime.APPLIED == before
+
+
+def test_uninstall_all_restores_the_originals_and_install_reapplies():
+    """uninstall_all() puts back exactly the objects every shim replaced; install() applies again."""
+    out = _python(
+        """
+        import numpy as np
+        import torch
+        import torch.distributed as dist
+        import megatron.core.optimizer.clip_grads as clip_grads
+        import megatron.core.optimizer.optimizer as optimizer
+        import megatron.core.tensor_parallel.random as tp_random
+        import megatron.core.transformer.moe.moe_utils as moe_utils
+        import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+        import megatron.core.transformer.torch_norm as torch_norm
+        import megatron.training.arguments as arguments
+        import megatron.training.training as training
+        import megatron.training.utils.common_utils as common_utils
+
+        PATCHED = [
+            *[(torch.cuda, n) for n in ("Stream", "Event", "current_stream", "default_stream", "stream",
+                                        "synchronize", "current_device", "get_rng_state",
+                                        "set_rng_state", "manual_seed")],
+            (torch.cuda.random, "get_rng_state"), (torch.cuda.random, "set_rng_state"),
+            (tp_random, "_get_cuda_rng_state"), (tp_random, "_set_cuda_rng_state"),
+            (moe_utils, "maybe_move_tensor_to_cpu"), (token_dispatcher, "maybe_move_tensor_to_cpu"),
+            (torch_norm.WrappedTorchNorm, "__new__"),
+            (dist, "all_gather"), (dist, "reduce_scatter"),
+            (training, "initialize_megatron"),
+            (clip_grads, "clip_grad_by_total_norm_fp32"), (optimizer, "clip_grad_by_total_norm_fp32"),
+            (common_utils, "get_device_arch_version"), (arguments, "get_device_arch_version"),
+        ]
+        snapshot = lambda: [vars(owner)[name] for owner, name in PATCHED]
+        original = snapshot()
+        orig_move = moe_utils.maybe_move_tensor_to_cpu
+
+        from acmoe_megatron import cpu_runtime
+        assert cpu_runtime.uninstall_all() == []  # nothing applied yet: a no-op
+        assert cpu_runtime.install_training() is True
+        applied = list(cpu_runtime.APPLIED)
+        patched = snapshot()
+        for (owner, name), old, new in zip(PATCHED, original, patched):
+            assert new is not old, f"{name} was not patched"
+        assert torch._C._len_torch_function_stack() == 1
+
+        assert cpu_runtime.uninstall_all() == applied[::-1]
+        assert cpu_runtime.APPLIED == [] and cpu_runtime._MODE is None
+        assert torch._C._len_torch_function_stack() == 0
+        for (owner, name), old, now in zip(PATCHED, original, snapshot()):
+            assert now is old, f"{getattr(owner, '__name__', owner)}.{name} not restored"
+        try:
+            torch.zeros(1, device="cuda")  # no CUDA->CPU mode any more: torch's own error
+        except (RuntimeError, AssertionError):
+            pass
+        else:
+            raise AssertionError("CUDA device requests are still redirected")
+
+        # install() applies afresh, wrapping the restored original (not a previous wrapper)
+        assert cpu_runtime.install() is True
+        assert cpu_runtime.APPLIED == applied[:7], cpu_runtime.APPLIED
+        assert moe_utils.maybe_move_tensor_to_cpu is not orig_move
+        assert moe_utils.maybe_move_tensor_to_cpu.__wrapped__ is orig_move
+        assert token_dispatcher.maybe_move_tensor_to_cpu is moe_utils.maybe_move_tensor_to_cpu
+        sizes = moe_utils.maybe_move_tensor_to_cpu(torch.tensor([2, 1]), as_numpy=True)
+        assert isinstance(sizes, np.ndarray)
+        assert torch.zeros(1, device="cuda").device.type == "cpu"
+        assert cpu_runtime.install_training() is True and cpu_runtime.APPLIED == applied
+        orig_init = original[PATCHED.index((training, "initialize_megatron"))]
+        assert training.initialize_megatron.__wrapped__ is orig_init
+        print("RESTORED", len(PATCHED))
+        """
+    )
+    assert "RESTORED" in out.stdout
