@@ -191,10 +191,24 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
 _PARSER_CACHE: dict[str, list[argparse.Action]] | None = None
 
 
+def _quiet_megatron_import() -> None:
+    """Importing megatron warns about missing Transformer Engine / Apex and CUDA: noise in front of
+    a launcher's one-line answer (the workers report what they really use)."""
+    import logging
+    import warnings
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import megatron.training.arguments  # noqa: F401
+        import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
+
+
 def megatron_actions() -> dict[str, list[argparse.Action]]:
     """dest → argparse actions of Megatron's trainer parser (megatron.training.arguments)."""
     global _PARSER_CACHE
     if _PARSER_CACHE is None:
+        _quiet_megatron_import()
         from megatron.training.arguments import add_megatron_arguments
 
         parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))

@@ -1,7 +1,8 @@
 """``acmoe-pretrain``: one command from a recipe to a finished run on one machine.
 
-It validates the recipe in a single process first (unknown keys, bad overrides fail before any
-worker starts), builds the embedded stdlib corpus when the recipe's data directory is missing and
+It validates the recipe in a single process first (run_plan.build_plan: unknown keys, wrong types,
+megatron's own argument checks at this world size, the shard manifest; every error exits 2 before
+any worker starts), builds the embedded stdlib corpus when the recipe's data directory is missing and
 ``data.prepare_stdlib`` allows it, writes the resolved recipe to ``<run.dir>/config.yaml``, starts
 ``torchrun --nproc_per_node N -m acmoe_megatron.train`` on it, and finally prints where the
 TensorBoard logs, the checkpoints and the run summary are.
@@ -121,11 +122,11 @@ def main(argv=None) -> int:
 
         nproc = torch.cuda.device_count() or 2
     try:
-        from acmoe_megatron.megatron_args import check_world_size
+        from acmoe_megatron.run_plan import build_plan
 
         recipe = load_recipe(cli.config, cli.overrides)
-        check_world_size(recipe, world=nproc)
         check_resume_compatible(recipe, Path(recipe.run.dir))
+        build_plan(recipe, nproc)  # megatron's own argument checks + ours, before any process starts
         ensure_data(recipe)
     except ConfigError as err:
         print(f"acmoe-pretrain: config error: {err}", file=sys.stderr)

@@ -46,12 +46,14 @@ def build_argv(recipe, manifest) -> list[str]:
     return megatron_argv(mg)
 
 
-def validate_args(args, recipe) -> None:
-    """Checks megatron does not make, before any model is built."""
-    check_settings(args, recipe.acmoe, recipe.elliptical)
+def validate_args(args, recipe, host_checks: bool = True) -> None:
+    """Checks megatron does not make, before any model is built. ``host_checks=False`` leaves out
+    what depends on the machine it runs on (CUDA present, FP8 capability): a SLURM job is planned
+    on a login node but runs elsewhere."""
+    check_settings(args, recipe.acmoe, recipe.elliptical, host_checks=host_checks)
 
 
-def check_settings(args, acmoe, elliptical=None) -> None:
+def check_settings(args, acmoe, elliptical=None, host_checks: bool = True) -> None:
     """``validate_args`` on the settings themselves (also used by ``plugin.validate_args``)."""
     from acmoe_megatron.config import ConfigError
     from acmoe_megatron.spec import moe_layer_numbers
@@ -60,7 +62,7 @@ def check_settings(args, acmoe, elliptical=None) -> None:
         _check_elliptical(args, elliptical)
     if not args.num_experts:
         if elliptical is not None and elliptical.enabled and acmoe.router == "topk":
-            return _check_common(args)  # a dense model with elliptical attention
+            return _check_common(args, host_checks)  # a dense model with elliptical attention
         raise ConfigError("megatron.num_experts is not set: ACMoE needs an MoE model (a dense model "
                           "runs only with elliptical.enabled=true and acmoe.router=topk)")
     if args.moe_router_topk > args.num_experts:
@@ -95,7 +97,7 @@ def check_settings(args, acmoe, elliptical=None) -> None:
             "keeps inside Transformer Engine's FusedAdam: set use_precision_aware_optimizer: false, or "
             "acmoe.expert_norm: null (free norm)"
         )
-    _check_common(args)
+    _check_common(args, host_checks)
 
 
 def _check_elliptical(args, elliptical) -> None:
@@ -109,7 +111,7 @@ def _check_elliptical(args, elliptical) -> None:
         raise ConfigError(str(err)) from err
 
 
-def _check_common(args) -> None:
+def _check_common(args, host_checks: bool = True) -> None:
     """Checks for every model, MoE or dense."""
     from acmoe_megatron.config import ConfigError
 
@@ -119,6 +121,8 @@ def _check_common(args) -> None:
             f"megatron.lr_warmup_iters={args.lr_warmup_iters} must be smaller than the decay length "
             f"{decay} (lr_decay_iters, or train_iters when unset)"
         )
+    if not host_checks:
+        return
     from acmoe_megatron.precision import check_fp8, have_nvidia_apex, have_transformer_engine
 
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None

@@ -271,7 +271,12 @@ def cmd_slurm(args) -> int:
                    f"{recipe.megatron.get('seq_length', '<seq_length>')}`) or pass --data")
             if not args.dry_run:
                 raise ConfigError(msg)
-            print(f"acmoe-launch: warning: {msg}", file=sys.stderr)
+            print(f"acmoe-launch: warning: {msg}; megatron's argument checks skipped", file=sys.stderr)
+        else:  # megatron's own argument checks and ours at the job's world size, before sbatch
+            from acmoe_megatron.run_plan import build_plan
+
+            planned = load_recipe(args.config, list(args.overrides) + [f"data.path={data}"])
+            build_plan(planned, args.nodes * args.procs_per_node, host_checks=False)
         args.job_name = re.sub(r"[^\w.+-]", "_", args.job_name or f"acmoe-{recipe.run.name or Path(args.config).stem}")
         script = render(args, Path(args.config).absolute(), run_dir, data)
     except ConfigError as err:

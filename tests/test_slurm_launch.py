@@ -92,7 +92,7 @@ def test_dry_run_renders_directives_and_environment(capsys, tmp_path):
 
 def test_dry_run_overrides_survive_bash_quoting(capsys, tmp_path):
     overrides = ["megatron.lr=3e-4", "run.name=two words", "megatron.moe_layer_freq=[1, 0, 1, 0]",
-                 "acmoe.router=cosine", "run.name=it's $HOME"]
+                 "acmoe.router=cosine", "acmoe.first_ac_layer=2", "run.name=it's $HOME"]
     rc, script, err = dry_run(capsys, "--config", str(TINY), "--nodes", "2", "--gpus-per-node", "0",
                               "--run-dir", str(tmp_path / "r"), *overrides)
     assert rc == 0, err
@@ -181,7 +181,8 @@ def test_submission_calls_sbatch_with_the_rendered_script(capsys, tmp_path, monk
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     run_dir = tmp_path / "run"
     rc = slurm_launch.main(["slurm", "--config", str(TINY), "--nodes", "2", "--gpus-per-node", "0",
-                            "--run-dir", str(run_dir), "--data", str(tmp_path / "d"), "megatron.train_iters=8"])
+                            "--run-dir", str(run_dir), "--data", str(tmp_path / "d"), "megatron.train_iters=8",
+                            "megatron.lr_warmup_iters=2"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "submitted job 4711" in out
