@@ -110,7 +110,7 @@ def log_router_grad_norms(model, run_dir: Path) -> None:
 def install_fault_injection() -> None:
     """Test hook: ``ACMOE_FAULT_SAVE_DELAY_S=<s>`` sleeps after a checkpoint's shards are written
     and before megatron records it in ``latest_checkpointed_iteration.txt`` — the window in which
-    a kill must leave the previous checkpoint as the one to resume from (tests/test_reliability)."""
+    a kill must leave the previous checkpoint as the one to resume from (tests/integration/test_reliability)."""
     delay = float(os.environ.get("ACMOE_FAULT_SAVE_DELAY_S", "0") or 0)
     only = os.environ.get("ACMOE_FAULT_SAVE_ITER")  # e.g. "4": only the save of iter_0000004
     if delay <= 0:

@@ -48,7 +48,7 @@ def cuda_type_names():
 
     megatron's ``Float16OptimizerWithFloat16Params`` and ``DistributedOptimizer`` accept only
     parameters whose ``type()`` names CUDA; nothing else they do needs a GPU, so tests build and
-    step them on CPU inside this block (tests/test_expert_norm.py)."""
+    step them on CPU inside this block (tests/unit/test_expert_norm.py)."""
     original = torch.Tensor.type
 
     def type_(self, *args, **kwargs):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT / "benchmarks") not in sys.path:  # benchmarks/ is not a package: quality_bench is top-level
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -272,6 +272,7 @@ def test_switch_m_enwik8_renders_for_slurm(capsys):
 # ------------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow  # trains two tiny runs through acmoe-pretrain
 def test_end_to_end_two_rows(tmp_path, capsys):
     """Rows topk and ac, 1 seed, 6 steps of a tiny model on a small corpus. ``ac`` really runs (an
     ``acmoe-pretrain`` training launch, then the corrupted-text evaluation launch); ``topk`` comes from

@@ -24,7 +24,7 @@ from acmoe_megatron.config import load_recipe
 from acmoe_megatron.data import prepare, read_manifest
 from acmoe_megatron.summary import read_scalars
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _TINY = load_recipe(ROOT / "configs" / "tiny_cpu.yaml").megatron
 LR, MIN_LR = float(_TINY["lr"]), float(_TINY["min_lr"])  # cosine decay (lr_decay_style in the recipe)
 WARMUP, DECAY = 2, 16  # the overrides below

@@ -17,7 +17,7 @@ import pytest
 from acmoe_megatron.launcher import EXIT_STOPPED_EARLY
 from acmoe_megatron.summary import read_scalars
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N = 3
 BASE = ["megatron.seq_length=64", "megatron.max_position_embeddings=64", "megatron.micro_batch_size=4",
         "megatron.global_batch_size=8", "megatron.lr_warmup_iters=1", "megatron.eval_iters=0",

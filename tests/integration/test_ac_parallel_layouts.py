@@ -17,7 +17,7 @@ single-process reference that has it on too.
 ``acmoe.expert_norm`` (the release's rows held at norm 1.5 after every optimizer step) rides on a
 PP=2 + virtual-stage run: each stage's optimizer holds its own routers, and steps 2-3 must equal a
 single-process reference with the same setting (EP=2 and resume: test_train_integration; DP=2 with
-a distributed-optimizer shard boundary inside a row: test_expert_norm).
+a distributed-optimizer shard boundary inside a row: test_expert_norm_dp2).
 
 The plugin API: ``examples/pretrain_gpt_acmoe.py`` (a plain Megatron script: megatron's own
 ``pretrain`` and a stock forward step, plus ``plugin.add_arguments/validate_args/patch_block_spec/
@@ -36,7 +36,7 @@ import pytest
 
 from acmoe_megatron.summary import read_scalars
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
 BASE = [
     "megatron.num_layers=4", "megatron.hidden_size=64", "megatron.num_attention_heads=4",
@@ -128,7 +128,7 @@ def _run_example(setup, name, nproc, *overrides):
     env = dict(os.environ, ACMOE_GRAD_NORM_DIR=str(run_dir))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # as acmoe-pretrain
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(port), "tests/dist/plugin_example.py", *argv]
+           "127.0.0.1", "--master_port", str(port), "tests/integration/dist/plugin_example.py", *argv]
     run_dir.mkdir(parents=True, exist_ok=True)
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]

@@ -20,7 +20,7 @@ import pytest
 
 from acmoe_megatron import launcher, slurm_launch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
 
 

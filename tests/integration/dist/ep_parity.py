@@ -6,8 +6,8 @@ experts: global expert ``ep_rank * E_local + i`` is local expert ``i``), runs mi
 rank ``r`` (the layout Megatron's data-parallel sampler gives), sums the dense gradients over the
 data-parallel group and compares losses and gradients with the reference.
 
-    torchrun --nproc_per_node 1 tests/dist/ep_parity.py --ep 1 --dir D
-    torchrun --nproc_per_node 2 tests/dist/ep_parity.py --ep 2 --dir D
+    torchrun --nproc_per_node 1 tests/integration/dist/ep_parity.py --ep 1 --dir D
+    torchrun --nproc_per_node 2 tests/integration/dist/ep_parity.py --ep 2 --dir D
 """
 
 import argparse

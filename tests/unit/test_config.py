@@ -29,7 +29,7 @@ from acmoe_megatron.data import Manifest, prepare
 from acmoe_megatron.settings import ACSettings
 from acmoe_megatron.megatron_args import build_argv, validate_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
 
 

@@ -21,7 +21,7 @@ import torch
 
 from acmoe_megatron import cpu_runtime
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CORE_SHIMS = ["streams", "device", "rng", "cudamode", "splits", "norm", "gloo_uneven"]
 TRAINING_SHIMS = ["T1_T2_initialize_without_cuda", "T4_clip_grads", "T5_device_arch"]
 

@@ -1,4 +1,4 @@
-"""``acmoe-launch`` and ``slurm/pretrain.sbatch`` without a SLURM cluster (tests/test_slurm_cluster.py
+"""``acmoe-launch`` and ``slurm/pretrain.sbatch`` without a SLURM cluster (tests/integration/test_slurm_cluster.py
 runs them on a real one).
 
 - ``acmoe-launch slurm --dry-run``: the rendered sbatch directives and the job environment, errors
@@ -27,7 +27,7 @@ import yaml
 from acmoe_megatron import slurm_launch
 from acmoe_megatron.config import ConfigError, load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SBATCH = ROOT / "slurm" / "pretrain.sbatch"
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
 MULTINODE = ROOT / "configs" / "multinode_h100_fp8.yaml"

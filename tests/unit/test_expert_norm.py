@@ -7,7 +7,8 @@
   optimizer's main-parameter shards, fp32 and bf16 — and drifts without the hook;
 * the learning dynamics: 10 Adam steps of our megatron router (megatron's optimizer + the hook)
   against ``reference_acmoe.ReleaseGate``, the release's gate and update written out literally.
-EP=2 and resume are checked on the shared launch of tests/test_train_integration.py.
+EP=2 and resume are checked on the shared launch of tests/integration/test_train_integration.py, DP=2
+with a shard boundary inside a row in tests/integration/test_expert_norm_dp2.py.
 
 megatron's mixed-precision and distributed optimizers accept only tensors whose ``type()`` names
 CUDA; ``testing.cuda_type_names`` makes CPU tensors answer with those names while the optimizer is built
@@ -224,29 +225,3 @@ def test_ten_adam_steps_follow_the_release(hold):
             assert max(errs.values()) <= 1e-5, (step, errs)
     if not hold:
         assert worst > 1e-3, worst
-
-
-@pytest.mark.slow
-def test_distributed_optimizer_shard_boundary_inside_a_row(tmp_path):
-    """DP=2, megatron's DistributedOptimizer (fp32): the two ranks' shards of an expert embedding
-    meet inside a row; after three steps every gathered row has norm 1.5 (the row norms are summed
-    over both shards before the rescale)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    out = tmp_path / "dp2.json"
-    worker = Path(__file__).parent / "dist" / "expert_norm_dp2.py"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
-                           "--out", str(out)], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = json.loads(out.read_text())
-    row_len = 56
-    split = [(r0, r1) for r0, r1 in zip(ranks[0]["ranges"], ranks[1]["ranges"]) if r0 and r1]
-    assert split and all(r0[1] == r1[0] and r0[1] % row_len for r0, r1 in split), ranks  # mid-row boundary
-    for rank in ranks:
-        for norms in rank["norms"]:
-            assert norms == pytest.approx([1.5] * 5, abs=2e-6), rank
