@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from acmoe_megatron.config import ConfigError, load_recipe, write_resolved
+from acmoe_megatron.exit_codes import EXIT_CONFIG, EXIT_NONFINITE, EXIT_STOPPED_EARLY
 
 
 def free_port() -> int:
@@ -53,8 +54,6 @@ def ensure_data(recipe) -> None:
         raise SystemExit(rc)
 
 
-EXIT_STOPPED_EARLY = 75  # EX_TEMPFAIL: checkpoint saved before train_iters; run again to resume
-EXIT_NONFINITE = 16  # megatron's rerun state machine stopped on a reproducible NaN/Inf (checkpoint saved)
 
 # Keys that may change between a run and its resumption; any other difference is refused.
 RESUMABLE_CHANGES = {
@@ -130,7 +129,7 @@ def main(argv=None) -> int:
         ensure_data(recipe)
     except ConfigError as err:
         print(f"acmoe-pretrain: config error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     run_dir = Path(recipe.run.dir)
     resolved = write_resolved(recipe, run_dir)
     env = dict(os.environ)

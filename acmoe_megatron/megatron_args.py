@@ -2,14 +2,12 @@
 
 ``build_argv`` turns a recipe's ``megatron`` section into Megatron's flags and adds the run paths
 and the data-derived flags (sequence length, tokenizer, vocabulary from the shard manifest; a
-mismatch is an error). ``check_world_size`` runs before any process starts (launcher) and again in
-each worker; ``validate_args`` runs on Megatron's parsed arguments before ``pretrain`` builds
-anything. Each error names the setting and the fix.
+mismatch is an error). ``validate_args`` runs on Megatron's parsed arguments: in the launching
+process (run_plan.build_plan) and again in each worker before ``pretrain`` builds anything. Each error names the setting and the fix.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -154,25 +152,3 @@ def _check_common(args, host_checks: bool = True) -> None:
         if wrong:
             fixes = ", ".join(f"megatron.{k}: {v[0]} (is {v[1]})" for k, v in wrong.items())
             raise ConfigError(f"no CUDA GPU here, so this recipe cannot run; set {fixes}")
-
-
-def check_world_size(recipe, world: int | None = None) -> None:
-    """Parallel sizes must tile the processes: clear error before megatron's assertions."""
-    from acmoe_megatron.config import ConfigError
-
-    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
-    mg = recipe.megatron
-    tp, pp = int(mg.get("tensor_model_parallel_size") or 1), int(mg.get("pipeline_model_parallel_size") or 1)
-    cp, ep = int(mg.get("context_parallel_size") or 1), int(mg.get("expert_model_parallel_size") or 1)
-    etp = int(mg.get("expert_tensor_parallel_size") or tp)
-    if world % (tp * pp * cp):
-        raise ConfigError(
-            f"{world} processes cannot be split into tensor {tp} x pipeline {pp} x context {cp} "
-            f"(= {tp * pp * cp}) model-parallel groups: use a multiple of {tp * pp * cp} processes "
-            "or change megatron.tensor/pipeline/context_model_parallel_size"
-        )
-    if world % (etp * ep * pp):
-        raise ConfigError(
-            f"{world} processes cannot hold expert parallel {ep} x expert-tensor {etp} x pipeline {pp}: "
-            "use a multiple of their product, or change megatron.expert_model_parallel_size"
-        )

@@ -30,10 +30,52 @@ from types import SimpleNamespace
 from acmoe_megatron.config import ConfigError
 
 
+def parallel_layout(megatron: dict, world_size: int) -> dict[str, int]:
+    """Megatron's process layout for ``world_size`` ranks, from the recipe's ``megatron`` section;
+    ConfigError naming the sizes when they do not tile (the one place these rules are stated in our
+    words; megatron's validate_args checks them again in build_plan and in every worker)."""
+    def size(key: str, default: int = 1) -> int:
+        value = megatron.get(key)
+        return int(value) if value is not None else default
+
+    tp, pp, cp = size("tensor_model_parallel_size"), size("pipeline_model_parallel_size"), size("context_parallel_size")
+    ep = size("expert_model_parallel_size")
+    etp = size("expert_tensor_parallel_size", tp)
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size}: need at least one process")
+    if world_size % (tp * pp * cp):
+        raise ConfigError(
+            f"{world_size} processes cannot be split into tensor {tp} x pipeline {pp} x context {cp} "
+            f"(= {tp * pp * cp}) model-parallel groups: use a multiple of {tp * pp * cp} processes or change "
+            "megatron.tensor/pipeline/context_model_parallel_size"
+        )
+    if world_size % (etp * ep * pp):
+        raise ConfigError(
+            f"{world_size} processes cannot hold expert parallel {ep} x expert-tensor {etp} x pipeline {pp} "
+            f"(= {etp * ep * pp}, megatron's expert process groups): use a multiple of {etp * ep * pp} processes, "
+            "or change megatron.expert_model_parallel_size"
+        )
+    dp = world_size // (tp * pp * cp)
+    mbs = size("micro_batch_size")
+    gbs = size("global_batch_size", mbs * dp)
+    if gbs % (mbs * dp):
+        raise ConfigError(
+            f"megatron.global_batch_size={gbs} is not divisible by micro_batch_size x data parallel = "
+            f"{mbs} x {dp} (data parallel = {world_size} processes / (tp {tp} x pp {pp} x cp {cp})): use a "
+            f"multiple of {mbs * dp}"
+        )
+    experts = megatron.get("num_experts")
+    if experts and int(experts) % ep:
+        raise ConfigError(f"megatron.num_experts={experts} is not divisible by expert_model_parallel_size={ep}")
+    return {"world": world_size, "tp": tp, "pp": pp, "cp": cp, "ep": ep, "etp": etp, "dp": dp,
+            "expert_dp": world_size // (etp * ep * pp), "grad_accum": gbs // (mbs * dp)}
+
+
 @dataclass(frozen=True)
 class RunPlan:
     recipe: object  # config.Recipe
     world_size: int
+    layout: dict  # parallel_layout: tp, pp, cp, ep, etp, dp, expert_dp, grad_accum
     argv: tuple[str, ...]  # Megatron's flags for this recipe
     args: argparse.Namespace  # Megatron's parsed and validated arguments at ``world_size``
     data_ready: bool  # False: the job builds the embedded corpus first
@@ -136,15 +178,16 @@ def build_plan(recipe, world_size: int, host_checks: bool = True) -> RunPlan:
     """Validate ``recipe`` for ``world_size`` processes; the plan or a ConfigError naming the fix.
     ``host_checks=False``: the run happens on other machines (SLURM), so leave out the checks that
     depend on this one (CUDA present, FP8 capability)."""
-    from acmoe_megatron.megatron_args import build_argv, check_world_size, validate_args
+    from acmoe_megatron.megatron_args import build_argv, validate_args
 
-    check_world_size(recipe, world=world_size)  # our message for the layout, before megatron's
+    layout = parallel_layout(recipe.megatron, world_size)  # our message for the layout, before megatron's
     manifest, ready = _read_data(recipe)
     argv = build_argv(recipe, manifest)
     args = megatron_args(argv, world_size, ours=lambda a: validate_args(a, recipe, host_checks=host_checks))
     if ready:
         _check_split_sizes(recipe, manifest, args)
-    return RunPlan(recipe=recipe, world_size=world_size, argv=tuple(argv), args=args, data_ready=ready)
+    return RunPlan(recipe=recipe, world_size=world_size, layout=layout, argv=tuple(argv), args=args,
+                   data_ready=ready)
 
 
 def _check_split_sizes(recipe, manifest, args) -> None:

@@ -34,6 +34,8 @@ import sys
 from pathlib import Path
 
 from acmoe_megatron.config import ConfigError, load_recipe, write_resolved
+from acmoe_megatron.exit_codes import EXIT_CONFIG
+from acmoe_megatron.run_plan import parallel_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "slurm" / "pretrain.sbatch"
@@ -45,42 +47,6 @@ _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # minutes | [D-]HH[:MM[:SS]]
 
 # ---------------------------------------------------------------------------------------------
 # recipe checks shared by `slurm` (before submitting) and `resolve` (in the job)
-
-
-def parallel_layout(megatron: dict, world_size: int) -> dict[str, int]:
-    """Megatron's process layout for ``world_size`` ranks; ConfigError when it does not divide."""
-    def size(key: str, default: int = 1) -> int:
-        value = megatron.get(key)
-        return int(value) if value is not None else default
-
-    tp, pp, cp = size("tensor_model_parallel_size"), size("pipeline_model_parallel_size"), size("context_parallel_size")
-    ep = size("expert_model_parallel_size")
-    etp = size("expert_tensor_parallel_size", tp)
-    if world_size < 1:
-        raise ConfigError(f"world size {world_size}: need at least one process")
-    if world_size % (tp * pp * cp):
-        raise ConfigError(
-            f"world size {world_size} (nodes x processes per node) is not divisible by "
-            f"tensor x pipeline x context parallel = {tp} x {pp} x {cp} = {tp * pp * cp}"
-        )
-    if world_size % (etp * ep * pp):
-        raise ConfigError(
-            f"world size {world_size} is not divisible by expert_tensor x expert x pipeline parallel "
-            f"= {etp} x {ep} x {pp} = {etp * ep * pp} (megatron's expert process groups)"
-        )
-    dp = world_size // (tp * pp * cp)
-    mbs = size("micro_batch_size")
-    gbs = size("global_batch_size", mbs * dp)
-    if gbs % (mbs * dp):
-        raise ConfigError(
-            f"global_batch_size {gbs} is not divisible by micro_batch_size x data parallel = "
-            f"{mbs} x {dp} (data parallel = world {world_size} / (tp {tp} x pp {pp} x cp {cp}))"
-        )
-    experts = megatron.get("num_experts")
-    if experts and int(experts) % ep:
-        raise ConfigError(f"num_experts {experts} is not divisible by expert_model_parallel_size {ep}")
-    return {"world": world_size, "tp": tp, "pp": pp, "cp": cp, "ep": ep, "etp": etp, "dp": dp,
-            "expert_dp": world_size // (etp * ep * pp), "grad_accum": gbs // (mbs * dp)}
 
 
 def train_iters(megatron: dict) -> int | None:
@@ -141,7 +107,7 @@ def cmd_resolve(args) -> int:
         launcher.ensure_data(recipe)
     except ConfigError as err:
         print(f"acmoe-launch resolve: config error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if not (args.reuse and resolved.is_file()):
         write_resolved(recipe, run_dir)
     sha = _git_sha(Path(args.root) if args.root else ROOT)
@@ -281,7 +247,7 @@ def cmd_slurm(args) -> int:
         script = render(args, Path(args.config).absolute(), run_dir, data)
     except ConfigError as err:
         print(f"acmoe-launch: config error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     summary = (f"# {args.nodes} node(s) x {args.procs_per_node} process(es) = world size {layout['world']}: "
                + ", ".join(f"{k} {v}" for k, v in layout.items() if k != "world"))
     if args.dry_run:
@@ -291,7 +257,7 @@ def cmd_slurm(args) -> int:
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         print("acmoe-launch: sbatch not found: run this on a SLURM login node (or use --dry-run)", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     logs = run_dir / "slurm_logs"
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / f"pretrain-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.sbatch"
@@ -325,7 +291,7 @@ def cmd_local(args) -> int:
 
 def _usage(msg: str) -> int:
     print(f"acmoe-launch: error: {msg}", file=sys.stderr)
-    return 2
+    return EXIT_CONFIG
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,10 +33,8 @@ from pathlib import Path
 import torch
 
 from acmoe_megatron import cpu_runtime, run_hooks
-from acmoe_megatron.megatron_args import build_argv, check_world_size, validate_args
-
-
-EXIT_NONFINITE = 16  # megatron's rerun state machine: reproducible NaN/Inf, checkpoint saved, exit
+from acmoe_megatron.exit_codes import EXIT_NONFINITE
+from acmoe_megatron.megatron_args import build_argv, validate_args
 
 
 def _early_runtime():
@@ -148,11 +146,12 @@ def main(argv=None) -> None:
     from acmoe_megatron.config import load_recipe
     from acmoe_megatron.data.manifest import read_manifest
     from acmoe_megatron.precision import fused_paths
+    from acmoe_megatron.run_plan import parallel_layout
     from acmoe_megatron.summary import write_summary
 
     cli = parse_cli(argv)
     recipe = load_recipe(cli.config, cli.overrides)
-    check_world_size(recipe)
+    parallel_layout(recipe.megatron, int(os.environ.get("WORLD_SIZE", "1")))
     manifest = read_manifest(recipe.data.path)
     sys.argv = ["acmoe-train"] + build_argv(recipe, manifest)
     args = parse_and_validate_args()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from acmoe_megatron.launcher import EXIT_STOPPED_EARLY
+from acmoe_megatron.exit_codes import EXIT_STOPPED_EARLY
 from acmoe_megatron.summary import read_scalars
 
 ROOT = Path(__file__).resolve().parents[2]

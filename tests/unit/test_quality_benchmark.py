@@ -243,7 +243,7 @@ def test_ac_rows_of_the_default_model_use_two_ac_layers():
 
 def test_switch_m_enwik8_recipe():
     from acmoe_megatron.config import load_recipe, megatron_argv
-    from acmoe_megatron.slurm_launch import parallel_layout
+    from acmoe_megatron.run_plan import parallel_layout
     from acmoe_megatron.spec import ac_layer_numbers, moe_layer_numbers
 
     recipe = load_recipe(ROOT / "configs" / "switch_m_enwik8.yaml")

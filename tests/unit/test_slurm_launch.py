@@ -26,6 +26,7 @@ import yaml
 
 from acmoe_megatron import slurm_launch
 from acmoe_megatron.config import ConfigError, load_recipe
+from acmoe_megatron.run_plan import parallel_layout
 
 ROOT = Path(__file__).resolve().parents[2]
 SBATCH = ROOT / "slurm" / "pretrain.sbatch"
@@ -135,15 +136,15 @@ def test_dry_run_cpu_nodes_srun_launcher_and_container(capsys, tmp_path):
     "args, message",
     [
         (["--config", str(MULTINODE), "--nodes", "1", "--gpus-per-node", "8"],
-         "world size 8 is not divisible by expert_tensor x expert x pipeline parallel = 1 x 8 x 2 = 16"),
+         "8 processes cannot hold expert parallel 8 x expert-tensor 1 x pipeline 2 (= 16"),
         (["--config", str(MULTINODE), "--nodes", "3", "--gpus-per-node", "4"],
-         "world size 12"),
+         "12 processes"),
         (["--config", str(TINY), "--nodes", "1", "--gpus-per-node", "0", "megatron.num_layer=2"],
          "unknown megatron option megatron.num_layer"),
         (["--config", str(TINY), "--nodes", "3", "--gpus-per-node", "0"],
-         "world size 3 is not divisible by expert_tensor x expert x pipeline parallel = 1 x 2 x 1 = 2"),
+         "3 processes cannot hold expert parallel 2 x expert-tensor 1 x pipeline 1 (= 2"),
         (["--config", str(TINY), "--nodes", "4", "--gpus-per-node", "0"],
-         "global_batch_size 16 is not divisible by micro_batch_size x data parallel = 8 x 4"),
+         "megatron.global_batch_size=16 is not divisible by micro_batch_size x data parallel = 8 x 4"),
         (["--config", "configs/nope.yaml", "--nodes", "1", "--gpus-per-node", "0"], "not found"),
         (["--config", str(TINY), "--nodes", "0", "--gpus-per-node", "0"], "--nodes must be >= 1"),
         (["--config", str(TINY), "--nodes", "1", "--gpus-per-node", "2", "--procs-per-node", "4"],
@@ -466,7 +467,7 @@ def test_resolve_writes_config_git_sha_and_run_env(tmp_path, capsys):
     assert "TRAIN_ITERS=31" in (run_dir / "run.env").read_text()
     # the world size is checked against the parallel sizes
     assert slurm_launch.main([*args[:args.index("--world-size") + 1], "4", *args[args.index("--world-size") + 2:]]) == 2
-    assert "global_batch_size 16 is not divisible" in capsys.readouterr().err
+    assert "global_batch_size=16 is not divisible" in capsys.readouterr().err
 
 
 def test_resolve_refuses_to_mix_checkpoints_of_another_configuration(tmp_path, capsys):
@@ -554,9 +555,9 @@ def test_multinode_recipe_layout():
     assert (mg["num_experts"], mg["hidden_size"]) == (8, 4096)
     assert (mg["tensor_model_parallel_size"], mg["pipeline_model_parallel_size"], mg["expert_model_parallel_size"]) == (2, 2, 8)
     assert mg["sequence_parallel"] is True and mg["fp8"] == "hybrid" and mg["transformer_impl"] == "transformer_engine"
-    layout = slurm_launch.parallel_layout(mg, 16)  # 2 nodes x 8 GPUs
+    layout = parallel_layout(mg, 16)  # 2 nodes x 8 GPUs
     assert (layout["dp"], layout["expert_dp"], layout["grad_accum"]) == (4, 1, 64)
-    assert slurm_launch.parallel_layout(mg, 32)["dp"] == 8
-    with pytest.raises(ConfigError, match="divisible"):
-        slurm_launch.parallel_layout(mg, 8)
+    assert parallel_layout(mg, 32)["dp"] == 8
+    with pytest.raises(ConfigError, match="8 processes cannot hold expert parallel 8"):
+        parallel_layout(mg, 8)
     assert yaml.safe_load(MULTINODE.read_text())["megatron"] == mg

@@ -118,13 +118,14 @@ def test_resume_with_a_different_config_names_the_keys(tmp_path):
 
 @pytest.mark.parametrize("world, overrides, message", [
     (3, [], "cannot be split|cannot hold expert parallel 2"),
+    (2, ["megatron.global_batch_size=6"], r"megatron.global_batch_size=6 is not divisible by micro_batch_size x data"),
     (2, ["megatron.tensor_model_parallel_size=4"], "tensor 4 x pipeline 1 x context 1"),
     (4, ["megatron.pipeline_model_parallel_size=2", "megatron.expert_model_parallel_size=4"], "expert parallel 4"),
 ])
 def test_process_count_must_tile_the_parallel_sizes(world, overrides, message):
     from acmoe_megatron.config import load_recipe
-    from acmoe_megatron.megatron_args import check_world_size
+    from acmoe_megatron.run_plan import parallel_layout
 
     with pytest.raises(ConfigError, match=message):
-        check_world_size(load_recipe("configs/tiny_cpu.yaml", overrides), world=world)
-    check_world_size(load_recipe("configs/tiny_cpu.yaml"), world=2)
+        parallel_layout(load_recipe("configs/tiny_cpu.yaml", overrides).megatron, world)
+    assert parallel_layout(load_recipe("configs/tiny_cpu.yaml").megatron, 2)["dp"] == 2

@@ -1,0 +1,12 @@
+"""Exit codes of a run, one definition for the launchers, the worker, the SLURM job and the tests.
+
+  0   finished (train_iters reached)
+  2   the recipe or the command line is wrong (nothing was started; the message names the fix)
+  16  megatron's rerun state machine stopped on a reproducible NaN/Inf; the last good state is saved
+  75  stopped before train_iters (signal, exit interval or time budget) with a complete checkpoint:
+      run the same command again to resume (EX_TEMPFAIL, what SLURM requeue logic keys on)
+"""
+
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 16
+EXIT_STOPPED_EARLY = 75
