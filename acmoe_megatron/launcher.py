@@ -109,7 +109,7 @@ def check_resume_compatible(recipe, run_dir: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="acmoe-pretrain", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="acmoe-pretrain", description=__doc__.split("\n\n")[0].replace("``", ""))
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny_cpu.yaml")
     parser.add_argument("--nproc", type=int, default=None,
                         help="processes on this machine (default: GPUs, or 2 without a GPU)")

@@ -296,7 +296,7 @@ def _usage(msg: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="acmoe-launch", description=__doc__.split("\n\n")[0],
+        prog="acmoe-launch", description=__doc__.split("\n\n")[0].replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
