@@ -37,8 +37,11 @@ from acmoe_megatron.config import ConfigError, load_recipe, write_resolved
 from acmoe_megatron.exit_codes import EXIT_CONFIG
 from acmoe_megatron.run_plan import parallel_layout
 
-ROOT = Path(__file__).resolve().parents[1]
-TEMPLATE = ROOT / "slurm" / "pretrain.sbatch"
+# The job's helper scripts ship inside the package (package data; the checkout's slurm/ links here),
+# so an installed wheel finds them (ACMOE_SCRIPTS in the job). The project directory (ACMOE_ROOT,
+# the job's working directory) is where acmoe-launch runs, or --project-dir.
+PACKAGE_DIR = Path(__file__).resolve().parent
+TEMPLATE = PACKAGE_DIR / "slurm" / "pretrain.sbatch"
 DIRECTIVES_BEGIN, DIRECTIVES_END = "# >>> sbatch directives", "# <<< sbatch directives"
 ENV_BEGIN, ENV_END = "# >>> environment", "# <<< environment"
 LAUNCHERS = ("torchrun", "srun")
@@ -66,11 +69,14 @@ def checkpoint_dir(recipe) -> Path:
 
 
 def _git_sha(root: Path) -> str:
+    """The code actually running: the git commit of the checkout holding ``root`` (an editable
+    install), else the installed package's version."""
+    from acmoe_megatron import __version__
     from acmoe_megatron.summary import git_sha
 
     sha = git_sha(root)
     if sha is None:
-        return "unknown (not a git checkout, or git is not installed)"
+        return f"acmoe-megatron {__version__} (installed package, not a git checkout)"
     try:
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
@@ -100,9 +106,7 @@ def cmd_resolve(args) -> int:
                 forced += ["megatron.exit_signal_handler=true", f"megatron.exit_signal={args.exit_signal}"]
             recipe = load_recipe(args.config, list(args.overrides) + forced)
             # a run directory with checkpoints of another configuration is not resumed silently
-            check_resume = getattr(launcher, "check_resume_compatible", None)
-            if check_resume is not None:
-                check_resume(recipe, run_dir)
+            launcher.check_resume_compatible(recipe, run_dir)
         layout = parallel_layout(recipe.megatron, args.world_size) if args.world_size else None
         launcher.ensure_data(recipe)
     except ConfigError as err:
@@ -110,7 +114,7 @@ def cmd_resolve(args) -> int:
         return EXIT_CONFIG
     if not (args.reuse and resolved.is_file()):
         write_resolved(recipe, run_dir)
-    sha = _git_sha(Path(args.root) if args.root else ROOT)
+    sha = _git_sha(Path(args.root) if args.root else PACKAGE_DIR)
     (run_dir / "git_sha.txt").write_text(sha + "\n")
     iters = train_iters(recipe.megatron)
     env = {
@@ -183,7 +187,8 @@ def job_environment(args, config: Path, run_dir: Path, data: Path) -> list[str]:
     python = args.python or ("python" if args.container_image else sys.executable)
     env = {
         "CONFIG": str(config), "RUN_DIR": str(run_dir), "DATA": str(data),
-        "ACMOE_ROOT": str(ROOT), "ACMOE_PYTHON": python,
+        "ACMOE_ROOT": str(Path(args.project_dir or ".").absolute()),
+        "ACMOE_SCRIPTS": str(PACKAGE_DIR / "slurm"), "ACMOE_PYTHON": python,
         "NPROC_PER_NODE": str(args.procs_per_node), "LAUNCHER": args.launcher,
         "EXIT_SIGNAL": args.exit_signal, "REQUEUE": "1" if args.requeue else "0",
     }
@@ -228,8 +233,9 @@ def cmd_slurm(args) -> int:
     args.exit_signal = args.exit_signal.upper().removeprefix("SIG")
     try:
         recipe = load_recipe(args.config, args.overrides)
-        run_dir = Path(args.run_dir or recipe.run.dir).absolute()
-        data = Path(args.data or recipe.data.path).absolute()
+        project = Path(args.project_dir or ".").absolute()  # relative paths of the recipe resolve here
+        run_dir = project / (args.run_dir or recipe.run.dir)
+        data = project / (args.data or recipe.data.path)
         layout = parallel_layout(recipe.megatron, args.nodes * args.procs_per_node)
         if not (data / "manifest.json").is_file() and not recipe.data.prepare_stdlib:
             msg = (f"no shard manifest at {data}/manifest.json and data.prepare_stdlib is false: "
@@ -263,7 +269,7 @@ def cmd_slurm(args) -> int:
     path = logs / f"pretrain-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.sbatch"
     path.write_text(script)
     path.chmod(0o755)
-    out = subprocess.run([sbatch, "--parsable", str(path)], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)  # from the user's directory
     if out.returncode != 0:
         print(f"acmoe-launch: sbatch failed (exit {out.returncode}): {out.stderr.strip()}", file=sys.stderr)
         return out.returncode
@@ -314,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--job-name", help="job name (default: acmoe-<run.name>)")
     s.add_argument("--run-dir", help="run directory (default: the recipe's run.dir), on a shared file system")
     s.add_argument("--data", help="shard directory (default: the recipe's data.path), on a shared file system")
+    s.add_argument("--project-dir", help="the job's working directory, where relative paths of the recipe "
+                   "resolve (default: the current directory)")
     s.add_argument("--launcher", choices=LAUNCHERS, default="torchrun",
                    help="torchrun: one task per node running torchrun (default); srun: one task per GPU")
     s.add_argument("--python", help="python on the compute nodes with acmoe-megatron installed "
@@ -329,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", help="SLURM log file pattern (default: <run dir>/slurm_logs/%%x-%%j.out)")
     s.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
                    help="extra sbatch directive, e.g. --sbatch-arg=--mem=0 (repeatable)")
-    s.add_argument("--template", default=str(TEMPLATE), help="sbatch template (default: slurm/pretrain.sbatch)")
+    s.add_argument("--template", default=str(TEMPLATE),
+                   help="sbatch template (default: the package's acmoe_megatron/slurm/pretrain.sbatch)")
     s.add_argument("--dry-run", action="store_true", help="print the rendered script, submit nothing")
     s.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides")
     s.set_defaults(func=cmd_slurm)

@@ -76,7 +76,8 @@ def test_dry_run_renders_directives_and_environment(capsys, tmp_path):
     env = block(script, "# >>> environment")
     assert f"export CONFIG={MULTINODE}" in env
     assert f"export RUN_DIR={tmp_path}/run" in env and f"export DATA={tmp_path}/shards" in env
-    assert f"export ACMOE_ROOT={ROOT}" in env
+    assert f"export ACMOE_ROOT={ROOT}" in env  # the directory acmoe-launch ran in (the tests run from the checkout)
+    assert f"export ACMOE_SCRIPTS={ROOT / 'acmoe_megatron' / 'slurm'}" in env  # the package's own helper scripts
     assert f"export ACMOE_PYTHON={sys.executable}" in env
     assert "export NPROC_PER_NODE=8" in env and "export LAUNCHER=torchrun" in env
     assert "export EXIT_SIGNAL=USR1" in env and "export REQUEUE=1" in env
@@ -303,7 +304,7 @@ def test_sbatch_errors_on_a_bad_environment(fake_slurm_bin, tmp_path):
 
     out = run_sbatch(job_env(fake_slurm_bin, tmp_path, SLURM_SUBMIT_DIR=str(tmp_path),
                              CONFIG=str(TINY)), cwd=tmp_path)
-    assert out.returncode == 2 and "is not an acmoe-megatron checkout" in out.stderr
+    assert out.returncode == 2 and "has no torchrun_node.sh; submit with acmoe-launch slurm" in out.stderr
 
 
 def _dry_run_lines(out: subprocess.CompletedProcess) -> list[list[str]]:
