@@ -154,6 +154,16 @@ def _replace_block(text: str, begin: str, end: str, lines: list[str], what: str)
     return "\n".join(out) + "\n"
 
 
+def cpus_per_task(args) -> int:
+    """CPUs of one SLURM task: torchrun (one task per node) needs cores for all its workers and their
+    data loaders, srun one task per GPU; --cpus-per-task overrides. Default 8 per GPU process (a
+    DGX H100 has 112 cores for 8 GPUs), 1 per process on CPU nodes (gloo runs one thread each)."""
+    if args.cpus_per_task is not None:
+        return args.cpus_per_task
+    per_process = 8 if args.gpus_per_node else 1
+    return per_process * (args.procs_per_node if args.launcher == "torchrun" else 1)
+
+
 def sbatch_directives(args, run_dir: Path) -> list[str]:
     procs = args.procs_per_node
     d = [f"--job-name={args.job_name}", f"--nodes={args.nodes}",
@@ -162,6 +172,11 @@ def sbatch_directives(args, run_dir: Path) -> list[str]:
         d.append(f"--gpus-per-node={args.gpus_per_node}")
     if args.exclusive:
         d.append("--exclusive")
+    extra = " ".join(args.sbatch_arg)
+    if args.mem.lower() != "none" and "--mem" not in extra:
+        d.append(f"--mem={args.mem}")  # 0: all of the node's memory (the default of most GPU clusters' jobs)
+    if "--cpus-per-task" not in extra:
+        d.append(f"--cpus-per-task={cpus_per_task(args)}")
     for opt in ("partition", "account", "qos", "time"):
         value = getattr(args, opt)
         if value:
@@ -194,8 +209,15 @@ def job_environment(args, config: Path, run_dir: Path, data: Path) -> list[str]:
     }
     if args.container_image:
         env["CONTAINER_IMAGE"] = args.container_image
+    if args.container_name:
+        env["CONTAINER_NAME"] = args.container_name
     if args.container_mounts:
         env["CONTAINER_MOUNTS"] = args.container_mounts
+    if args.env_file:
+        env["ENV_FILE"] = str(Path(args.env_file).absolute())
+    for item in args.env:
+        key, _, value = item.partition("=")
+        env[key] = value
     lines = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     lines.append("unset OVERRIDES  # the overrides are the script's arguments:")
     lines.append("set -- " + " ".join(shlex.quote(o) for o in args.overrides) + ' "$@"' if args.overrides
@@ -230,6 +252,15 @@ def cmd_slurm(args) -> int:
         return _usage(f"--time {args.time!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
     if args.signal_seconds < 0:
         return _usage("--signal-seconds must be >= 0 (0: no timed signal)")
+    if args.cpus_per_task is not None and args.cpus_per_task < 1:
+        return _usage("--cpus-per-task must be >= 1")
+    if args.mem.lower() != "none" and not re.fullmatch(r"\d+[KMGT]?", args.mem):
+        return _usage(f"--mem {args.mem!r}: a size such as 0 (all), 500G or 480000M, or none")
+    bad_env = [e for e in args.env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", e)]
+    if bad_env:
+        return _usage(f"--env {bad_env[0]!r}: write KEY=VALUE")
+    if args.env_file and not Path(args.env_file).is_file():
+        return _usage(f"--env-file {args.env_file}: no such file")
     args.exit_signal = args.exit_signal.upper().removeprefix("SIG")
     try:
         recipe = load_recipe(args.config, args.overrides)
@@ -327,7 +358,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--python", help="python on the compute nodes with acmoe-megatron installed "
                    "(default: this interpreter; `python` inside a container)")
     s.add_argument("--container-image", help="pyxis/enroot image for the training steps")
+    s.add_argument("--container-name", help="pyxis container name: the image is imported once per job and "
+                   "shared by its steps (default: acmoe-<job id>)")
     s.add_argument("--container-mounts", help="extra pyxis mounts src:dst[,...]")
+    s.add_argument("--mem", default="0", help="memory per node for --mem (default 0: all of it; 'none': no directive)")
+    s.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPUs per task (default: 8 per GPU process, 1 per process on CPU nodes; x processes per "
+                   "node with the torchrun launcher)")
+    s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable of the job, e.g. --env NCCL_IB_HCA=mlx5 (repeatable; overrides "
+                   "the defaults of acmoe_megatron/slurm/env_defaults.sh)")
+    s.add_argument("--env-file", help="shell file sourced by the job after env_defaults.sh (the cluster's NCCL / "
+                   "fabric settings), on a shared file system")
     s.add_argument("--exit-signal", default="USR1", help="signal that makes Megatron save and exit (default USR1)")
     s.add_argument("--signal-seconds", type=int, default=300,
                    help="send the exit signal this many seconds before the time limit (default 300; 0: never)")

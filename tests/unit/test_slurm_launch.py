@@ -345,6 +345,48 @@ def test_sbatch_dry_run_resolvable_head_node_keeps_its_name(fake_slurm_bin, tmp_
     assert f"--rdzv-endpoint=localhost:{20000 + 123456 % 4536}" in step
 
 
+def test_cluster_admin_options_mem_cpus_env_hook(capsys, tmp_path, fake_slurm_bin):
+    """--mem=0 and --cpus-per-task by default (torchrun: one task holds all of a node's workers),
+    --env / --env-file for NCCL and fabric settings, sourced by the job after the documented defaults."""
+    rc, script, err = dry_run(capsys, "--config", str(MULTINODE), "--nodes", "2", "--gpus-per-node", "8",
+                              "--run-dir", str(tmp_path / "r"))
+    assert rc == 0, err
+    d = directives(script)
+    assert "--mem=0" in d and "--cpus-per-task=64" in d  # 8 GPU processes x 8 cores, one torchrun task per node
+    rc, script, err = dry_run(capsys, "--config", str(MULTINODE), "--nodes", "2", "--gpus-per-node", "8",
+                              "--launcher", "srun", "--mem", "480G", "--run-dir", str(tmp_path / "r"))
+    assert "--mem=480G" in directives(script) and "--cpus-per-task=8" in directives(script)  # one task per GPU
+    rc, script, err = dry_run(capsys, "--config", str(MULTINODE), "--nodes", "2", "--gpus-per-node", "8", "--mem",
+                              "none", "--sbatch-arg=--cpus-per-task=12", "--run-dir", str(tmp_path / "r"))
+    assert not any(x.startswith("--mem") for x in directives(script))
+    assert [x for x in directives(script) if x.startswith("--cpus-per-task")] == ["--cpus-per-task=12"]
+
+    env_file = tmp_path / "cluster_env.sh"
+    env_file.write_text("export NCCL_IB_HCA=mlx5\nexport NCCL_NVLS_ENABLE=1\n")
+    rc, script, err = dry_run(capsys, "--config", str(TINY), "--nodes", "2", "--gpus-per-node", "0", "--env",
+                              "NCCL_DEBUG=WARN", "--env-file", str(env_file), "--run-dir", str(tmp_path / "r"))
+    assert rc == 0, err
+    env = block(script, "# >>> environment")
+    assert "export NCCL_DEBUG=WARN" in env and f"export ENV_FILE={env_file}" in env
+    # the job sources env_defaults.sh, then the file: what the training step sees
+    probe = tmp_path / "probe.sh"
+    probe.write_text(textwrap.dedent(f"""\
+        source {ROOT / 'slurm' / 'env_defaults.sh'}
+        source {env_file}
+        echo "$NCCL_IB_HCA $NCCL_NVLS_ENABLE $TORCH_NCCL_AVOID_RECORD_STREAMS $CUDA_DEVICE_MAX_CONNECTIONS $NCCL_DEBUG"
+        """))
+    out = subprocess.run(["bash", str(probe)], env={**os.environ, "NCCL_DEBUG": "WARN"}, capture_output=True, text=True)
+    assert out.stdout.split() == ["mlx5", "1", "1", "1", "WARN"]  # the file overrides a default
+    out = run_sbatch(job_env(fake_slurm_bin, tmp_path, ENV_FILE=str(env_file)))
+    assert out.returncode == 0 and f"environment from {env_file}" in out.stdout, out.stderr
+    out = run_sbatch(job_env(fake_slurm_bin, tmp_path, ENV_FILE=str(tmp_path / "missing.sh")))
+    assert out.returncode == 2 and "missing.sh: no such file" in out.stderr
+    for bad, message in [(["--env", "1X=2"], "--env '1X=2': write KEY=VALUE"), (["--mem", "lots"], "--mem 'lots'"),
+                         (["--env-file", str(tmp_path / "nope.sh")], "nope.sh: no such file")]:
+        rc, _, err = dry_run(capsys, "--config", str(TINY), "--nodes", "1", "--gpus-per-node", "0", *bad)
+        assert rc == 2 and message in err, err
+
+
 def test_sbatch_dry_run_one_task_per_gpu_in_a_container_after_a_restart(fake_slurm_bin, tmp_path):
     env = job_env(fake_slurm_bin, tmp_path, LAUNCHER="srun", CONTAINER_IMAGE="nvcr.io#nvidia/pytorch:25.09-py3",
                   CONTAINER_MOUNTS="/scratch:/scratch", EXIT_SIGNAL="SIGUSR2", SLURM_RESTART_COUNT="2",
@@ -355,16 +397,18 @@ def test_sbatch_dry_run_one_task_per_gpu_in_a_container_after_a_restart(fake_slu
     mkdir, resolve, step = _dry_run_lines(run_sbatch(env))
     mounts = (f"--container-mounts={ROOT}:{ROOT},{tmp_path}/run:{tmp_path}/run,{tmp_path}/data:{tmp_path}/data,"
               f"{tmp_path}/recipes:{tmp_path}/recipes,/scratch:/scratch")
-    container = ["--container-image=nvcr.io#nvidia/pytorch:25.09-py3", mounts, f"--container-workdir={ROOT}"]
+    # one named container per job: imported once, shared by the resolve and the training step
+    container = ["--container-image=nvcr.io#nvidia/pytorch:25.09-py3", "--container-name=acmoe-123456", mounts,
+                 f"--container-workdir={ROOT}"]
     # the resolve step runs once, inside the container, and re-uses the first start's config
-    assert resolve[:3] == ["srun", "--nodes=1", "--ntasks=1"] and resolve[3:6] == container
-    assert resolve[6:9] == ["python", "-m", "acmoe_megatron.slurm_launch"]
+    assert resolve[:3] == ["srun", "--nodes=1", "--ntasks=1"] and resolve[3:7] == container
+    assert resolve[7:10] == ["python", "-m", "acmoe_megatron.slurm_launch"]
     assert "--reuse" in resolve and resolve[resolve.index("--exit-signal") + 1] == "SIGUSR2"
     # one task per GPU: 16 tasks, 8 per node, each mapped to RANK/LOCAL_RANK/WORLD_SIZE
     assert step[:5] == ["srun", "--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--kill-on-bad-exit=1"]
-    assert step[5:8] == container
-    assert step[8:10] == ["bash", str(ROOT / "slurm" / "task_env.sh")]
-    assert step[10:] == ["python", "-m", "acmoe_megatron.train", "--config", f"{tmp_path}/run/config.yaml"]
+    assert step[5:9] == container
+    assert step[9:11] == ["bash", str(ROOT / "slurm" / "task_env.sh")]
+    assert step[11:] == ["python", "-m", "acmoe_megatron.train", "--config", f"{tmp_path}/run/config.yaml"]
 
 
 # ---------------------------------------------------------------------------------------------
