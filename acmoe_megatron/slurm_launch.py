@@ -107,8 +107,12 @@ def cmd_resolve(args) -> int:
             recipe = load_recipe(args.config, list(args.overrides) + forced)
             # a run directory with checkpoints of another configuration is not resumed silently
             launcher.check_resume_compatible(recipe, run_dir)
-        layout = parallel_layout(recipe.megatron, args.world_size) if args.world_size else None
+        layout = None
         launcher.ensure_data(recipe)
+        if args.world_size:  # the whole run plan on the head node, before any training process starts
+            from acmoe_megatron.run_plan import build_plan
+
+            layout = build_plan(recipe, args.world_size).layout
     except ConfigError as err:
         print(f"acmoe-launch resolve: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
