@@ -74,11 +74,17 @@ class RunSettings:
     name: str = ""  # free-form label written to the summary
     log_router_grad_norms: bool = False  # per step, per router: dir/router_grad_norms_rank*.jsonl
     keep_last_checkpoints: int = 0  # after each save keep only the newest N iter_* dirs (0 = keep all)
+    peak_tflops: float | None = None  # per-device peak for throughput/mfu (null: the table of known GPUs)
+    per_expert_scalars_max: int = 16  # per-expert load scalars only up to this many experts (histograms always)
 
     def __post_init__(self):
         check_types(self, "run")
         if self.keep_last_checkpoints < 0:
             raise ValueError(f"run.keep_last_checkpoints={self.keep_last_checkpoints}: must be >= 0 (0 keeps all)")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ValueError(f"run.peak_tflops={self.peak_tflops}: a positive TFLOP/s per device, or null")
+        if self.per_expert_scalars_max < 0:
+            raise ValueError(f"run.per_expert_scalars_max={self.per_expert_scalars_max}: must be >= 0")
 
 
 @dataclass
@@ -117,7 +123,8 @@ class Recipe:
 
 
 # Keys added since recorded runs (summaries, benchmarks/results/*/runs): hashed only when set.
-HASH_OMITS_AT_DEFAULT: dict[str, tuple[str, ...]] = {"acmoe": ("compile", "expert_norm")}
+HASH_OMITS_AT_DEFAULT: dict[str, tuple[str, ...]] = {"acmoe": ("compile", "expert_norm"),
+                                                      "run": ("peak_tflops", "per_expert_scalars_max")}
 
 
 def _suggest(key: str, known) -> str:

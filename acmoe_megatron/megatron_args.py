@@ -23,6 +23,8 @@ def build_argv(recipe, manifest) -> list[str]:
     mg.setdefault("save", str(run_dir / "checkpoints"))
     mg.setdefault("load", mg["save"])
     mg.setdefault("dataloader_type", "external")
+    if mg.get("num_experts"):
+        mg.setdefault("moe_per_layer_logging", True)  # megatron's aux/z-loss per MoE layer, not only the mean
     if mg["dataloader_type"] != "external":
         raise ConfigError("megatron.dataloader_type must be 'external': data comes from data.path shards")
     seq = manifest.seq_length

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from acmoe_megatron.ac_stats import inverse_dispersion, masked_mean
 
+PER_EXPERT_MAX = 16  # run.per_expert_scalars_max: per-expert scalar tags only up to this many experts
 ROUTING_FIELDS = 6  # tokens, entropy sum, dropped slots, instability sum, instability count, calls
 AC_FIELDS = 7  # calls, weight mean, weight max, clip rate, mad mean, separation raw, separation ac
 
@@ -124,9 +125,13 @@ def ac_summary(counts_K, mean_KD, mad_KD, w_KD, rows_K, eps: float, clip: float)
     ]).float()
 
 
-def flush(all_metrics: list[RouterMetrics], writer, iteration: int) -> dict:
-    """Reduce every rank's accumulators (one all-reduce over the world), write TensorBoard on the
-    writer rank, reset. Collective: every rank must call it at the same iterations."""
+def flush(all_metrics: list[RouterMetrics], writer, iteration: int, per_expert_max: int = PER_EXPERT_MAX) -> dict:
+    """Reduce every rank's accumulators (one all-reduce over the world), write the scalars on the
+    writer rank, reset. Collective: every rank must call it at the same iterations.
+
+    Tag budget: one ``load_fraction/expertNN`` scalar per expert only while ``num_experts`` <=
+    ``per_expert_max`` (TensorBoard slows down with thousands of tags: 16 layers x 64 experts would be
+    1024); every layer's whole load distribution is always written as one histogram."""
     if not all_metrics:
         return {}
     ref = all_metrics[0]
@@ -147,8 +152,9 @@ def flush(all_metrics: list[RouterMetrics], writer, iteration: int) -> dict:
         tag = f"moe/layer{layer:02d}"
         total = float(slots.sum())
         frac = slots / max(total, 1.0)
-        for j in range(E):
-            scalars[f"{tag}/load_fraction/expert{j:02d}"] = float(frac[j])
+        if E <= per_expert_max:
+            for j in range(E):
+                scalars[f"{tag}/load_fraction/expert{j:02d}"] = float(frac[j])
         mean = float(frac.mean())
         scalars[f"{tag}/load_max_over_mean"] = float(frac.max()) / mean if mean > 0 else 0.0
         scalars[f"{tag}/load_cv"] = float(frac.std(unbiased=False)) / mean if mean > 0 else 0.0

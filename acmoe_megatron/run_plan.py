@@ -133,10 +133,13 @@ def _megatron_key(flag: str) -> str:
 
 @contextlib.contextmanager
 def _as_world(world_size: int, argv: list[str]):
-    """Megatron's parser reads sys.argv and WORLD_SIZE/RANK from the environment."""
-    saved_argv, saved_env = sys.argv, {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    """Megatron's parser reads sys.argv and WORLD_SIZE/RANK from the environment, and validate_args
+    checks CUDA_DEVICE_MAX_CONNECTIONS, which both launchers give the workers (default 1)."""
+    keys = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "CUDA_DEVICE_MAX_CONNECTIONS")
+    saved_argv, saved_env = sys.argv, {k: os.environ.get(k) for k in keys}
     sys.argv = ["acmoe-plan", *argv]
     os.environ.update(WORLD_SIZE=str(world_size), RANK="0", LOCAL_RANK="0")
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # what the workers get (launcher, env_defaults.sh)
     try:
         yield
     finally:
@@ -153,6 +156,9 @@ def megatron_args(argv: list[str], world_size: int, ours=None) -> argparse.Names
     700-line argument dump is dropped); ConfigError with megatron's own message when it refuses.
     ``ours(args)`` runs between the two: our checks name the recipe key where megatron's message
     for the same problem does not."""
+    from acmoe_megatron import cpu_runtime
+
+    cpu_runtime.install_for_training()  # without CUDA, megatron's validate_args asks CUDA too (device arch)
     from megatron.training.arguments import parse_args, validate_args
 
     out, err = io.StringIO(), io.StringIO()

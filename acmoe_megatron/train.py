@@ -164,7 +164,8 @@ def main(argv=None) -> None:
     from acmoe_megatron import observability
     from acmoe_megatron.settings import router_class
 
-    observability.install(extra_moe_losses=router_class(recipe.acmoe.router).reported_losses)
+    observability.install(extra_moe_losses=router_class(recipe.acmoe.router).reported_losses,
+                          peak_tflops=recipe.run.peak_tflops, per_expert_max=recipe.run.per_expert_scalars_max)
     run_hooks.install_fault_injection()
     run_hooks.install_checkpoint_retention(recipe.run.keep_last_checkpoints)
     if recipe.acmoe.expert_norm is not None:
@@ -188,6 +189,10 @@ def main(argv=None) -> None:
         stopped_early = True
     wall = time.time() - start
     args = get_args()
+    from megatron.training.global_vars import get_wandb_writer
+
+    if get_wandb_writer() is not None:  # megatron leaves the W&B run open: close it (summary, sync files)
+        get_wandb_writer().finish()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank == int(os.environ.get("WORLD_SIZE", "1")) - 1:  # megatron's TensorBoard writer rank
