@@ -500,7 +500,7 @@ def test_launcher_missing_data_without_prepare_stdlib_returns_2(tmp_path, capsys
                         f"run.dir={tmp_path / 'run'}"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert f"no shard manifest at {tmp_path / 'none'}/manifest.json" in err
+    assert f"data.path='{tmp_path / 'none'}' has no manifest.json; build shards with `acmoe-data prepare" in err
     assert not (tmp_path / "run").exists()
 
 
@@ -533,7 +533,10 @@ def test_hash_leaves_out_keys_newer_than_recorded_runs_while_at_default():
     d = recipe.to_dict()
     for key in ("compile", "expert_norm"):
         d["acmoe"].pop(key)  # what the recipe looked like to runs recorded before these keys existed
+    for key in ("peak_tflops", "per_expert_scalars_max"):
+        d["run"].pop(key)
     legacy = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert recipe.hash() == legacy
     assert load_recipe(TINY, ["acmoe.expert_norm=1.5"]).hash() != legacy
     assert load_recipe(TINY, ["acmoe.compile=true"]).hash() != legacy
+    assert load_recipe(TINY, ["run.per_expert_scalars_max=64"]).hash() != legacy
