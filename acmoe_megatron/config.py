@@ -76,6 +76,7 @@ class RunSettings:
     keep_last_checkpoints: int = 0  # after each save keep only the newest N iter_* dirs (0 = keep all)
     peak_tflops: float | None = None  # per-device peak for throughput/mfu (null: the table of known GPUs)
     per_expert_scalars_max: int = 16  # per-expert load scalars only up to this many experts (histograms always)
+    image_interval: int = 100  # expert-load heatmap + AC weight distribution images every N steps (0: none)
 
     def __post_init__(self):
         check_types(self, "run")
@@ -83,6 +84,8 @@ class RunSettings:
             raise ValueError(f"run.keep_last_checkpoints={self.keep_last_checkpoints}: must be >= 0 (0 keeps all)")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ValueError(f"run.peak_tflops={self.peak_tflops}: a positive TFLOP/s per device, or null")
+        if self.image_interval < 0:
+            raise ValueError(f"run.image_interval={self.image_interval}: must be >= 0 (0: no images)")
         if self.per_expert_scalars_max < 0:
             raise ValueError(f"run.per_expert_scalars_max={self.per_expert_scalars_max}: must be >= 0")
 
@@ -124,7 +127,8 @@ class Recipe:
 
 # Keys added since recorded runs (summaries, benchmarks/results/*/runs): hashed only when set.
 HASH_OMITS_AT_DEFAULT: dict[str, tuple[str, ...]] = {"acmoe": ("compile", "expert_norm"),
-                                                      "run": ("peak_tflops", "per_expert_scalars_max")}
+                                                      "run": ("peak_tflops", "per_expert_scalars_max",
+                                                              "image_interval")}
 
 
 def _suggest(key: str, known) -> str:

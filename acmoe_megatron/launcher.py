@@ -62,7 +62,8 @@ RESUMABLE_CHANGES = {
                  "override_opt_param_scheduler", "tensorboard_dir", "load", "save", "finetune",
                  "no_load_optim", "no_load_rng", "wandb_project", "wandb_exp_name", "wandb_save_dir",
                  "wandb_entity"},
-    "run": {"dir", "name", "log_router_grad_norms", "keep_last_checkpoints", "peak_tflops", "per_expert_scalars_max"},
+    "run": {"dir", "name", "log_router_grad_norms", "keep_last_checkpoints", "peak_tflops", "per_expert_scalars_max",
+            "image_interval"},
     "acmoe": {"compile"},  # the same maths, other kernels
     "data": {"verify_checksums"},
 }

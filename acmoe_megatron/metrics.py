@@ -25,11 +25,14 @@ import math
 import torch
 import torch.distributed as dist
 
+from acmoe_megatron import metrics_figures as figures
 from acmoe_megatron.ac_stats import inverse_dispersion, masked_mean
 
 PER_EXPERT_MAX = 16  # run.per_expert_scalars_max: per-expert scalar tags only up to this many experts
 ROUTING_FIELDS = 6  # tokens, entropy sum, dropped slots, instability sum, instability count, calls
-AC_FIELDS = 7  # calls, weight mean, weight max, clip rate, mad mean, separation raw, separation ac
+AC_SUMMARY_FIELDS = 7  # calls, weight mean, weight max, clip rate, mad mean, separation raw, separation ac
+AC_WEIGHT_BINS = torch.logspace(-3, 3, 25)  # edges of the AC weight histogram (log10 w in [-3, 3], 24 bins)
+AC_FIELDS = AC_SUMMARY_FIELDS + len(AC_WEIGHT_BINS) - 1
 
 
 class RouterMetrics:
@@ -66,7 +69,8 @@ class RouterMetrics:
     @torch.no_grad()
     def record_ac(self, layer: int, counts_K, mean_KD, mad_KD, w_KD, rows_K, eps: float, clip: float) -> None:
         acc = self._slot(self._ac, layer, AC_FIELDS, w_KD)
-        acc += ac_summary(counts_K, mean_KD, mad_KD, w_KD, rows_K, eps, clip)
+        acc[:AC_SUMMARY_FIELDS] += ac_summary(counts_K, mean_KD, mad_KD, w_KD, rows_K, eps, clip)
+        acc[AC_SUMMARY_FIELDS:] += weight_histogram(w_KD, rows_K)
 
     def reset(self) -> None:
         for table in (self._routing, self._ac):
@@ -83,6 +87,17 @@ class RouterMetrics:
             if layer in self._ac:
                 out[i, self.num_experts + ROUTING_FIELDS:] = self._ac[layer]
         return out
+
+
+def weight_histogram(w_KD: torch.Tensor, rows_K: torch.Tensor) -> torch.Tensor:
+    """Counts of the AC weights of the clusters in use over ``AC_WEIGHT_BINS`` (values outside the
+    range go to the end bins); on the device, no sync."""
+    edges = AC_WEIGHT_BINS.to(w_KD.device, torch.float32)
+    w = w_KD.float().clamp(edges[0], edges[-1])
+    idx = (torch.bucketize(w, edges[1:-1], right=True)).reshape(w.shape)
+    counts = torch.zeros(len(edges) - 1, device=w_KD.device, dtype=torch.float32)
+    weights = rows_K.float().unsqueeze(1).expand_as(w).reshape(-1)
+    return counts.index_add_(0, idx.reshape(-1), weights)
 
 
 def rand_disagreement(a_N: torch.Tensor, b_N: torch.Tensor) -> torch.Tensor:
@@ -125,13 +140,16 @@ def ac_summary(counts_K, mean_KD, mad_KD, w_KD, rows_K, eps: float, clip: float)
     ]).float()
 
 
-def flush(all_metrics: list[RouterMetrics], writer, iteration: int, per_expert_max: int = PER_EXPERT_MAX) -> dict:
+def flush(all_metrics: list[RouterMetrics], writer, iteration: int, per_expert_max: int = PER_EXPERT_MAX,
+          images: bool = False) -> dict:
     """Reduce every rank's accumulators (one all-reduce over the world), write the scalars on the
     writer rank, reset. Collective: every rank must call it at the same iterations.
 
     Tag budget: one ``load_fraction/expertNN`` scalar per expert only while ``num_experts`` <=
     ``per_expert_max`` (TensorBoard slows down with thousands of tags: 16 layers x 64 experts would be
-    1024); every layer's whole load distribution is always written as one histogram."""
+    1024); every layer's whole load distribution is always written as one histogram. ``images``:
+    also the expert-load heatmap (MoE layers x experts) and the AC weight distribution per AC layer
+    as TensorBoard images (``images/expert_load``, ``images/ac_weights``; metrics_figures.py)."""
     if not all_metrics:
         return {}
     ref = all_metrics[0]
@@ -162,7 +180,7 @@ def flush(all_metrics: list[RouterMetrics], writer, iteration: int, per_expert_m
         scalars[f"{tag}/dropped_fraction"] = float(row[E + 2]) / max(float(row[E + 2]) + total, 1.0)
         if float(row[E + 4]) > 0:
             scalars[f"{tag}/instability"] = float(row[E + 3]) / float(row[E + 4])
-        ac = row[E + ROUTING_FIELDS:]
+        ac = row[E + ROUTING_FIELDS:E + ROUTING_FIELDS + AC_SUMMARY_FIELDS]
         calls = float(ac[0])
         if calls > 0:  # an AC layer (batch statistics)
             names = ["weight_mean", "weight_max", "clip_rate", "cluster_mad_mean", "separation_raw", "separation_ac"]
@@ -176,4 +194,24 @@ def flush(all_metrics: list[RouterMetrics], writer, iteration: int, per_expert_m
             slots = values[i, :E]
             if float(slots.sum()) > 0:
                 writer.add_histogram(f"moe/layer{layer:02d}/load_fraction", slots / slots.sum(), iteration)
+        if images:
+            load_LE, weights = images_data(values, ref)
+            if load_LE is not None:
+                writer.add_figure("images/expert_load", figures.expert_load_figure(load_LE, ref.moe_layer_numbers,
+                                                                                   iteration), iteration)
+            if weights:
+                writer.add_figure("images/ac_weights", figures.ac_weight_figure(weights, AC_WEIGHT_BINS, iteration),
+                                  iteration)
     return scalars
+
+
+def images_data(values: torch.Tensor, ref: RouterMetrics):
+    """(load fraction per MoE layer x expert, or None; {AC layer: weight-histogram counts})."""
+    E = ref.num_experts
+    slots = values[:, :E]
+    totals = slots.sum(1, keepdim=True)
+    load_LE = (slots / totals.clamp_min(1.0)).numpy() if bool((totals > 0).any()) else None
+    start = E + ROUTING_FIELDS + AC_SUMMARY_FIELDS
+    weights = {layer: values[i, start:].numpy() for i, layer in enumerate(ref.moe_layer_numbers)
+               if float(values[i, start:].sum()) > 0}
+    return load_LE, weights

@@ -86,6 +86,13 @@ class MetricWriter:
         if self.tensorboard is not None:
             self.tensorboard.add_histogram(tag, values, step)
 
+    def add_figure(self, tag: str, figure, step: int) -> None:
+        """A matplotlib figure as a TensorBoard image (and a W&B image)."""
+        if self.tensorboard is not None:
+            self.tensorboard.add_figure(tag, figure, step, close=False)
+        if self.wandb is not None:
+            self._pending.setdefault(step, {})[tag] = self.wandb.Image(figure)
+
     def commit(self) -> None:
         if self.wandb is not None:
             for step, values in sorted(self._pending.items()):
@@ -131,11 +138,12 @@ def report_extra_moe_losses(names: tuple[str, ...]) -> None:
 
 
 def install(extra_moe_losses: tuple[str, ...] = (), peak_tflops: float | None = None,
-            per_expert_max: int = router_metrics.PER_EXPERT_MAX) -> None:
+            per_expert_max: int = router_metrics.PER_EXPERT_MAX, image_interval: int = 0) -> None:
     """Wrap megatron's training loop functions once; the routing metrics are those of every attached
     model chunk (``chunk_state.attached_metrics``); ``extra_moe_losses``: our routers' loss names for
     megatron's MoE report; ``peak_tflops``: run.peak_tflops; ``per_expert_max``: the tag budget of
-    metrics.flush (run.per_expert_scalars_max)."""
+    metrics.flush (run.per_expert_scalars_max); ``image_interval``: images every that many steps
+    (run.image_interval; 0: none)."""
     if _STATE["installed"]:
         return
     report_extra_moe_losses(extra_moe_losses)
@@ -144,7 +152,7 @@ def install(extra_moe_losses: tuple[str, ...] = (), peak_tflops: float | None = 
 
     orig_log, orig_eval = training.training_log, training.evaluate
     orig_eval_print, orig_save, orig_train = training.evaluate_and_print_results, training.save_checkpoint, training.train
-    last = {"time": None, "samples": None}
+    last = {"time": None, "samples": None, "image": None}
     spent = {"eval": 0.0, "checkpoint": 0.0}  # inside the current log interval
 
     def train(*args, **kwargs):
@@ -165,7 +173,10 @@ def install(extra_moe_losses: tuple[str, ...] = (), peak_tflops: float | None = 
         if iteration % margs.log_interval:
             return out
         writer = MetricWriter.from_megatron()
-        router_metrics.flush(attached_metrics(), writer, iteration, per_expert_max=per_expert_max)
+        images = bool(image_interval) and (last["image"] is None or iteration - last["image"] >= image_interval)
+        if images:
+            last["image"] = iteration
+        router_metrics.flush(attached_metrics(), writer, iteration, per_expert_max=per_expert_max, images=images)
         mem = torch.tensor([_memory_gib()], device="cuda" if torch.cuda.is_available() else "cpu")
         if dist.is_initialized():
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)

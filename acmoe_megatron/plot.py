@@ -224,21 +224,9 @@ def plot_expert_load(run: Run, out_dir: Path) -> Path | None:
     if not loads:
         return None
     layers, n_experts, rows, step = last_load_matrix(loads)
-    fig = _figure("expert_load")
-    ax = fig.add_subplot()
-    vmax = max([v for row in rows for v in row if not math.isnan(v)] + [1.0 / n_experts])
-    im = ax.imshow(rows, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
-    if len(layers) * n_experts <= 256:
-        for i, row in enumerate(rows):
-            for j, v in enumerate(row):
-                if not math.isnan(v):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if v < 0.6 * vmax else "black")
-    ax.set_xticks(range(n_experts))
-    ax.set_yticks(range(len(layers)), [f"layer {L:02d}" for L in layers])
-    ax.set_xlabel("expert")
-    ax.set_title(f"{run.label}: expert load fraction at iteration {step} (uniform = 1/{n_experts})")
-    fig.colorbar(im, ax=ax, label="fraction of routed token slots")
+    from acmoe_megatron.metrics_figures import expert_load_figure
+
+    fig = expert_load_figure(rows, layers, step, label=run.label, size=FIGURE_SIZES["expert_load"])
     return _save(fig, out_dir, "expert_load")
 
 

@@ -165,7 +165,8 @@ def main(argv=None) -> None:
     from acmoe_megatron.settings import router_class
 
     observability.install(extra_moe_losses=router_class(recipe.acmoe.router).reported_losses,
-                          peak_tflops=recipe.run.peak_tflops, per_expert_max=recipe.run.per_expert_scalars_max)
+                          peak_tflops=recipe.run.peak_tflops, per_expert_max=recipe.run.per_expert_scalars_max,
+                          image_interval=recipe.run.image_interval)
     run_hooks.install_fault_injection()
     run_hooks.install_checkpoint_retention(recipe.run.keep_last_checkpoints)
     if recipe.acmoe.expert_norm is not None:

@@ -1,4 +1,4 @@
-"""The real ``tensorboard`` server lists our scalar tags over its HTTP API.
+"""The real ``tensorboard`` server lists our scalar tags and images over its HTTP API.
 
 A small synthetic log dir following the tag contract of issue 5 (Megatron's tags plus the
 ``moe/``, ``ac/``, ``throughput/`` and ``memory/`` ones) is served by ``tensorboard`` on 127.0.0.1
@@ -71,7 +71,27 @@ def write_events(tb_dir: Path) -> None:
             else:
                 value = 1.0 + 0.1 * step
             w.add_scalar(tag, value, step)
+    _write_images(w)
     w.close()
+
+
+def _write_images(w) -> None:
+    """The images our training writes (metrics.flush with images=True): the expert-load heatmap and
+    the AC weight distribution, from real router metrics of MoE layers 1-2 (layer 2 an AC layer)."""
+    import torch
+
+    from acmoe_megatron import metrics
+    from acmoe_megatron.observability import MetricWriter
+
+    m = metrics.RouterMetrics(N_EXPERTS, list(MOE_LAYERS))
+    logits = torch.randn(64, N_EXPERTS, generator=torch.Generator().manual_seed(0))
+    rmap = torch.zeros_like(logits, dtype=torch.bool).scatter(1, logits.topk(2, -1).indices, True)
+    for layer in MOE_LAYERS:
+        m.record_routing(layer, logits, rmap, logits.argmax(-1), None, topk=2)
+    counts = torch.tensor([20.0, 44.0, 0.0, 0.0])
+    w_KD = torch.rand(N_EXPERTS, 8, generator=torch.Generator().manual_seed(1)) * 3
+    m.record_ac(2, counts, torch.randn(N_EXPERTS, 8), torch.rand(N_EXPERTS, 8), w_KD, counts > 0, 1e-4, 10.0)
+    metrics.flush([m], MetricWriter(w, None), STEPS[-1], images=True)
 
 
 def _free_port() -> int:
@@ -166,3 +186,13 @@ def test_tensorboard_server_lists_our_scalar_tags(tb_server):
                           tag=f"moe/layer02/load_fraction/expert{j:02d}")[-1][2]
                  for j in range(N_EXPERTS)]
     assert sum(fractions) == pytest.approx(1.0, rel=1e-6)
+
+    # the images page: both images listed, and the heatmap served as a PNG
+    images = get_json(base, "/data/plugin/images/tags")["."]
+    assert {"images/expert_load", "images/ac_weights"} <= set(images), images
+    entries = get_json(base, "/data/plugin/images/images", run=".", tag="images/expert_load")
+    assert entries and entries[-1]["step"] == STEPS[-1], entries
+    url = f"{base}/data/plugin/images/individualImage?{entries[-1]['query']}"
+    with _NO_PROXY.open(url, timeout=10) as resp:
+        png = resp.read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -20,6 +20,9 @@ class _Recorder:
     def add_histogram(self, tag, values, step):
         self.histograms[tag] = step
 
+    def add_figure(self, tag, figure, step, close=True):
+        self.figures = {**getattr(self, "figures", {}), tag: (figure, step)}
+
     def flush(self):
         pass
 
@@ -128,3 +131,27 @@ def test_installed_loop_subtracts_evaluation_and_checkpoint_time(monkeypatch):
     training.training_log({}, {}, 1e-3, 20)  # next interval: nothing excluded any more
     assert tb.scalars["throughput/checkpoint_s"] == (0.0, 20)
     assert tb.scalars["throughput/tokens_per_s"] == (500 * 100 / 25.0, 20)
+
+
+def test_weight_histogram_and_images():
+    w_KD = torch.tensor([[0.5, 1.0, 2.0], [5000.0, 1e-6, 1.0], [1.0, 1.0, 1.0]])
+    rows_K = torch.tensor([True, True, False])  # the third cluster is not in use
+    counts = metrics.weight_histogram(w_KD, rows_K)
+    edges = metrics.AC_WEIGHT_BINS
+    assert counts.sum() == 6 and counts[0] == 1 and counts[-1] == 1  # out-of-range weights in the end bins
+    for w in (0.5, 1.0, 2.0):
+        assert counts[int(torch.searchsorted(edges, torch.tensor(w), right=True)) - 1] >= 1
+    m = _filled(4, 2)
+    m.record_ac(2, torch.tensor([3.0, 3.0, 0.0, 0.0]), torch.zeros(4, 3), torch.ones(4, 3), w_KD.repeat(2, 1)[:4],
+                torch.tensor([True, True, False, False]), 1e-4, 10.0)
+    plain = _Recorder()
+    metrics.flush([m], observability.MetricWriter(plain, None), 10)
+    assert not hasattr(plain, "figures")  # images only when asked (run.image_interval)
+    m = _filled(4, 2)
+    m.record_ac(2, torch.tensor([3.0, 3.0, 0.0, 0.0]), torch.zeros(4, 3), torch.ones(4, 3), w_KD.repeat(2, 1)[:4],
+                torch.tensor([True, True, False, False]), 1e-4, 10.0)
+    tb = _Recorder()
+    metrics.flush([m], observability.MetricWriter(tb, None), 100, images=True)
+    assert set(tb.figures) == {"images/expert_load", "images/ac_weights"}
+    heatmap = tb.figures["images/expert_load"][0]
+    assert heatmap.axes[0].images[0].get_array().shape == (2, 4)  # MoE layers x experts
