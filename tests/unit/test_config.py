@@ -372,6 +372,7 @@ def test_build_argv_derives_data_flags_from_the_manifest(tmp_path, manifest64):
     args = _fresh_megatron_parser().parse_args(argv)
     assert (args.seq_length, args.vocab_size, args.tokenizer_type) == (64, vocab, "NullTokenizer")
     assert args.save == args.load == str(tmp_path / "run" / "checkpoints")
+    assert args.moe_per_layer_logging  # megatron's aux/z-loss per MoE layer (an MoE recipe)
 
 
 def test_build_argv_keeps_explicit_paths_and_matching_values(tmp_path, manifest64):
