@@ -41,6 +41,11 @@ def common_overrides(tmp: Path, run: str) -> list[str]:
     ]
 
 
+def wandb_overrides(tmp: Path) -> list[str]:
+    return ["megatron.wandb_project=acmoe-tests", "megatron.wandb_exp_name=first",
+            f"megatron.wandb_save_dir={tmp / 'wandb'}"]
+
+
 def launch(*overrides: str, nproc: int = 2, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "acmoe_megatron.launcher", "--config", "configs/tiny_cpu.yaml",
            "--nproc", str(nproc), *overrides]
@@ -85,8 +90,7 @@ def workdir(tmp_path_factory) -> Path:
 def first_run(workdir):
     # with Weights & Biases in offline mode: megatron's W&B writer gets our scalars too
     out = launch("megatron.train_iters=12", "megatron.save_interval=12", *common_overrides(workdir, "run"),
-                 "megatron.wandb_project=acmoe-tests", "megatron.wandb_exp_name=first",
-                 f"megatron.wandb_save_dir={workdir / 'wandb'}", env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+                 *wandb_overrides(workdir), env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert out.returncode == 0, _tail(out)
     return out, workdir / "run", _snapshot(workdir / "run")
 
@@ -228,7 +232,7 @@ def test_resolved_recipe_is_written(first_run, workdir):
     # it is the tiny recipe plus the command-line overrides, nothing else
     expected = load_recipe(ROOT / "configs" / "tiny_cpu.yaml",
                            ["megatron.train_iters=12", "megatron.save_interval=12",
-                            *common_overrides(workdir, "run")])
+                            *common_overrides(workdir, "run"), *wandb_overrides(workdir)])
     assert recipe.to_dict() == expected.to_dict()
     assert yaml.safe_load(resolved.read_text()) == expected.to_dict()
     assert read_manifest(workdir / "data").seq_length == recipe.megatron["seq_length"]
