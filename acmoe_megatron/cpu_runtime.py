@@ -13,13 +13,21 @@ The table: ``SHIMS`` lists every shim as a ``Shim(name, call_site, install, unin
 ``name`` is what lands in ``APPLIED`` (the run log); ``call_site`` is the megatron module/function
 the shim exists for, as a dotted path (``also`` lists further megatron names it rebinds or relies
 on); ``install()`` applies it and returns what it replaced; ``uninstall(saved)`` puts that back;
-``stage`` is "core" (``install()``) or "training" (``install_training()``). The table is written
+``stage`` is "core" (``install()``), "training" (``install_training()``) or "scoped" (entered only
+for the duration of a ``with device_redirect():`` block, see below). The table is written
 against megatron-core ``SUPPORTED`` (0.19.x): before a stage is applied, the installed version is
 compared with it and every call site of the stage is resolved, so a megatron upgrade raises a
 RuntimeError naming the version or the shim and call site instead of silently skipping a shim.
 Both install functions are idempotent; ``uninstall_all()`` undoes the applied shims in reverse
 order (the tests use it to prove each restore is exact). Import order: call ``install()`` before
 building models.
+
+The device redirect (the "cudamode" shim, a ``TorchFunctionMode`` that turns every ``device="cuda"``
+request into the CPU) is the one shim that changes what plain torch code does, so it is not left on
+for the process: ``with device_redirect():`` enters it around a training run (``train.main``, the
+example script) or a test (``tests/conftest.py`` wraps each test) and leaves it afterwards. Outside
+such a block ``torch.zeros(1, device="cuda")`` fails as torch makes it fail on a machine without a
+GPU.
 
 ``install_wheel_fixes()`` (T3) is not in the table: it fixes the pip wheel and applies with or
 without CUDA.
@@ -58,7 +66,7 @@ class Shim:
     call_site: str  # the megatron module/function this shim exists for (dotted path)
     install: Callable[[], Any]
     uninstall: Callable[[Any], None]
-    stage: str  # "core" (install()) or "training" (install_training())
+    stage: str  # "core" (install()), "training" (install_training()) or "scoped" (device_redirect())
     also: tuple[str, ...] = ()  # further megatron names it rebinds or relies on; must resolve too
 
 
@@ -175,8 +183,8 @@ def _shim_rng():
 # core 4 cudamode -- call site megatron.core.transformer.utils.get_default_causal_mask, and every
 #   other literal ``device="cuda"``: pipeline_parallel/schedules.py (total_num_tokens),
 #   training.py (model.cuda(), JIT warm-up, loss reductions), clip_grads.py, optimizer.py,
-#   rerun_state_machine.py. A TorchFunctionMode, entered for the rest of the process, rewrites any
-#   CUDA device argument to "cpu", makes Tensor.cuda() the identity and drops pin_memory.
+#   rerun_state_machine.py. A TorchFunctionMode, entered only inside ``with device_redirect():``,
+#   rewrites any CUDA device argument to "cpu", makes Tensor.cuda() the identity and drops pin_memory.
 def _is_cuda_device(d) -> bool:
     if isinstance(d, torch.device):
         return d.type == "cuda"
@@ -225,6 +233,41 @@ def _unshim_cudamode(mode: CudaToCpuMode) -> None:
         )
     mode.__exit__(None, None, None)
     _MODE = None
+
+
+@contextlib.contextmanager
+def device_redirect():
+    """CUDA device requests land on the CPU inside the block (only without CUDA; a no-op with it).
+
+    Applies the core shims first (``install()``; the redirect alone would not make megatron run) and
+    checks the mode's call site against megatron-core once. Re-entrant: a nested block keeps the
+    outer block's mode. Leaves the mode on exit, also on an exception. Yields whether the redirect
+    is active (False with CUDA).
+    """
+    global _REDIRECT_CHECKED
+    if not install():
+        yield False
+        return
+    if _MODE is not None:
+        yield True
+        return
+    shim = next(s for s in SHIMS if s.name == "cudamode")
+    if not _REDIRECT_CHECKED:
+        check_call_sites([shim])
+        _REDIRECT_CHECKED = True
+    mode = shim.install()
+    try:
+        yield True
+    finally:
+        shim.uninstall(mode)
+
+
+_REDIRECT_CHECKED = False
+
+
+def active() -> list[str]:
+    """The shims in effect now, for the run log: ``APPLIED`` plus the scoped redirect when entered."""
+    return list(APPLIED) + (["cudamode"] if _MODE is not None else [])
 
 
 @contextlib.contextmanager
@@ -420,7 +463,7 @@ SHIMS: tuple[Shim, ...] = (
          also=(f"{_TP}.random._set_cuda_rng_state",
                f"{_TP}.random.model_parallel_cuda_manual_seed")),
     Shim("cudamode", "megatron.core.transformer.utils.get_default_causal_mask",
-         _shim_cudamode, _unshim_cudamode, "core"),
+         _shim_cudamode, _unshim_cudamode, "scoped"),
     Shim("splits", f"{_MOE}.moe_utils.maybe_move_tensor_to_cpu", _shim_splits, _restore, "core",
          also=(f"{_MOE}.token_dispatcher.maybe_move_tensor_to_cpu",)),
     Shim("norm", "megatron.core.transformer.torch_norm.WrappedTorchNorm.__new__",

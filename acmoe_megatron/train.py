@@ -158,7 +158,6 @@ def main(argv=None) -> None:
     validate_args(args, recipe)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
-        print(f"[acmoe] runtime shims: {cpu_runtime.APPLIED + fixes or 'none (CUDA present)'}", flush=True)
         print(f"[acmoe] router: {recipe.acmoe}", flush=True)
         print(f"[acmoe] fused paths: {fused_paths(args)}", flush=True)
     from acmoe_megatron import observability
@@ -174,20 +173,24 @@ def main(argv=None) -> None:
     start = time.time()
     stopped_early = False
     nonfinite_exit = None
-    try:
-        pretrain(
-            pretrain_cfg_container_from_args(args),
-            make_datasets_provider(recipe),
-            ModelType.encoder_or_decoder,
-            make_forward_step(recipe),
-            model_provider=make_model_provider(recipe),
-        )
-    except SystemExit as exc:  # megatron's early exits: signal handler, exit interval/duration
-        if exc.code == EXIT_NONFINITE:
-            nonfinite_exit = exc
-        elif exc.code not in (0, None):
-            raise
-        stopped_early = True
+    with cpu_runtime.device_redirect():  # without CUDA: megatron's device="cuda" requests -> CPU, for the run only
+        shims = cpu_runtime.active() + fixes
+        if rank == 0:
+            print(f"[acmoe] runtime shims: {shims or 'none (CUDA present)'}", flush=True)
+        try:
+            pretrain(
+                pretrain_cfg_container_from_args(args),
+                make_datasets_provider(recipe),
+                ModelType.encoder_or_decoder,
+                make_forward_step(recipe),
+                model_provider=make_model_provider(recipe),
+            )
+        except SystemExit as exc:  # megatron's early exits: signal handler, exit interval/duration
+            if exc.code == EXIT_NONFINITE:
+                nonfinite_exit = exc
+            elif exc.code not in (0, None):
+                raise
+            stopped_early = True
     wall = time.time() - start
     args = get_args()
     from megatron.training.global_vars import get_wandb_writer
@@ -204,7 +207,7 @@ def main(argv=None) -> None:
             if writer is not None:
                 writer.add_scalar("faults/nonfinite_loss_or_grad", 1.0, args.curr_iteration + 1)
                 writer.flush()
-        path = write_summary(recipe, args, manifest, wall_time_s=wall, runtime_shims=cpu_runtime.APPLIED + fixes,
+        path = write_summary(recipe, args, manifest, wall_time_s=wall, runtime_shims=shims,
                              stopped_early=stopped_early, nonfinite=nonfinite_exit is not None)
         print(f"[acmoe] run summary: {path}", flush=True)
     if nonfinite_exit is not None:

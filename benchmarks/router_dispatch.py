@@ -193,4 +193,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from acmoe_megatron import cpu_runtime
+
+    with cpu_runtime.device_redirect():  # CPU only: megatron's device="cuda" requests -> CPU
+        main()

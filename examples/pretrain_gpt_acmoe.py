@@ -11,7 +11,9 @@ four calls of ``acmoe_megatron.plugin``:
 
 Data: the webdataset token shards of ``acmoe-data prepare`` (``--shards DIR``); swap in megatron's
 ``GPTDataset`` provider for indexed ``.bin/.idx`` data. On a machine without CUDA, megatron-core
-needs the CPU runtime (``cpu_runtime.install_for_training``; a no-op with CUDA except the wheel fix).
+needs the CPU runtime (``cpu_runtime.install_for_training``; a no-op with CUDA except the wheel fix)
+and ``pretrain`` runs inside ``cpu_runtime.device_redirect()`` (megatron's literal ``device="cuda"``
+tensors land on the CPU for that block only; a no-op with CUDA).
 
 Example (2 processes on CPU, expert parallel 2)::
 
@@ -94,8 +96,9 @@ def main():
     args = parse_and_validate_args(extra_args_provider=extra_args)
     plugin.validate_args(args)
     plugin.install_expert_norm()
-    pretrain(pretrain_cfg_container_from_args(args), shard_datasets_provider(args.shards, args.shards_seed),
-             ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
+    with cpu_runtime.device_redirect():  # CPU only: megatron's device="cuda" requests go to the CPU
+        pretrain(pretrain_cfg_container_from_args(args), shard_datasets_provider(args.shards, args.shards_seed),
+                 ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import torch
 from acmoe_megatron import cpu_runtime
 
 ROOT = Path(__file__).resolve().parents[2]
-CORE_SHIMS = ["streams", "device", "rng", "cudamode", "splits", "norm", "gloo_uneven"]
+CORE_SHIMS = ["streams", "device", "rng", "splits", "norm", "gloo_uneven"]
+SCOPED_SHIMS = ["cudamode"]  # entered only inside ``with cpu_runtime.device_redirect():``
 TRAINING_SHIMS = ["T1_T2_initialize_without_cuda", "T4_clip_grads", "T5_device_arch"]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the shims apply only without CUDA")
@@ -142,6 +143,8 @@ def test_with_cuda_install_touches_nothing():
         assert cpu_runtime.APPLIED == [], cpu_runtime.APPLIED
         assert cpu_runtime._MODE is None
         assert torch._C._len_torch_function_stack() == 0  # no CudaToCpuMode entered
+        with cpu_runtime.device_redirect() as redirected:
+            assert redirected is False and torch._C._len_torch_function_stack() == 0
         for name, value in orig.items():
             assert getattr(torch.cuda, name) is value, name
         assert torch.cuda.Stream is not cpu_runtime._NullStream
@@ -244,9 +247,11 @@ def test_every_call_site_resolves_in_installed_megatron():
         import torch
         from acmoe_megatron import cpu_runtime
         shims = cpu_runtime.SHIMS
-        assert [s.name for s in shims] == {CORE_SHIMS + TRAINING_SHIMS!r}, [s.name for s in shims]
-        stages = ["core"] * {len(CORE_SHIMS)} + ["training"] * {len(TRAINING_SHIMS)}
-        assert [s.stage for s in shims] == stages
+        names = [s.name for s in shims]
+        assert sorted(names) == sorted({CORE_SHIMS + SCOPED_SHIMS + TRAINING_SHIMS!r}), names
+        stages = {{s.name: s.stage for s in shims}}
+        assert stages == {{**dict.fromkeys({CORE_SHIMS!r}, "core"), **dict.fromkeys({SCOPED_SHIMS!r}, "scoped"),
+                          **dict.fromkeys({TRAINING_SHIMS!r}, "training")}}, stages
         sites = [site for s in shims for site in (s.call_site, *s.also)]
         for site in sites:
             assert site.startswith("megatron."), site
@@ -348,7 +353,9 @@ def test_uninstall_all_restores_the_originals_and_install_reapplies():
         patched = snapshot()
         for (owner, name), old, new in zip(PATCHED, original, patched):
             assert new is not old, f"{name} was not patched"
-        assert torch._C._len_torch_function_stack() == 1
+        assert torch._C._len_torch_function_stack() == 0  # the device redirect is scoped, not installed
+        with cpu_runtime.device_redirect():
+            assert torch._C._len_torch_function_stack() == 1
 
         assert cpu_runtime.uninstall_all() == applied[::-1]
         assert cpu_runtime.APPLIED == [] and cpu_runtime._MODE is None
@@ -364,13 +371,14 @@ def test_uninstall_all_restores_the_originals_and_install_reapplies():
 
         # install() applies afresh, wrapping the restored original (not a previous wrapper)
         assert cpu_runtime.install() is True
-        assert cpu_runtime.APPLIED == applied[:7], cpu_runtime.APPLIED
+        assert cpu_runtime.APPLIED == applied[:6], cpu_runtime.APPLIED
         assert moe_utils.maybe_move_tensor_to_cpu is not orig_move
         assert moe_utils.maybe_move_tensor_to_cpu.__wrapped__ is orig_move
         assert token_dispatcher.maybe_move_tensor_to_cpu is moe_utils.maybe_move_tensor_to_cpu
         sizes = moe_utils.maybe_move_tensor_to_cpu(torch.tensor([2, 1]), as_numpy=True)
         assert isinstance(sizes, np.ndarray)
-        assert torch.zeros(1, device="cuda").device.type == "cpu"
+        with cpu_runtime.device_redirect():
+            assert torch.zeros(1, device="cuda").device.type == "cpu"
         assert cpu_runtime.install_training() is True and cpu_runtime.APPLIED == applied
         orig_init = original[PATCHED.index((training, "initialize_megatron"))]
         assert training.initialize_megatron.__wrapped__ is orig_init
@@ -378,3 +386,33 @@ def test_uninstall_all_restores_the_originals_and_install_reapplies():
         """
     )
     assert "RESTORED" in out.stdout
+
+
+def _cuda_request_fails() -> bool:
+    try:
+        torch.zeros(1, device="cuda")
+    except (RuntimeError, AssertionError):
+        return True
+    return False
+
+
+@pytest.mark.no_device_redirect
+def test_device_redirect_is_scoped_to_its_block():
+    """Outside ``device_redirect()`` a CUDA request fails as torch makes it fail without a GPU (the
+    core shims alone change nothing for plain torch code); inside it lands on the CPU; nested blocks
+    keep the outer mode; leaving the block (also by an exception) removes the mode."""
+    cpu_runtime.install()
+    depth = torch._C._len_torch_function_stack()
+    assert cpu_runtime._MODE is None and "cudamode" not in cpu_runtime.active()
+    assert _cuda_request_fails()
+    with cpu_runtime.device_redirect() as redirected:
+        assert redirected is True and "cudamode" in cpu_runtime.active()
+        assert torch.zeros(1, device="cuda").device.type == "cpu"
+        with cpu_runtime.device_redirect():
+            assert torch._C._len_torch_function_stack() == depth + 1  # not entered twice
+        assert torch.ones(1).cuda().device.type == "cpu"  # the outer block's mode is still there
+    assert _cuda_request_fails() and torch._C._len_torch_function_stack() == depth
+    with pytest.raises(ValueError):
+        with cpu_runtime.device_redirect():
+            raise ValueError("inside")
+    assert cpu_runtime._MODE is None and _cuda_request_fails()

@@ -110,4 +110,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with cpu_runtime.device_redirect():  # CPU only: megatron's device="cuda" requests -> CPU
+        main()
