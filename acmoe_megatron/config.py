@@ -62,10 +62,15 @@ class DataSettings:
     path: str = "data/stdlib"  # directory with manifest.json + webdataset shards (acmoe-data prepare)
     prepare_stdlib: bool = True  # build the embedded stdlib corpus at ``path`` if it is missing
     seed: int = 1234  # shuffle seed of the training stream
-    verify_checksums: bool = False  # sha256 of every shard against the manifest at start-up
+    verify_checksums: bool = False  # sha256 of each shard against the manifest when first read
+    shuffle_window: int | None = 2**20  # samples per shuffle window of a larger split (null: whole split);
+    #   the default is sample_order.DEFAULT_WINDOW (not imported: recipes load without the data code)
 
     def __post_init__(self):
         check_types(self, "data")
+        if self.shuffle_window is not None and self.shuffle_window < 1:
+            raise ValueError(f"data.shuffle_window={self.shuffle_window}: a number of samples >= 1, or null "
+                             "(one permutation of the whole split, O(samples) memory)")
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,7 @@ class Recipe:
 
 # Keys added since recorded runs (summaries, benchmarks/results/*/runs): hashed only when set.
 HASH_OMITS_AT_DEFAULT: dict[str, tuple[str, ...]] = {"acmoe": ("compile", "expert_norm"),
+                                                      "data": ("shuffle_window",),
                                                       "run": ("peak_tflops", "per_expert_scalars_max",
                                                               "image_interval")}
 

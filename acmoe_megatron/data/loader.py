@@ -6,7 +6,9 @@ micro-batches: ``tokens``, ``labels`` (LongTensor [b, s]), ``loss_mask`` (float 
 
 How samples are assigned (sample-level, not shard-level, splitting):
 - The split's N samples form an infinite stream of epochs. Epoch e is a permutation of 0..N-1,
-  seeded by (seed, e) (identity when ``shuffle=False``). Global stream position p is sample
+  seeded by (seed, e) (identity when ``shuffle=False``): ``sample_order.SampleOrder``, a full
+  permutation for splits up to ``shuffle_window`` samples, shards permuted then windows of
+  ``shuffle_window`` positions permuted for larger ones. Global stream position p is sample
   ``perm_{p // N}[p % N]``.
 - Positions from ``consumed_samples`` on are dealt to the data-parallel replicas the way
   Megatron's own pretraining sampler does: each global step of ``micro_batch_size * dp_size``
@@ -36,11 +38,11 @@ How samples are assigned (sample-level, not shard-level, splitting):
   Megatron's periodic evaluation (``eval_iters`` batches per round), use ``shuffle=False,
   infinite=True`` instead: the same file-order stream, repeated.
 
-The split is loaded into memory once (``shard_reader.load_split_samples``: every replica reads
-every shard and picks its samples). That is fine for corpora of up to a few hundred million
-tokens: it costs 2 bytes per token (uint16; 4 for uint32) per process; dataloader workers forked
-after construction share it. A micro-batch is one vectorised gather of b rows plus two int64
-conversions (see ``benchmarks/data_throughput.py``).
+Samples are read on demand (``shard_store.ShardSamples``: one positioned read per sample at the
+offset of the shard's index), so memory per process is O(shards + shuffle window), not O(corpus);
+every replica reads only its own samples. Every read checks the sample's header and that each
+token id is below the vocabulary size. A micro-batch is b reads plus two int64 conversions (see
+``benchmarks/data_throughput.py``).
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ import numpy as np
 import torch
 
 from acmoe_megatron.data.manifest import check_manifest_matches
-from acmoe_megatron.data.shard_reader import ShardError, load_split_samples
+from acmoe_megatron.data.sample_order import DEFAULT_WINDOW, SampleOrder
+from acmoe_megatron.data.shard_store import ShardError, ShardSamples, load_split_samples
 
 __all__ = ["ShardError", "TokenBatches", "load_split_samples"]
 
@@ -71,7 +74,9 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
             ``consumed_train_samples``); iteration resumes right after them.
         shuffle: permute samples each epoch (False: file order).
         infinite: cycle through epochs forever (False: one pass, see the module docstring).
-        verify_checksums: check every shard's sha256 against the manifest on load.
+        verify_checksums: check each shard's sha256 against the manifest when it is first read.
+        shuffle_window: samples per shuffle window of a split larger than it (None: the whole
+            split, one full permutation: O(samples) memory); see ``sample_order``.
         seq_length, vocab_size, tokenizer_hash: if given, must match the manifest
             (``manifest.check_manifest_matches``).
         num_workers, worker_id: dataloader-worker split of this replica's micro-batches; the
@@ -96,6 +101,7 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
         vocab_size: int | None = None,
         num_workers: int = 1,
         worker_id: int = 0,
+        shuffle_window: int | None = DEFAULT_WINDOW,
     ):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
@@ -104,7 +110,8 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
         if consumed_samples < 0:
             raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
         _check_worker(worker_id, num_workers)
-        self.manifest, self._samples = load_split_samples(manifest_dir, split, verify_checksums)
+        self._store = ShardSamples(manifest_dir, split, verify_checksums)
+        self.manifest = self._store.manifest
         check_manifest_matches(
             self.manifest,
             seq_length=seq_length,
@@ -116,7 +123,8 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle, self.infinite = seed, shuffle, infinite
-        self.num_samples = len(self._samples)
+        self.num_samples = len(self._store)
+        self._order = SampleOrder(self._store.shard_sizes, seed, shuffle, shuffle_window)
         if self.num_samples < self.samples_per_step:
             raise ValueError(
                 f"split {split!r} of {manifest_dir} has {self.num_samples} samples, fewer than one "
@@ -140,13 +148,12 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
         self._full_mask = torch.ones(micro_batch_size, self.manifest.seq_length, dtype=torch.float32)
         self.num_workers, self.worker_id = num_workers, worker_id
         self._next_batch = worker_id
-        self._perm_cache: dict[int, tuple[np.ndarray, int]] = {}
 
     def worker_view(self, worker_id: int, num_workers: int) -> TokenBatches:
         """A copy that yields only dataloader worker ``worker_id``'s micro-batches (shares the samples)."""
         _check_worker(worker_id, num_workers)
         view = copy.copy(self)
-        view._perm_cache = {}
+        view._order = SampleOrder(self._store.shard_sizes, self.seed, self.shuffle, self._order.window)
         view.num_workers, view.worker_id = num_workers, worker_id
         view._next_batch = worker_id
         return view
@@ -183,24 +190,6 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
         remaining = self.num_samples - self.start_samples
         return -(-remaining // self.samples_per_step)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return self._epoch_order(epoch)[0]
-
-    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, int]:
-        """(permutation of epoch ``epoch``, position of the split's last sample in it)."""
-        if epoch not in self._perm_cache:
-            # Keep the two latest epochs (a micro-batch spans at most two, since a split holds at
-            # least one global step of samples).
-            if len(self._perm_cache) >= 2:
-                self._perm_cache.pop(min(self._perm_cache))
-            if self.shuffle:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-            else:
-                perm = np.arange(self.num_samples)
-            last = self.num_samples - 1
-            self._perm_cache[epoch] = (perm, int(np.flatnonzero(perm == last)[0]) if self.shuffle else last)
-        return self._perm_cache[epoch]
-
     def _ids(self, batch_index: int) -> np.ndarray:
         """Sample indices of micro-batch ``batch_index`` as an int64 array; -1 marks padding."""
         return self._ids_and_flags(batch_index)[0]
@@ -213,11 +202,11 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
         if offset + b <= n:  # the common case: one contiguous slice of one epoch's order
             if not self.infinite and epoch > 0:
                 return np.full(b, -1, dtype=np.int64), True, False
-            perm, last_at = self._epoch_order(epoch)
-            return perm[offset : offset + b], False, offset <= last_at < offset + b
-        head = self._permutation(epoch)[offset:]
+            ids = self._order.ids(epoch, np.arange(offset, offset + b))
+            return ids, False, bool((ids == n - 1).any())
+        head = self._order.ids(epoch, np.arange(offset, n))
         if self.infinite:
-            ids = np.concatenate([head, self._permutation(epoch + 1)[: b - len(head)]])
+            ids = np.concatenate([head, self._order.ids(epoch + 1, np.arange(b - len(head)))])
             return ids, False, bool((ids == n - 1).any())
         if epoch > 0:
             head = np.full(len(head), -1, dtype=np.int64)
@@ -239,10 +228,10 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
         s = self.manifest.seq_length
         if any_padding:
             padding = ids < 0
-            block = self._samples[np.where(padding, 0, ids)]
-            block[padding] = self._eod
+            block = np.full((len(ids), s + 1), self._eod, dtype=self._store.dtype)
+            block[~padding] = self._store.read(ids[~padding])
         else:
-            block = self._samples[ids]  # one gather of b rows
+            block = self._store.read(ids)  # b positioned reads
         tokens = torch.from_numpy(block[:, :-1].astype(np.int64))
         labels = torch.from_numpy(block[:, 1:].astype(np.int64))
         # Only the split's last sample can be EOD-padded; padding slots are fully masked.

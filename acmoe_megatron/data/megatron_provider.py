@@ -36,8 +36,10 @@ class RepeatingValidation:
         return next(self._it)
 
 
-def shard_datasets_provider(path: str, seed: int = 1234, verify_checksums: bool = False):
-    """The provider megatron's ``pretrain`` calls (``dataloader_type: external``)."""
+def shard_datasets_provider(path: str, seed: int = 1234, verify_checksums: bool = False,
+                            shuffle_window: int | None = 2**20):
+    """The provider megatron's ``pretrain`` calls (``dataloader_type: external``); ``shuffle_window``:
+    see ``sample_order`` (the recipe's ``data.shuffle_window``)."""
 
     def provider(train_val_test_num_samples, vp_stage=None):
         from megatron.core import parallel_state
@@ -52,7 +54,7 @@ def shard_datasets_provider(path: str, seed: int = 1234, verify_checksums: bool 
         train = TokenBatches(
             path, "train", seed=seed, shuffle=True, infinite=True,
             consumed_samples=args.consumed_train_samples,
-            verify_checksums=verify_checksums, seq_length=args.seq_length, **common,
+            verify_checksums=verify_checksums, seq_length=args.seq_length, shuffle_window=shuffle_window, **common,
         )
         micro_per_step = args.global_batch_size // (args.micro_batch_size * dp_size)
         valid = RepeatingValidation(

@@ -44,6 +44,7 @@ from acmoe_megatron.data.manifest import (
     token_dtype_name,
     write_bytes_atomic,
 )
+from acmoe_megatron.data.shard_index import INDEX_SUFFIX, index_path, write_index
 from acmoe_megatron.data.sources import resolve_source
 from acmoe_megatron.data.tokenizer import ByteTokenizer, load_tokenizer
 
@@ -52,7 +53,7 @@ __all__ = ["pack_blocks", "prepare", "write_split"]
 # Called once per document with (split, number of file bytes consumed); used for progress bars.
 ProgressFn = Callable[[str, int], None]
 
-_SHARD_FILE = re.compile(rf"^(?:{'|'.join(SPLITS)})-\d{{6}}\.tar$")
+_SHARD_FILE = re.compile(rf"^(?:{'|'.join(SPLITS)})-\d{{6}}\.tar(?:{re.escape(INDEX_SUFFIX)})?$")
 
 
 def pack_blocks(token_arrays: Iterable[np.ndarray], block_length: int, eod: int) -> Iterator[tuple[np.ndarray, int]]:
@@ -95,10 +96,24 @@ class _ShardSink:
         if self._writer is None:
             self._open(index)
         self._writer.write({"__key__": sample_key(index), "tokens.npy": block})
+        # the member's data ends at the archive's offset now (tarfile pads it to a 512-byte block)
+        self._offsets.append(self._writer.tarstream.offset - -(-self._member_bytes(block) // 512) * 512)
         self._count += 1
         self._tokens += real_length
         if self._count == self.samples_per_shard:
             self.close()
+
+    _header_bytes: dict = {}
+
+    @classmethod
+    def _member_bytes(cls, block: np.ndarray) -> int:
+        """Size of the ``.npy`` member webdataset writes for ``block`` (header + data)."""
+        key = (block.shape, block.dtype.str)
+        if key not in cls._header_bytes:
+            buffer = io.BytesIO()
+            np.save(buffer, block, allow_pickle=False)
+            cls._header_bytes[key] = len(buffer.getvalue())
+        return cls._header_bytes[key]
 
     def _open(self, first_sample: int) -> None:
         name = shard_name(self.split, len(self.shards))
@@ -108,6 +123,7 @@ class _ShardSink:
         # The mtime must be an int: a float makes tarfile add a PAX header to every member.
         self._writer = wds.TarWriter(self._file, user="", group="", mode=0o444, mtime=0, compress=False)
         self._first, self._count, self._tokens = first_sample, 0, 0
+        self._offsets: list[int] = []
 
     def close(self) -> None:
         if self._writer is None:
@@ -119,6 +135,7 @@ class _ShardSink:
         name = shard_name(self.split, len(self.shards))
         final = self.out_dir / name
         os.replace(self._tmp, final)
+        write_index(final, np.array(self._offsets, dtype=np.uint64))  # random access for the reader (shard_store)
         self.shards.append(
             ShardInfo(
                 file=name,
@@ -320,6 +337,7 @@ def prepare(
         for info in infos.values():  # documents of zero bytes still made EOD-only shards
             for shard in info.shards:
                 (out / shard.file).unlink(missing_ok=True)
+                index_path(out / shard.file).unlink(missing_ok=True)
         described = corpus.describe()
         where = described.get("spec") or described.get("root") or described.get("path") or ""
         raise ValueError(

@@ -6,7 +6,8 @@ Formats (``--format auto`` detects them from the name):
 - ``wikitext``: a directory holding ``wiki.{train,valid,test}.raw`` (or ``.tokens``);
 - ``jsonl``: ``*.jsonl`` / ``*.jsonl.gz`` files (``--text-field``, default "text");
 - ``parquet``: ``*.parquet`` files (``--text-field``);
-- ``text``: plain-text files (a directory, a file or a glob).
+- ``text``: plain-text files (a directory, a file or a glob);
+- ``synthetic``: ``synthetic:SIZE`` (e.g. ``synthetic:2G``), seeded random bytes for scale tests.
 Auto-detection looks at the file names: a directory or glob whose files are all JSONL (or all
 Parquet) is read as such; one that mixes such files with others, and single files of other
 structured formats (.json, .arrow, .tar, .zip, .gz, .zst), are refused rather than tokenized as
@@ -24,12 +25,13 @@ from acmoe_megatron.data.enwik8 import Enwik8Corpus
 from acmoe_megatron.data.jsonl_corpus import JSONL_SUFFIXES, JsonlCorpus
 from acmoe_megatron.data.parquet_corpus import PARQUET_SUFFIXES, ParquetCorpus
 from acmoe_megatron.data.stdlib_corpus import stdlib_corpus
+from acmoe_megatron.data.synthetic_corpus import parse_synthetic
 from acmoe_megatron.data.text_corpus import select_files, text_files_corpus
 from acmoe_megatron.data.wikitext import WikiTextCorpus, is_wikitext_dir
 
 __all__ = ["FORMATS", "detect_format", "resolve_source"]
 
-FORMATS = ("auto", "stdlib", "text", "jsonl", "parquet", "enwik8", "wikitext")
+FORMATS = ("auto", "stdlib", "text", "jsonl", "parquet", "enwik8", "wikitext", "synthetic")
 _UNSUPPORTED_SUFFIXES = (".json", ".arrow", ".gz", ".zst", ".tar", ".zip", ".npy", ".bin")
 _DEFAULT_FRACTIONS = (0.02, 0.02)
 
@@ -49,6 +51,8 @@ def detect_format(source: str) -> str:
     """The format ``--format auto`` picks for ``source`` (see the module docstring)."""
     if source == "stdlib":
         return "stdlib"
+    if source.startswith("synthetic:"):
+        return "synthetic"
     base = os.path.basename(source.rstrip("/")).lower()
     if base in ("enwik8", "enwik8.zip") and not os.path.isdir(source):
         return "enwik8"
@@ -104,6 +108,11 @@ def resolve_source(
                     f"{fmt} has fixed train/valid/test splits; drop --valid-fraction/--test-fraction"
                 )
             return Enwik8Corpus(source, max_bytes) if fmt == "enwik8" else WikiTextCorpus(source, max_bytes)
+        if fmt == "synthetic":
+            if valid_fraction is not None or test_fraction is not None:
+                raise ValueError("synthetic sources have fixed splits (valid/test: 1 % of train each); "
+                                 "drop --valid-fraction/--test-fraction")
+            return parse_synthetic(source, max_bytes)
         vf = _DEFAULT_FRACTIONS[0] if valid_fraction is None else valid_fraction
         tf = _DEFAULT_FRACTIONS[1] if test_fraction is None else test_fraction
         if fmt == "stdlib":

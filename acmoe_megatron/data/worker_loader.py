@@ -1,9 +1,9 @@
 """``TokenBatches`` behind a multi-worker ``torch.utils.data.DataLoader``.
 
 The loader itself is cheap (see ``benchmarks/results/data_throughput.md``), so workers are rarely
-needed; they exist for pipelines that add expensive per-batch work. ``TokenBatchDataset`` loads
-the split once in the parent process (forked workers share the memory) and gives each worker its
-``TokenBatches.worker_view``: worker w yields the replica's micro-batches w, w + W, ... The
+needed; they exist for pipelines that add expensive per-batch work. ``TokenBatchDataset`` opens
+the split once in the parent process (forked workers inherit its open shards; positioned reads
+share no file position) and gives each worker its ``TokenBatches.worker_view``: worker w yields the replica's micro-batches w, w + W, ... The
 DataLoader returns worker outputs round-robin, i.e. in the original order, so the stream is the
 same for every ``num_workers`` (0 included) and resumes from the same ``consumed_samples``.
 """
@@ -47,6 +47,6 @@ def make_dataloader(
         batch_size=None,  # items already are micro-batches
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
-        # fork: the workers share the parent's copy of the split instead of loading their own
+        # fork: the workers inherit the parent's reader (manifest, open shards) instead of opening their own
         multiprocessing_context="fork" if num_workers > 0 and "fork" in mp.get_all_start_methods() else None,
     )

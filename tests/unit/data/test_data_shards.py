@@ -56,7 +56,7 @@ def test_manifest_matches_shards(small_shards):
             assert sha256_file(shard_dir / shard.file) == shard.sha256
             assert (shard_dir / shard.file).stat().st_size == shard.bytes
             first += shard.samples
-            listed.add(shard.file)
+            listed |= {shard.file, shard.file + ".offsets.npy"}  # the shard and its sample-offset index
         assert first == info.num_samples
         assert sum(s.tokens for s in info.shards) == info.num_tokens
     assert listed | {"manifest.json"} == set(_shard_files(shard_dir))
@@ -103,8 +103,9 @@ def test_existing_dataset_needs_overwrite(tmp_path):
     before = _shard_files(out)
     manifest = prepare("stdlib", out, 32, 10_000, max_bytes=10_000, splits=["train"], overwrite=True)
     after = _shard_files(out)
-    assert len(before) > len(after) == 2
-    assert after == ["manifest.json", manifest.splits["train"].shards[0].file]
+    assert len(before) > len(after) == 3
+    shard = manifest.splits["train"].shards[0].file
+    assert after == ["manifest.json", shard, shard + ".offsets.npy"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
