@@ -536,8 +536,10 @@ def test_hash_leaves_out_keys_newer_than_recorded_runs_while_at_default():
         d["acmoe"].pop(key)  # what the recipe looked like to runs recorded before these keys existed
     for key in ("peak_tflops", "per_expert_scalars_max", "image_interval"):
         d["run"].pop(key)
+    d["data"].pop("shuffle_window")
     legacy = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert recipe.hash() == legacy
     assert load_recipe(TINY, ["acmoe.expert_norm=1.5"]).hash() != legacy
     assert load_recipe(TINY, ["acmoe.compile=true"]).hash() != legacy
     assert load_recipe(TINY, ["run.per_expert_scalars_max=64"]).hash() != legacy
+    assert load_recipe(TINY, ["data.shuffle_window=4096"]).hash() != legacy
