@@ -35,8 +35,10 @@ def free_port() -> int:
 
 def ensure_data(recipe) -> None:
     """Build the embedded default corpus if the recipe points at a missing directory."""
+    from acmoe_megatron.data.remote import is_remote
+
     path = Path(recipe.data.path)
-    if (path / "manifest.json").is_file():
+    if is_remote(recipe.data.path) or (path / "manifest.json").is_file():
         return
     if not recipe.data.prepare_stdlib:
         raise ConfigError(

@@ -98,7 +98,13 @@ def _stdlib_standin(recipe):
 def _read_data(recipe):
     """(manifest, ready): the shard manifest, with every shard file checked by presence and size."""
     from acmoe_megatron.data.manifest import read_manifest
+    from acmoe_megatron.data.remote import is_remote
 
+    if is_remote(recipe.data.path):  # a URL / pipe: command: the manifest now, each shard checked when fetched
+        try:
+            return read_manifest(recipe.data.path), True
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"data.path={recipe.data.path!r}: {err}") from None
     path = Path(recipe.data.path)
     if not (path / "manifest.json").is_file():
         if recipe.data.prepare_stdlib:

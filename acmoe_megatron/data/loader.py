@@ -77,6 +77,7 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
         verify_checksums: check each shard's sha256 against the manifest when it is first read.
         shuffle_window: samples per shuffle window of a split larger than it (None: the whole
             split, one full permutation: O(samples) memory); see ``sample_order``.
+        cache_dir: where a URL or ``pipe:`` ``manifest_dir``'s shards are cached (``remote.py``).
         seq_length, vocab_size, tokenizer_hash: if given, must match the manifest
             (``manifest.check_manifest_matches``).
         num_workers, worker_id: dataloader-worker split of this replica's micro-batches; the
@@ -102,6 +103,7 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
         num_workers: int = 1,
         worker_id: int = 0,
         shuffle_window: int | None = DEFAULT_WINDOW,
+        cache_dir: str | os.PathLike | None = None,
     ):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
@@ -110,7 +112,7 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
         if consumed_samples < 0:
             raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
         _check_worker(worker_id, num_workers)
-        self._store = ShardSamples(manifest_dir, split, verify_checksums)
+        self._store = ShardSamples(manifest_dir, split, verify_checksums, cache_dir=cache_dir)
         self.manifest = self._store.manifest
         check_manifest_matches(
             self.manifest,
@@ -125,6 +127,9 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
         self.seed, self.shuffle, self.infinite = seed, shuffle, infinite
         self.num_samples = len(self._store)
         self._order = SampleOrder(self._store.shard_sizes, seed, shuffle, shuffle_window)
+        if self._store.remote is not None:  # keep a window's shards (and the next one's first) cached
+            per_shard = max(1, int(np.median(self._store.shard_sizes)))
+            self._store.remote.max_shards = -(-self._order.window // per_shard) + 2
         if self.num_samples < self.samples_per_step:
             raise ValueError(
                 f"split {split!r} of {manifest_dir} has {self.num_samples} samples, fewer than one "

@@ -189,7 +189,12 @@ def check_manifest_matches(
 
 
 def read_manifest(shard_dir: str | os.PathLike) -> Manifest:
-    """Read and validate ``shard_dir/manifest.json``."""
+    """Read and validate ``shard_dir/manifest.json`` (``shard_dir`` may be a URL or ``pipe:`` command:
+    ``remote.py``)."""
+    from acmoe_megatron.data.remote import fetch_text, is_remote
+
+    if is_remote(shard_dir):
+        return Manifest.from_json(fetch_text(shard_dir, MANIFEST_NAME), where=f"{shard_dir} {MANIFEST_NAME}")
     path = Path(shard_dir) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(

@@ -8,7 +8,8 @@ memory beyond O(shards) numbers and the indexes of the ``open_shards`` most rece
 pages of a mapped file count in the process's RSS (what cluster schedulers police) for as long as
 they stay mapped, and a whole epoch would map the whole corpus; ``pread`` leaves caching to the
 kernel's page cache. The same reads work after ``fork`` (DataLoader workers): no shared file
-position.
+position. A URL or ``pipe:`` location reads the same way from a local cache of fetched shards
+(``remote.py``).
 
 Checks, each an error naming the shard, the sample and the fix, none a silent skip:
 - at construction: every shard exists with the manifest's size (O(shards) ``stat`` calls);
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from acmoe_megatron.data.manifest import KEY_WIDTH, Manifest, ShardInfo, read_manifest, sample_key, sha256_file
+from acmoe_megatron.data.remote import RemoteShards, is_remote
 from acmoe_megatron.data.shard_index import ShardIndexError, read_index, scan_offsets
 
 __all__ = ["ShardError", "ShardSamples", "load_split_samples", "npy_header"]
@@ -72,9 +74,12 @@ class ShardSamples:
     """The samples of ``split`` of the shard directory ``manifest_dir`` (see the module docstring)."""
 
     def __init__(self, manifest_dir: str | os.PathLike, split: str, verify_checksums: bool = False,
-                 open_shards: int = 32, manifest: Manifest | None = None):
-        self.dir = Path(manifest_dir)
-        self.manifest = manifest if manifest is not None else read_manifest(self.dir)
+                 open_shards: int = 32, manifest: Manifest | None = None,
+                 cache_dir: str | os.PathLike | None = None, cache_shards: int = 64):
+        # a URL or pipe: command (remote.py): shards are fetched, checked, into a local cache
+        self.remote = RemoteShards(manifest_dir, cache_dir, cache_shards) if is_remote(manifest_dir) else None
+        self.dir = self.remote.cache_dir if self.remote else Path(manifest_dir)
+        self.manifest = manifest if manifest is not None else read_manifest(manifest_dir)
         if split not in self.manifest.splits:
             raise KeyError(
                 f"split {split!r} is not in {self.dir} (it has {sorted(self.manifest.splits)}); "
@@ -106,7 +111,7 @@ class ShardSamples:
         self._max_open = max(1, open_shards)
         self._checked: set[int] = set()  # shards whose size/sha256 passed (checked once per process)
         self._pid = os.getpid()
-        for info in self.info.shards:  # O(shards) stats, before any sample is read
+        for info in self.info.shards if self.remote is None else ():  # O(shards) stats, before any read
             self._check_file(self.dir / info.file, info)
 
     def __len__(self) -> int:
@@ -123,7 +128,11 @@ class ShardSamples:
             self._open.move_to_end(k)
             return shard
         info = self.info.shards[k]
-        path = self.dir / info.file
+        if self.remote is not None:  # fetched whole, size and sha256 checked on the way in
+            self._checked.add(k)
+            path = self.remote.local(info.file, info.bytes, info.sha256)
+        else:
+            path = self.dir / info.file
         self._check_file(path, info)
         if self.verify_checksums and k not in self._checked and sha256_file(path) != info.sha256:
             raise shard_error(path, "sha256 does not match the manifest")
