@@ -65,12 +65,39 @@ class DataSettings:
     verify_checksums: bool = False  # sha256 of each shard against the manifest when first read
     shuffle_window: int | None = 2**20  # samples per shuffle window of a larger split (null: whole split);
     #   the default is sample_order.DEFAULT_WINDOW (not imported: recipes load without the data code)
+    # [w1, dir1, w2, dir2, ...]: train on these shard directories blended by megatron's
+    # BlendedMegatronDatasetBuilder (data/megatron_indexed.py, docs/data.md) instead of path alone
+    blend: list | None = None
+    cache_dir: str | None = None  # local cache of a URL / pipe: data.path's shards (default $TMPDIR/acmoe-shards/...)
 
     def __post_init__(self):
-        check_types(self, "data")
+        check_types(dataclasses.replace(self, blend=None) if self.blend is not None else self, "data")
         if self.shuffle_window is not None and self.shuffle_window < 1:
             raise ValueError(f"data.shuffle_window={self.shuffle_window}: a number of samples >= 1, or null "
                              "(one permutation of the whole split, O(samples) memory)")
+        if self.blend is not None:
+            self._check_blend()
+
+    def _check_blend(self) -> None:
+        """``blend`` alternates positive weights and shard directories. It replaces ``path`` as the
+        training data, so ``path`` becomes the first directory unless it is one of them (the launch
+        checks read the manifest at ``data.path``; no embedded corpus is built for a blend)."""
+        blend = self.blend
+        weights, dirs = (blend[0::2], blend[1::2]) if isinstance(blend, list) else ([], [])
+        if not blend or not dirs or len(blend) % 2 or not all(isinstance(d, str) for d in dirs) \
+                or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+            raise ValueError(f"data.blend={blend!r}: write [weight1, dir1, weight2, dir2, ...], a positive number "
+                             "before each shard directory")
+        for w, d in zip(weights, dirs):
+            if not (w > 0 and w != float("inf")):
+                raise ValueError(f"data.blend: weight {w} of {d} is not a positive number; weights are > 0 (they "
+                                 "are normalised to sum to 1, as megatron does): drop a directory instead of weight 0")
+            if not (Path(d) / "manifest.json").is_file():
+                raise ValueError(f"data.blend: {d} is not a shard directory (no manifest.json); build it with "
+                                 f"`acmoe-data prepare --out {d} ...` or "
+                                 f"`acmoe-data from-megatron PREFIX --out {d} ...`")
+        if self.path not in dirs:
+            object.__setattr__(self, "path", dirs[0])
 
 
 @dataclass(frozen=True)
@@ -132,7 +159,7 @@ class Recipe:
 
 # Keys added since recorded runs (summaries, benchmarks/results/*/runs): hashed only when set.
 HASH_OMITS_AT_DEFAULT: dict[str, tuple[str, ...]] = {"acmoe": ("compile", "expert_norm"),
-                                                      "data": ("shuffle_window",),
+                                                      "data": ("shuffle_window", "blend", "cache_dir"),
                                                       "run": ("peak_tflops", "per_expert_scalars_max",
                                                               "image_interval")}
 

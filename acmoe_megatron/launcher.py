@@ -35,11 +35,12 @@ def free_port() -> int:
 
 def ensure_data(recipe) -> None:
     """Build the embedded default corpus if the recipe points at a missing directory."""
+    from acmoe_megatron.data.megatron_indexed import uses_megatron_data
     from acmoe_megatron.data.remote import is_remote
 
     path = Path(recipe.data.path)
-    if is_remote(recipe.data.path) or (path / "manifest.json").is_file():
-        return
+    if uses_megatron_data(recipe.megatron) or is_remote(recipe.data.path) or (path / "manifest.json").is_file():
+        return  # megatron's indexed data needs no shards; a remote manifest is read by the launch checks
     if not recipe.data.prepare_stdlib:
         raise ConfigError(
             f"no shard manifest at {path}/manifest.json; build shards with "

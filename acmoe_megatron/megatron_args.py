@@ -2,8 +2,14 @@
 
 ``build_argv`` turns a recipe's ``megatron`` section into Megatron's flags and adds the run paths
 and the data-derived flags (sequence length, tokenizer, vocabulary from the shard manifest; a
-mismatch is an error). ``validate_args`` runs on Megatron's parsed arguments: in the launching
-process (run_plan.build_plan) and again in each worker before ``pretrain`` builds anything. Each error names the setting and the fix.
+mismatch is an error). Three data sources (``data/megatron_indexed.py``, docs/data.md): the shards
+of ``data.path`` read by our iterators (``dataloader_type: external``); megatron's own indexed
+data named by megatron's keys (``data_path``, ``train/valid/test_data_path``, ...; its samplers,
+``dataloader_type: single`` or ``cyclic``), whose vocabulary comes from the acmoe sidecars next to
+the prefixes or from the recipe's tokenizer keys; or ``data.blend`` of shard directories through
+megatron's blending (megatron's samplers too). ``validate_args`` runs on Megatron's parsed
+arguments: in the launching process (run_plan.build_plan) and again in each worker before
+``pretrain`` builds anything. Each error names the setting and the fix.
 """
 
 from __future__ import annotations
@@ -22,15 +28,39 @@ def build_argv(recipe, manifest) -> list[str]:
     mg.setdefault("tensorboard_dir", str(run_dir / "tensorboard"))
     mg.setdefault("save", str(run_dir / "checkpoints"))
     mg.setdefault("load", mg["save"])
-    mg.setdefault("dataloader_type", "external")
+    source = _data_source(recipe, mg)
+    mg.setdefault("dataloader_type", "external" if source == "shards" else "single")
     if mg.get("num_experts"):
         mg.setdefault("moe_per_layer_logging", True)  # megatron's aux/z-loss per MoE layer, not only the mean
-    if mg["dataloader_type"] != "external":
-        raise ConfigError("megatron.dataloader_type must be 'external': data comes from data.path shards")
+    if source == "shards":
+        if mg["dataloader_type"] != "external":
+            raise ConfigError(
+                f"megatron.dataloader_type must be 'external' (is {mg['dataloader_type']!r}): the data.path shards "
+                "are read by our iterators; megatron's samplers (single, cyclic) read megatron.data_path (indexed "
+                "data) or data.blend"
+            )
+    elif mg["dataloader_type"] not in ("single", "cyclic"):
+        what = "megatron's indexed data" if source == "megatron" else "data.blend"
+        raise ConfigError(
+            f"megatron.dataloader_type={mg['dataloader_type']!r}: {what} is read through megatron's datasets "
+            "and samplers: set megatron.dataloader_type: single (or cyclic), or leave it out"
+        )
+    if source == "megatron":
+        _megatron_data_flags(mg)
+        return megatron_argv(mg)
+    where = recipe.data.path
+    if source == "blend":  # the blended directories' manifests (data.path's is one of them, or another)
+        from acmoe_megatron.data.megatron_indexed import check_shard_blend
+
+        try:
+            manifest = check_shard_blend(recipe.data.blend[1::2])
+        except (ValueError, OSError) as err:
+            raise ConfigError(str(err)) from None
+        where = "data.blend"
     seq = manifest.seq_length
     if mg.setdefault("seq_length", seq) != seq:
         raise ConfigError(
-            f"megatron.seq_length={mg['seq_length']} but the shards in {recipe.data.path} hold "
+            f"megatron.seq_length={mg['seq_length']} but the shards in {where} hold "
             f"{seq}-token samples; re-run `acmoe-data prepare --seq-length {mg['seq_length']}` "
             "or change megatron.seq_length"
         )
@@ -44,6 +74,60 @@ def build_argv(recipe, manifest) -> list[str]:
                 f"(tokenizer {manifest.tokenizer['name']}); remove the key or fix it"
             )
     return megatron_argv(mg)
+
+
+def _data_source(recipe, mg: dict) -> str:
+    """"megatron" (megatron's own datasets), "blend" (data.blend) or "shards" (data.path)."""
+    from acmoe_megatron.config import ConfigError
+    from acmoe_megatron.data.megatron_indexed import MEGATRON_DATA_KEYS, uses_megatron_data
+
+    blend = recipe.data.blend
+    if uses_megatron_data(mg):
+        if blend:
+            keys = [k for k in MEGATRON_DATA_KEYS if mg.get(k)]
+            raise ConfigError(f"both megatron.{keys[0]} and data.blend name the training data: keep one (megatron's "
+                              "indexed prefixes, or data.blend of shard directories)")
+        return "megatron"
+    return "blend" if blend else "shards"
+
+
+def _megatron_data_flags(mg: dict) -> None:
+    """seq_length, vocabulary and EOD for megatron's own data, from the acmoe sidecars next to its
+    prefixes (``acmoe-data to-megatron`` writes them) or, without sidecars, from the recipe."""
+    from acmoe_megatron.config import ConfigError
+    from acmoe_megatron.data.megatron_indexed import megatron_data_prefixes, read_sidecar, sidecar_tokenizer
+
+    try:
+        prefixes = [prefix for _, prefix in megatron_data_prefixes(mg)]
+        tok = sidecar_tokenizer(prefixes)
+        seqs = sorted({side["seq_length"] for side in map(read_sidecar, prefixes) if side is not None})
+    except (ValueError, OSError) as err:
+        raise ConfigError(str(err)) from None
+    if "seq_length" not in mg:
+        if len(seqs) != 1:
+            raise ConfigError("megatron.seq_length is needed: megatron's GPTDataset packs the indexed documents "
+                              "into samples of that length (the data does not fix it)")
+        mg["seq_length"] = seqs[0]  # what the shards it was converted from had
+    mg.setdefault("max_position_embeddings", mg["seq_length"])
+    mg.setdefault("tokenizer_type", "NullTokenizer")
+    if mg["tokenizer_type"] != "NullTokenizer":
+        return  # megatron's tokenizer; check_megatron_data compares it with the sidecars at start-up
+    if tok is None:
+        if mg.get("vocab_size") is None:
+            raise ConfigError(
+                f"megatron.vocab_size is needed: the indexed data {prefixes[0] if prefixes else ''} has no acmoe "
+                "sidecar saying its vocabulary; set megatron.vocab_size (and null_tokenizer_eod_id) to those of the "
+                "tokenizer that made it, or convert it from shards with `acmoe-data to-megatron`"
+            )
+        return
+    vocab, eod = int(tok["vocab_size"]), int(tok["eod"])
+    if mg.setdefault("vocab_size", vocab) != vocab:
+        raise ConfigError(f"megatron.vocab_size={mg['vocab_size']} but the indexed data {prefixes[0]} was tokenized "
+                          f"with {tok['name']!r} (vocab_size {vocab}); remove the key or fix it")
+    if eod != vocab - 1 or mg.get("null_tokenizer_eod_id") is not None:  # NullTokenizer's default EOD: vocab - 1
+        if mg.setdefault("null_tokenizer_eod_id", eod) != eod:
+            raise ConfigError(f"megatron.null_tokenizer_eod_id={mg['null_tokenizer_eod_id']} but the indexed data "
+                              f"{prefixes[0]} ends documents with EOD {eod}; remove the key or fix it")
 
 
 def validate_args(args, recipe, host_checks: bool = True) -> None:

@@ -95,10 +95,30 @@ def _stdlib_standin(recipe):
     return SimpleNamespace(seq_length=int(seq), tokenizer={"vocab_size": VOCAB_SIZE, "name": "byte"})
 
 
+def megatron_data_standin(recipe):
+    """For megatron's own indexed data (no shard manifest): the tokenizer the run's summary records,
+    from the acmoe sidecars next to the prefixes or from the recipe's megatron keys."""
+    from acmoe_megatron.data.megatron_indexed import megatron_data_prefixes, sidecar_tokenizer
+
+    try:
+        tok = sidecar_tokenizer([prefix for _, prefix in megatron_data_prefixes(recipe.megatron)])
+    except (ValueError, OSError) as err:
+        raise ConfigError(str(err)) from None
+    if tok is None:
+        tok = {"name": recipe.megatron.get("tokenizer_type", "NullTokenizer"),
+               "vocab_size": recipe.megatron.get("vocab_size")}
+    return SimpleNamespace(seq_length=recipe.megatron.get("seq_length"), tokenizer=tok, splits={})
+
+
 def _read_data(recipe):
-    """(manifest, ready): the shard manifest, with every shard file checked by presence and size."""
+    """(manifest, ready): the shard manifest, with every shard file checked by presence and size
+    (megatron's indexed data: a stand-in; megatron's builder checks its files)."""
     from acmoe_megatron.data.manifest import read_manifest
+    from acmoe_megatron.data.megatron_indexed import uses_megatron_data
     from acmoe_megatron.data.remote import is_remote
+
+    if uses_megatron_data(recipe.megatron):
+        return megatron_data_standin(recipe), True
 
     if is_remote(recipe.data.path):  # a URL / pipe: command: the manifest now, each shard checked when fetched
         try:
@@ -196,7 +216,7 @@ def build_plan(recipe, world_size: int, host_checks: bool = True) -> RunPlan:
     manifest, ready = _read_data(recipe)
     argv = build_argv(recipe, manifest)
     args = megatron_args(argv, world_size, ours=lambda a: validate_args(a, recipe, host_checks=host_checks))
-    if ready:
+    if ready and manifest.splits:  # megatron's indexed data: its builder checks the split sizes
         _check_split_sizes(recipe, manifest, args)
     return RunPlan(recipe=recipe, world_size=world_size, layout=layout, argv=tuple(argv), args=args,
                    data_ready=ready)

@@ -83,9 +83,19 @@ def make_model_provider(recipe):
 
 
 def make_datasets_provider(recipe):
+    """The data source megatron_args.build_argv chose: megatron's indexed data (megatron.data_path,
+    train_data_path, ...: megatron's GPTDataset), data.blend (our shard directories through megatron's
+    blending), else the data.path shards through our iterators."""
+    from acmoe_megatron.data import megatron_indexed
+
+    if megatron_indexed.uses_megatron_data(recipe.megatron):
+        return megatron_indexed.megatron_gpt_datasets_provider
+    if recipe.data.blend:
+        return megatron_indexed.shard_blend_datasets_provider(recipe.data.blend, recipe.data.seed)
     from acmoe_megatron.data.megatron_provider import shard_datasets_provider
 
-    return shard_datasets_provider(recipe.data.path, recipe.data.seed, recipe.data.verify_checksums)
+    return shard_datasets_provider(recipe.data.path, recipe.data.seed, recipe.data.verify_checksums,
+                                   recipe.data.shuffle_window, recipe.data.cache_dir)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -152,7 +162,10 @@ def main(argv=None) -> None:
     cli = parse_cli(argv)
     recipe = load_recipe(cli.config, cli.overrides)
     parallel_layout(recipe.megatron, int(os.environ.get("WORLD_SIZE", "1")))
-    manifest = read_manifest(recipe.data.path)
+    from acmoe_megatron.data.megatron_indexed import uses_megatron_data
+    from acmoe_megatron.run_plan import megatron_data_standin
+
+    manifest = megatron_data_standin(recipe) if uses_megatron_data(recipe.megatron) else read_manifest(recipe.data.path)
     sys.argv = ["acmoe-train"] + build_argv(recipe, manifest)
     args = parse_and_validate_args()
     validate_args(args, recipe)

@@ -11,6 +11,9 @@ Examples:
         --tokenizer tok/tokenizer.json --splits valid test --corrupt word-swap:0.025
     acmoe-data prepare --source 'dump/*.jsonl.gz' --text-field content --out data/mine --seq-length 1024
     acmoe-data info data/stdlib_s256
+    acmoe-data index data/old_shards          # sample-offset indexes for shards made before prepare wrote them
+    acmoe-data to-megatron data/stdlib_s256 --out data/stdlib_megatron
+    acmoe-data from-megatron data/stdlib_megatron --out data/stdlib_s512 --seq-length 512
 
 ``--source`` is ``stdlib`` (this Python's standard-library sources, the embedded default), enwik8
 (``enwik8.zip``), a WikiText directory, JSONL or Parquet files, or plain-text files (a directory,
@@ -90,6 +93,32 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="print the summary of a shard directory's manifest")
     i.add_argument("dir", help="directory holding manifest.json")
+
+    x = sub.add_parser("index", help="write the sample-offset index of every shard (directories made before "
+                       "prepare wrote them; readers otherwise scan each shard's tar headers on first use)")
+    x.add_argument("dir", help="directory holding manifest.json")
+
+    t = sub.add_parser("to-megatron", help="write a shard directory's splits as megatron indexed data "
+                       "(<out>/<split>_text_document.bin/.idx + an acmoe sidecar)")
+    t.add_argument("shard_dir", help="directory holding manifest.json")
+    t.add_argument("--out", required=True, help="output directory of the megatron prefixes")
+    t.add_argument("--splits", nargs="+", default=None, choices=SPLITS, help="splits to convert (default: all)")
+    t.add_argument("--overwrite", action="store_true", help="replace existing prefixes in --out")
+
+    f = sub.add_parser("from-megatron", help="write megatron indexed data as a shard directory + manifest.json")
+    f.add_argument("prefix_or_dir", help="a megatron prefix (PATH/NAME for NAME.bin + NAME.idx) or a directory of "
+                   "<split>_text_document prefixes")
+    f.add_argument("--out", required=True, help="output shard directory")
+    f.add_argument("--seq-length", type=int, required=True, help="model sequence length; samples hold "
+                   "seq_length + 1 tokens")
+    f.add_argument("--samples-per-shard", type=int, default=None,
+                   help="samples per tar shard (default: the sidecar's, else 4096)")
+    f.add_argument("--tokenizer", default=None, help="the tokenizer the data was made with: 'bytes' or a local "
+                   "tokenizer.json (needed when the data has no acmoe sidecar)")
+    f.add_argument("--eod-token", default=None, help="end-of-document token of a tokenizer.json (default: auto)")
+    f.add_argument("--split", default=None, choices=SPLITS,
+                   help="split of a single prefix (default: from its name <split>_text_document, else train)")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     return parser
 
 
@@ -140,6 +169,69 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_megatron():
+    """megatron-core's import and dataset classes warn about Transformer Engine, Apex, CUDA and the
+    rank: noise for a converter that uses only its indexed-dataset files."""
+    import contextlib
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore", UserWarning)
+    return stack
+
+
+def _to_megatron(args: argparse.Namespace) -> int:
+    with _quiet_megatron():
+        from acmoe_megatron.data.megatron_indexed import shards_to_indexed
+
+    start = time.perf_counter()
+    prefixes = shards_to_indexed(args.shard_dir, args.out, args.splits, overwrite=args.overwrite)
+    print(f"wrote {len(prefixes)} megatron prefixes in {time.perf_counter() - start:.1f} s:")
+    for split, prefix in prefixes.items():
+        print(f"{split:<6} {prefix}")
+    return 0
+
+
+def _from_megatron(args: argparse.Namespace) -> int:
+    with _quiet_megatron():
+        from acmoe_megatron.data.megatron_indexed import indexed_to_shards
+
+    tokenizer = load_tokenizer(args.tokenizer, args.eod_token) if args.tokenizer is not None else None
+    start = time.perf_counter()
+    with _quiet_megatron():
+        manifest = indexed_to_shards(args.prefix_or_dir, args.out, args.seq_length, args.samples_per_shard,
+                                     tokenizer=tokenizer, split=args.split, overwrite=args.overwrite)
+    print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
+    print(summary(manifest))
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from acmoe_megatron.data.shard_index import ShardIndexError, scan_offsets, write_index
+    from acmoe_megatron.data.shard_store import npy_header
+
+    manifest = read_manifest(args.dir)
+    import numpy as np
+
+    member = len(npy_header(manifest.sample_length, np.dtype(manifest.dtype))) + \
+        manifest.sample_length * np.dtype(manifest.dtype).itemsize
+    start, count = time.perf_counter(), 0
+    for info in manifest.splits.values():
+        for shard in info.shards:
+            path = Path(args.dir) / shard.file
+            try:
+                write_index(path, scan_offsets(path, shard.first_sample, shard.samples, member))
+            except (ShardIndexError, FileNotFoundError) as exc:
+                raise ValueError(f"{exc}; re-create the directory with `acmoe-data prepare ... --overwrite`") from exc
+            count += 1
+    print(f"indexed {count} shards of {args.dir} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def summary(manifest: Manifest) -> str:
     """A short human-readable summary of a manifest."""
     tok = manifest.tokenizer
@@ -171,6 +263,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "prepare":
             return _prepare(args)
+        if args.command == "index":
+            return _index(args)
+        if args.command == "to-megatron":
+            return _to_megatron(args)
+        if args.command == "from-megatron":
+            return _from_megatron(args)
         print(summary(read_manifest(args.dir)))
         return 0
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as exc:

@@ -127,9 +127,13 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
         self.seed, self.shuffle, self.infinite = seed, shuffle, infinite
         self.num_samples = len(self._store)
         self._order = SampleOrder(self._store.shard_sizes, seed, shuffle, shuffle_window)
-        if self._store.remote is not None:  # keep a window's shards (and the next one's first) cached
-            per_shard = max(1, int(np.median(self._store.shard_sizes)))
-            self._store.remote.max_shards = -(-self._order.window // per_shard) + 2
+        # keep a window's shards (and the next window's first) open, and fetched when remote: a window
+        # reads from all of them at random; this costs 8 bytes of index per sample of the window
+        per_shard = max(1, int(np.median(self._store.shard_sizes)))
+        window_shards = -(-self._order.window // per_shard) + 2
+        self._store.max_open = min(window_shards, 1024)  # file descriptors: below the usual soft limit
+        if self._store.remote is not None:
+            self._store.remote.max_shards = window_shards
         if self.num_samples < self.samples_per_step:
             raise ValueError(
                 f"split {split!r} of {manifest_dir} has {self.num_samples} samples, fewer than one "

@@ -37,9 +37,10 @@ class RepeatingValidation:
 
 
 def shard_datasets_provider(path: str, seed: int = 1234, verify_checksums: bool = False,
-                            shuffle_window: int | None = 2**20):
+                            shuffle_window: int | None = 2**20, cache_dir: str | None = None):
     """The provider megatron's ``pretrain`` calls (``dataloader_type: external``); ``shuffle_window``:
-    see ``sample_order`` (the recipe's ``data.shuffle_window``)."""
+    see ``sample_order`` (the recipe's ``data.shuffle_window``); ``cache_dir``: where the shards of a
+    URL / ``pipe:`` ``path`` are cached (``remote.py``, ``data.cache_dir``)."""
 
     def provider(train_val_test_num_samples, vp_stage=None):
         from megatron.core import parallel_state
@@ -54,12 +55,13 @@ def shard_datasets_provider(path: str, seed: int = 1234, verify_checksums: bool 
         train = TokenBatches(
             path, "train", seed=seed, shuffle=True, infinite=True,
             consumed_samples=args.consumed_train_samples,
-            verify_checksums=verify_checksums, seq_length=args.seq_length, shuffle_window=shuffle_window, **common,
+            verify_checksums=verify_checksums, seq_length=args.seq_length, shuffle_window=shuffle_window,
+            cache_dir=cache_dir, **common,
         )
         micro_per_step = args.global_batch_size // (args.micro_batch_size * dp_size)
         valid = RepeatingValidation(
             partial(TokenBatches, path, "valid", seed=0, shuffle=False, infinite=True,
-                    verify_checksums=False, **common),
+                    verify_checksums=False, cache_dir=cache_dir, **common),
             micro_batches=max(args.eval_iters, 1) * micro_per_step,
         )
         return train, valid, None

@@ -3,8 +3,9 @@
 ``ShardSamples(dir, split)`` answers ``read(ids)`` (split-level sample indices -> an array
 ``[len(ids), seq_length + 1]``) by positioned reads (``os.preadv``) into the uncompressed tar
 shards at the offsets of the shard's index (``shard_index.py``). Nothing of a split is held in
-memory beyond O(shards) numbers and the indexes of the ``open_shards`` most recently used shards
-(8 bytes per sample each): memory does not grow with the corpus. Positioned reads, not ``mmap``:
+memory beyond O(shards) numbers and the indexes of the ``max_open`` most recently used shards
+(8 bytes per sample each; ``TokenBatches`` keeps one shuffle window's shards open): memory does
+not grow with the corpus. Positioned reads, not ``mmap``:
 pages of a mapped file count in the process's RSS (what cluster schedulers police) for as long as
 they stay mapped, and a whole epoch would map the whole corpus; ``pread`` leaves caching to the
 kernel's page cache. The same reads work after ``fork`` (DataLoader workers): no shared file
@@ -41,8 +42,9 @@ __all__ = ["ShardError", "ShardSamples", "load_split_samples", "npy_header"]
 
 
 _TAR_BLOCK = 512  # a tar member header
-_NAME = f"%0{KEY_WIDTH}d.tokens.npy"  # the member name of a sample (manifest.sample_key + field)
-_NAME_BYTES = KEY_WIDTH + len(".tokens.npy")
+_NAME_BYTES = KEY_WIDTH + len(".tokens.npy")  # a sample's member name: manifest.sample_key + ".tokens.npy"
+_POWERS = 10 ** np.arange(KEY_WIDTH - 1, -1, -1, dtype=np.int64)
+_SUFFIX = np.frombuffer(b".tokens.npy\0", dtype=np.uint8)
 
 
 class ShardError(RuntimeError):
@@ -108,7 +110,7 @@ class ShardSamples:
         self.starts = np.array([s.first_sample for s in self.info.shards] + [self.info.num_samples], dtype=np.int64)
         self.shard_sizes = np.diff(self.starts)
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()
-        self._max_open = max(1, open_shards)
+        self.max_open = max(1, open_shards)
         self._checked: set[int] = set()  # shards whose size/sha256 passed (checked once per process)
         self._pid = os.getpid()
         for info in self.info.shards if self.remote is None else ():  # O(shards) stats, before any read
@@ -139,7 +141,7 @@ class ShardSamples:
         self._checked.add(k)
         shard = _OpenShard(os.open(path, os.O_RDONLY), self._offsets(path, info))
         self._open[k] = shard
-        while len(self._open) > self._max_open:
+        while len(self._open) > self.max_open:
             _, old = self._open.popitem(last=False)
             os.close(old.fd)
         return shard
@@ -193,15 +195,19 @@ class ShardSamples:
         record = self._record
         raw = np.empty((len(ids), record), dtype=np.uint8)
         shards = np.searchsorted(self.starts, ids, side="right") - 1
-        for row, (index, k) in enumerate(zip(ids.tolist(), shards.tolist())):
-            shard = self._shard(k)
-            local = index - int(self.starts[k])
-            got = os.preadv(shard.fd, [raw[row]], int(shard.offsets[local]) - _TAR_BLOCK)
+        local = (ids - self.starts[shards]).tolist()
+        last_k, shard = -1, None
+        for row, k in enumerate(shards.tolist()):
+            if k != last_k:
+                shard, last_k = self._shard(k), k
+            got = os.preadv(shard.fd, [raw[row]], int(shard.offsets[local[row]]) - _TAR_BLOCK)
             if got != record:
                 path = self.dir / self.info.shards[k].file
-                raise shard_error(path, f"sample {sample_key(index)} is cut short ({got} of {record} bytes)")
-        names = np.char.mod(_NAME, ids).astype(f"S{_NAME_BYTES}").view(np.uint8).reshape(len(ids), _NAME_BYTES)
-        bad = np.flatnonzero((raw[:, :_NAME_BYTES] != names).any(axis=1) | (raw[:, _NAME_BYTES] != 0))
+                raise shard_error(path, f"sample {sample_key(int(ids[row]))} is cut short ({got} of {record} bytes)")
+        # the member name: the 10-digit key (digits computed, not formatted) + ".tokens.npy" + NUL
+        digits = (ids[:, None] // _POWERS % 10 + 48).astype(np.uint8)
+        bad = np.flatnonzero((raw[:, :KEY_WIDTH] != digits).any(axis=1)
+                             | (raw[:, KEY_WIDTH:_NAME_BYTES + 1] != _SUFFIX).any(axis=1))
         if bad.size:
             self._raise_sample(ids, shards, int(bad[0]), "has a damaged tar header or the index points elsewhere "
                                "(`acmoe-data index` rewrites the index)")

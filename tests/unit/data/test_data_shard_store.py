@@ -172,3 +172,17 @@ def test_manifest_inconsistent_with_its_shards_is_refused(copy):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="the manifest is inconsistent"):
         ShardSamples(copy, "train")
+
+
+def test_acmoe_data_index_writes_the_indexes_prepare_writes(copy, small_shards):
+    from acmoe_megatron.data.cli import main
+
+    for index in copy.glob("*.offsets.npy"):
+        index.unlink()
+    assert main(["index", str(copy)]) == 0
+    written = sorted(p.name for p in copy.glob("*.offsets.npy"))
+    assert written == sorted(p.name for p in small_shards.path.glob("*.offsets.npy")) and written
+    for name in written:
+        assert np.array_equal(np.load(copy / name), np.load(small_shards.path / name))
+    (copy / "valid-000001.tar").write_bytes(b"not a tar")
+    assert main(["index", str(copy)]) == 2  # a damaged shard: an error naming it, not an index
