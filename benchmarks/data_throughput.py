@@ -1,4 +1,4 @@
-"""Data-loader throughput: tokens per second per process of ``TokenBatches`` on the stdlib corpus.
+"""Data-loader throughput and memory: tokens per second and peak RSS per process of ``TokenBatches``.
 
 Prepares the embedded stdlib corpus (all of it) into a temporary directory for each sequence
 length, or reuses ``--data-root`` (one sub-directory ``stdlib_s{seq}`` per length), then times
@@ -7,16 +7,25 @@ finite validation pass. Tokens per micro-batch are ``micro_batch_size * seq_leng
 input tokens). One process, ``torch.set_num_threads(1)``: what one training rank's data path
 costs. Goal (issue 4): >= 20M tokens/s per process.
 
+Memory (issue 16): peak RSS of one reader process (a fresh ``python`` each) that opens the train
+split and reads 2000 shuffled micro-batches, for the embedded corpus (1x) and synthetic corpora of
+10x and 100x its tokens (``--source synthetic:SIZE``) at sequence length 2048: flat means memory
+does not grow with the corpus.
+
     python benchmarks/data_throughput.py                      # writes benchmarks/results/data_throughput.md
     python benchmarks/data_throughput.py --seconds 1 --out -  # print only
+    python benchmarks/data_throughput.py --rss-scales 1,10   # a smaller memory table
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,34 +51,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-class PerSampleReference:
-    """The loader's hot path before vectorisation (kept for comparison): per-sample Python work."""
-
-    def __init__(self, tb: TokenBatches):
-        self.tb, self.k = tb, 0
-
-    def __next__(self):
-        tb, k = self.tb, self.k
-        self.k += 1
-        b, s = tb.micro_batch_size, tb.manifest.seq_length
-        ids = tb.sample_ids(k)
-        block = np.full((b, s + 1), tb._eod, dtype=np.int64)
-        lengths = np.zeros(b, dtype=np.int64)
-        for row, sample_id in enumerate(ids):
-            if sample_id is not None:
-                block[row] = tb._samples[sample_id]
-                lengths[row] = tb._split_info.sample_length(sample_id, s + 1)
-        block_t = torch.from_numpy(block)
-        positions = torch.arange(s, dtype=torch.long)
-        loss_mask = (positions.unsqueeze(0) < torch.from_numpy(lengths - 1).unsqueeze(1)).float()
-        return {
-            "tokens": block_t[:, :-1].contiguous(),
-            "labels": block_t[:, 1:].contiguous(),
-            "loss_mask": loss_mask,
-            "position_ids": positions.unsqueeze(0).repeat(b, 1),
-        }
-
-
 def timed(batches: TokenBatches, seconds: float, tokens_per_batch: int, finite: bool = False) -> tuple[float, int]:
     """(tokens/s, micro-batches) over at least ``seconds`` (a finite pass is repeated as needed)."""
     if not finite:
@@ -89,12 +70,55 @@ def timed(batches: TokenBatches, seconds: float, tokens_per_batch: int, finite: 
             return n * tokens_per_batch / elapsed, n
 
 
+RSS_SEQ, RSS_MBS, RSS_BATCHES = 2048, 8, 2000
+
+
+def rss_probe(shard_dir: str) -> dict:
+    """In this (fresh) process: open the train split, read RSS_BATCHES micro-batches; peak RSS."""
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    tb = TokenBatches(shard_dir, "train", RSS_MBS, 0, 1, seed=1, verify_checksums=False)
+    open_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(RSS_BATCHES):
+        next(tb)
+    elapsed = time.perf_counter() - start
+    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "samples": tb.num_samples,
+            "shards": len(tb._store.shard_sizes), "open_s": open_s,
+            "tokens_per_s": RSS_BATCHES * RSS_MBS * RSS_SEQ / elapsed, "two_level": tb._order.two_level}
+
+
+def rss_rows(root: Path, scales: list[int]) -> list[tuple]:
+    base = root / f"stdlib_s{RSS_SEQ}"
+    if not (base / "manifest.json").is_file():
+        prepare("stdlib", base, RSS_SEQ, 4096)
+    base_tokens = sum(s.tokens for s in TokenBatches(base, "train", 1, 0, 1, seed=0,
+                                                     verify_checksums=False).manifest.splits["train"].shards)
+    rows = []
+    for scale in scales:
+        data = base if scale == 1 else root / f"synthetic_x{scale}_s{RSS_SEQ}"
+        if scale != 1 and not (data / "manifest.json").is_file():
+            prepare(f"synthetic:{base_tokens * scale}", data, RSS_SEQ, 4096, splits=["train"])
+        out = subprocess.run([sys.executable, __file__, "--rss-probe", str(data)], capture_output=True, text=True,
+                             check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        probe = json.loads(out.stdout.strip().splitlines()[-1])
+        size = sum(f.stat().st_size for f in data.glob("train-*.tar"))
+        rows.append((scale, size, probe))
+        print(f"x{scale}: {size / 2**20:,.0f} MiB of shards, peak RSS {probe['peak_rss_mib']:.0f} MiB", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="minimum timing per row")
     parser.add_argument("--data-root", default=None, help="reuse/prepare shards here (default: a temp dir)")
     parser.add_argument("--out", default="benchmarks/results/data_throughput.md", help="markdown file, or - for stdout only")
+    parser.add_argument("--rss-scales", default="1,10,100", help="corpus sizes for the memory table, x the embedded corpus")
+    parser.add_argument("--rss-probe", default=None, help=argparse.SUPPRESS)  # internal: one fresh reader process
     args = parser.parse_args(argv)
+    if args.rss_probe:
+        print(json.dumps(rss_probe(args.rss_probe)))
+        return 0
     torch.set_num_threads(1)
 
     tmp = None if args.data_root else tempfile.TemporaryDirectory(prefix="acmoe_bench_")
@@ -113,17 +137,16 @@ def main(argv=None) -> int:
         tok = mbs * seq
         rate, n = timed(train, args.seconds, tok)
         rows.append((seq, mbs, "train, DP 1, shuffled", rate, n, load_s, prep_s, train.num_samples))
-        rate, n = timed(PerSampleReference(train), args.seconds, tok)
-        rows.append((seq, mbs, "same, old per-sample path", rate, n, None, None, train.num_samples))
         rank = TokenBatches(data, "train", mbs, 5, 8, seed=1, verify_checksums=False)
         rate, n = timed(rank, args.seconds, tok)
         rows.append((seq, mbs, "train, DP rank 5 of 8", rate, n, None, None, rank.num_samples))
         valid = TokenBatches(data, "valid", mbs, 0, 1, seed=0, shuffle=False, infinite=False, verify_checksums=False)
         rate, n = timed(valid, args.seconds, tok, finite=True)
         rows.append((seq, mbs, "valid, one finite pass", rate, n, None, None, valid.num_samples))
-        for row in rows[-4:]:
+        for row in rows[-3:]:
             print(f"seq {row[0]:>5} mbs {row[1]:>3} {row[2]:<24} {row[3] / 1e6:8.1f} M tokens/s ({row[4]} batches)", flush=True)
 
+    rss = rss_rows(root, [int(x) for x in args.rss_scales.split(",")])
     lines = [
         "# Data-loader throughput (`benchmarks/data_throughput.py`)",
         "",
@@ -145,17 +168,31 @@ def main(argv=None) -> int:
             f"| {seq} | {mbs} | {what} | {rate / 1e6:.1f} | {rate / (seq * mbs):,.0f} | {samples:,} | "
             f"{'' if load_s is None else f'{load_s:.2f}'} | {'' if prep_s is None else f'{prep_s:.1f}'} |"
         )
-    worst = min(r[3] for r in rows if "old" not in r[2])
+    worst = min(r[3] for r in rows)
     lines += [
         "",
-        f"Slowest row of the current loader: {worst / 1e6:.1f}M tokens/s, "
-        f"{'meets' if worst >= GOAL else 'BELOW'} the {GOAL / 1e6:.0f}M tokens/s goal. The 'old per-sample "
-        "path' rows rebuild each micro-batch sample by sample, as the loader did before it gathered whole "
-        "micro-batches with one numpy index (kept in the script for comparison). `load` is the start-up "
-        "cost of reading and checking (sha256) every shard of the train split; `prepare` the time to "
-        "tokenize and write the shards. The machine is shared: rows vary by up to ~2x between runs.",
+        f"Slowest row: {worst / 1e6:.1f}M tokens/s, "
+        f"{'meets' if worst >= GOAL else 'BELOW'} the {GOAL / 1e6:.0f}M tokens/s goal. Samples are read on demand "
+        "(one positioned read per sample at the shard index's offset, `shard_store.py`); `load` is the start-up "
+        "cost of opening the split (with `verify_checksums=True` the sha256 of a shard is checked when it is "
+        "first read, so it falls in the timed rows of DP 1); `prepare` the time to tokenize and write the shards. "
+        "The machine is shared: rows vary by up to ~2x between runs.",
         "",
+        f"## Peak RSS versus corpus size (seq_length {RSS_SEQ}, micro-batch {RSS_MBS}, {RSS_BATCHES} shuffled "
+        "micro-batches, one fresh process each)",
+        "",
+        "| corpus | train shards (MiB) | samples | shards | shuffle | open (s) | M tokens/s | peak RSS (MiB) |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
+    for scale, size, p in rss:
+        name = "embedded stdlib (1x)" if scale == 1 else f"synthetic, {scale}x the embedded tokens"
+        lines.append(f"| {name} | {size / 2**20:,.0f} | {p['samples']:,} | {p['shards']} | "
+                     f"{'shards + windows' if p['two_level'] else 'full permutation'} | {p['open_s']:.2f} | "
+                     f"{p['tokens_per_s'] / 1e6:.1f} | {p['peak_rss_mib']:.0f} |")
+    spread = max(r[2]["peak_rss_mib"] for r in rss) - min(r[2]["peak_rss_mib"] for r in rss)
+    lines += ["", f"Peak RSS spread over the corpus sizes: {spread:.1f} MiB (the process's imports, torch "
+              "included, are the baseline). The reader before issue 16 loaded the whole split: on the 2 GiB "
+              "corpus of `tests/integration/test_data_scale.py` one rank peaked at 6.7 GiB.", ""]
     text = "\n".join(lines)
     print(text)
     if args.out != "-":
