@@ -315,3 +315,43 @@ def test_first_ac_layer_beyond_the_moe_layers_fails_before_training(workdir):
     assert "torch.distributed.run" not in out.stdout  # torchrun never started
     assert not re.search(r"\] iteration\s+1/", out.stdout), "training started"
     assert not run_dir.exists()
+
+
+def test_acmoe_eval_reproduces_the_runs_validation_and_scores_a_corrupted_copy(first_run, workdir):
+    """acmoe-eval on a copy of the EP=2 run: its first 16 validation samples (the training run's
+    eval_iters x global batch) score the run's final validation loss; a corrupted copy made with only
+    a valid split (no train split) is scored in the same start-up; TensorBoard gets the scalars."""
+    _, run_dir, snap = first_run
+    eval_dir = workdir / "eval"
+    shutil.copytree(run_dir, eval_dir)
+    corrupt = workdir / "data_corrupt"
+    prepare(source="stdlib", out_dir=corrupt, seq_length=64, max_bytes=200_000, splits=["valid"],
+            corrupt="word-swap:0.2")
+    cmd = [sys.executable, "-m", "acmoe_megatron.eval_cli", str(eval_dir), "--max-samples", "16",
+           "--data", str(workdir / "data"), "--corrupt", str(corrupt)]
+    out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert out.returncode == 0, _tail(out)
+    result = json.loads((eval_dir / "eval.json").read_text())
+    assert result["iteration"] == 12 and result["world_size"] == 2
+    assert result["layout"] == {"tp": 1, "pp": 1, "ep": 2, "dp": 2}
+    assert result["statistics_source"].startswith("batch (each micro-batch of 4 samples")
+    valid, corrupted = result["results"]["valid"], result["results"]["valid_corrupt"]
+    assert valid["samples"] == corrupted["samples"] == 16 and valid["tokens"] == 16 * 64
+    assert valid["loss"] == pytest.approx(snap["summary"]["final_valid_loss"], rel=1e-5)
+    assert valid["bits_per_token"] == pytest.approx(valid["loss"] / math.log(2))
+    assert corrupted["loss"] > valid["loss"]
+    scalars = read_scalars(eval_dir / "tensorboard")
+    assert scalars["eval/valid/loss"][-1] == (12, pytest.approx(valid["loss"]))
+    assert scalars["eval/valid_corrupt/perplexity"][-1][0] == 12
+
+
+def test_acmoe_eval_refuses_a_missing_split_before_starting(first_run, workdir):
+    _, run_dir, _ = first_run
+    only_valid = workdir / "data_valid_only"
+    if not only_valid.exists():
+        prepare(source="stdlib", out_dir=only_valid, seq_length=64, max_bytes=50_000, splits=["valid"])
+    cmd = [sys.executable, "-m", "acmoe_megatron.eval_cli", str(run_dir), "--split", "test", "--data", str(only_valid)]
+    out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert out.returncode == 2, _tail(out)
+    assert f"--data {only_valid} has no 'test' split (it has ['valid'])" in out.stdout
+    assert "torch.distributed.run" not in out.stdout  # refused before any process started

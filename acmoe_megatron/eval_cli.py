@@ -1,0 +1,139 @@
+"""``acmoe-eval RUN_DIR``: score a trained run's checkpoint on whole data splits, in one start-up.
+
+    acmoe-eval runs/tiny_cpu                                   # its data's valid split, latest checkpoint
+    acmoe-eval runs/tiny_cpu --split test --corrupt data/stdlib_s256_wordswap0.025
+    acmoe-eval runs/tiny_cpu --nproc 1 megatron.expert_model_parallel_size=1   # another layout (resharded)
+    acmoe-eval runs/tiny_cpu --iteration 200 --max-samples 512
+
+Reads the run's resolved recipe (``RUN_DIR/config.yaml``), checks everything it can before any
+process starts (checkpoint present, each data directory has the split, its sequence length and
+vocabulary match the model, the parallel layout fits ``--nproc``: megatron's own argument checks),
+then runs ``acmoe_megatron.evaluate`` under torchrun: one initialisation, the checkpoint loaded
+once, every requested split scored in one pass. Results: ``RUN_DIR/eval.json`` (or ``--out``) and
+TensorBoard scalars ``eval/<split>[_corrupt]/{loss,bits_per_token,perplexity}`` in the run, at the
+checkpoint's iteration. Only the evaluated split is needed: a corrupted copy made with ``acmoe-data
+prepare --splits valid test --corrupt ...`` (no train split) evaluates as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from acmoe_megatron.config import ConfigError, load_recipe
+from acmoe_megatron.exit_codes import EXIT_CONFIG
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="acmoe-eval", description=__doc__.split("\n\n")[0].replace("``", ""),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("run_dir", help="a run directory of acmoe-pretrain (config.yaml + checkpoints/)")
+    p.add_argument("--data", default=None, help="shard directory to score (default: the run's data.path)")
+    p.add_argument("--split", default="valid", choices=("train", "valid", "test"), help="split (default: valid)")
+    p.add_argument("--corrupt", default=None, help="also score the same split of this (corrupted) directory")
+    p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the latest)")
+    p.add_argument("--max-samples", type=int, default=None, help="only the first N samples of each split")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes (default: the run's world size from summary.json, else GPUs or 1)")
+    p.add_argument("--out", default=None, help="results file (default: RUN_DIR/eval.json)")
+    p.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE recipe overrides, e.g. a parallel layout")
+    return p
+
+
+def _check_checkpoint(ckpt: Path, iteration: int | None) -> None:
+    latest = ckpt / "latest_checkpointed_iteration.txt"
+    if not latest.is_file():
+        raise ConfigError(f"{ckpt} holds no checkpoint (no latest_checkpointed_iteration.txt); train the run first "
+                          "or point acmoe-eval at a run directory with checkpoints/")
+    if iteration is not None and not (ckpt / f"iter_{iteration:07d}").is_dir():
+        have = sorted(p.name for p in ckpt.glob("iter_*"))
+        raise ConfigError(f"--iteration {iteration}: {ckpt} has no iter_{iteration:07d} (it has {have})")
+
+
+def _check_data(path: str, split: str, seq_length: int, vocab_size: int | None, what: str) -> None:
+    from acmoe_megatron.data.manifest import check_manifest_matches, read_manifest
+
+    try:
+        manifest = read_manifest(path)
+        check_manifest_matches(manifest, seq_length=seq_length, vocab_size=vocab_size, where=path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{what} {path}: {err}") from None
+    if split not in manifest.splits or manifest.splits[split].num_samples == 0:
+        raise ConfigError(f"{what} {path} has no {split!r} split (it has {sorted(manifest.splits)}); prepare it "
+                          f"with `acmoe-data prepare ... --splits {split}` or pick another --split")
+
+
+def plan(cli) -> tuple[object, int, list[str], Path]:
+    """(recipe, nproc, worker --eval specs, out): every check that needs no process, or ConfigError."""
+    from acmoe_megatron.data.manifest import read_manifest
+    from acmoe_megatron.megatron_args import build_argv, validate_args
+    from acmoe_megatron.run_plan import megatron_args, parallel_layout
+
+    run_dir = Path(cli.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory of acmoe-pretrain (no config.yaml)")
+    overrides = [f"run.dir={run_dir}", *cli.overrides]
+    if cli.iteration is not None:
+        overrides.append(f"megatron.ckpt_step={cli.iteration}")
+    recipe = load_recipe(run_dir / "config.yaml", overrides)
+    _check_checkpoint(Path(recipe.megatron.get("load") or run_dir / "checkpoints"), cli.iteration)
+    data = cli.data or recipe.data.path
+    nproc = cli.nproc
+    if nproc is None:
+        summary = run_dir / "summary.json"
+        nproc = json.loads(summary.read_text()).get("world_size") if summary.is_file() else None
+        if nproc is None:
+            import torch
+
+            nproc = torch.cuda.device_count() or 1
+    parallel_layout(recipe.megatron, nproc)
+    manifest = read_manifest(data) if (Path(data) / "manifest.json").is_file() else None
+    if manifest is None:
+        raise ConfigError(f"--data {data}: no manifest.json; give the shard directory to score")
+    argv = build_argv(recipe, manifest)  # the model's seq_length/vocabulary against this data
+    args = megatron_args(argv, nproc, ours=lambda a: validate_args(a, recipe))
+    vocab = args.vocab_size if args.tokenizer_type == "NullTokenizer" else None
+    specs = []
+    for name, path in [(cli.split, data)] + ([(f"{cli.split}_corrupt", cli.corrupt)] if cli.corrupt else []):
+        _check_data(path, cli.split, args.seq_length, vocab, "--corrupt" if name.endswith("_corrupt") else "--data")
+        specs.append(f"{name}={path}:{cli.split}")
+    return recipe, nproc, specs, Path(cli.out) if cli.out else run_dir / "eval.json"
+
+
+def main(argv=None) -> int:
+    from acmoe_megatron.launcher import free_port
+
+    cli = _parser().parse_args(argv)
+    try:
+        recipe, nproc, specs, out = plan(cli)
+    except ConfigError as err:
+        print(f"acmoe-eval: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "acmoe_megatron.evaluate", "--config", str(Path(cli.run_dir) / "config.yaml"), "--out", str(out)]
+    for spec in specs:
+        cmd += ["--eval", spec]
+    if cli.max_samples is not None:
+        cmd += ["--max-samples", str(cli.max_samples)]
+    cmd += [f"run.dir={cli.run_dir}", *cli.overrides]
+    if cli.iteration is not None:
+        cmd.append(f"megatron.ckpt_step={cli.iteration}")
+    print("[acmoe-eval] " + " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        print(f"acmoe-eval: evaluation failed (exit {rc}); see the log above", file=sys.stderr)
+        return rc
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""Evaluation worker of ``acmoe-eval`` (run under torchrun): score whole splits with a trained checkpoint.
+
+One process start-up per rank: megatron's arguments from the run's resolved recipe (``config.yaml``)
+plus the evaluation flags, megatron's ``initialize_megatron``, the model from the trainer's own
+model provider (our routers, ``plugin.attach``), megatron's ``load_checkpoint`` (model weights
+only; a ``torch_dist`` checkpoint loads into any parallel layout megatron can reshard to), then
+megatron's forward-only schedule over every micro-batch of each requested split: one
+deterministic pass (``TokenBatches(shuffle=False, infinite=False)``, the last micro-batches padded
+with fully masked samples, so every real sample counts exactly once whatever the data-parallel
+size). The token-weighted loss is summed over micro-batches and data-parallel replicas. Rank 0
+writes ``eval.json``; megatron's TensorBoard writer (last rank) gets ``eval/<name>/loss`` etc. at
+the checkpoint's iteration. Nothing is trained and no optimizer is built.
+
+Why our own loop: megatron's ``evaluate`` scores ``eval_iters`` batches from a training data
+iterator (the start-up of a training launch for a fixed sample count), not a whole split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from acmoe_megatron import cpu_runtime
+
+
+def parse_cli(argv=None):
+    p = argparse.ArgumentParser(prog="acmoe-evaluate", description="acmoe-eval worker (run under torchrun)")
+    p.add_argument("--config", required=True, help="the run's resolved recipe (RUN_DIR/config.yaml)")
+    p.add_argument("--eval", action="append", required=True, metavar="NAME=DIR:SPLIT",
+                   help="a split to score, e.g. valid=data/stdlib_s256:valid (repeatable)")
+    p.add_argument("--max-samples", type=int, default=None, help="score only the first N samples of each split")
+    p.add_argument("--out", required=True, help="eval.json to write")
+    p.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides (e.g. another parallel layout)")
+    return p.parse_args(argv)
+
+
+def _targets(specs: list[str]) -> list[tuple[str, str, str]]:
+    out = []
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        path, _, split = rest.rpartition(":")
+        out.append((name, path, split))
+    return out
+
+
+def score_split(model, recipe, args, path: str, split: str, max_samples: int | None) -> dict:
+    """(loss sum, tokens, samples) of one split, summed over data-parallel replicas."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from acmoe_megatron.data.loader import TokenBatches
+    from acmoe_megatron.train import forward_step
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    batches = TokenBatches(path, split, args.micro_batch_size, dp_rank, dp_size, seed=0, shuffle=False,
+                           infinite=False, verify_checksums=False, seq_length=args.seq_length,
+                           cache_dir=recipe.data.cache_dir)
+    total_samples = batches.num_samples
+    if max_samples is not None and max_samples < total_samples:
+        batches = _first_samples(batches, max_samples)
+        total_samples = max_samples
+    steps = len(batches) if isinstance(batches, TokenBatches) else batches.steps
+    model_list = model if isinstance(model, list) else [model]
+    iterators = [iter(batches)] + [iter(batches.worker_view(0, 1)) if isinstance(batches, TokenBatches)
+                                   else iter(batches.copy()) for _ in model_list[1:]]
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterators if len(model_list) > 1 else iterators[0],
+        model=model_list, num_microbatches=steps, seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size, forward_only=True)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # megatron's groups: NCCL / gloo
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for item in losses or []:  # only the last pipeline stage returns losses
+        totals += item["lm loss"].detach().to(device, torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    # every stage learns the last stage's result (rank 0, which writes eval.json, is on the first)
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    torch.distributed.broadcast(totals, src=torch.distributed.get_process_group_ranks(pp_group)[-1], group=pp_group)
+    loss_sum, tokens = float(totals[0]), int(totals[1])
+    loss = loss_sum / max(tokens, 1)
+    return {"data": path, "split": split, "samples": total_samples, "tokens": tokens, "loss": loss,
+            "bits_per_token": loss / math.log(2), "perplexity": math.exp(min(loss, 700.0))}
+
+
+class _first_samples:  # noqa: N801 (an iterator class used like a function)
+    """The micro-batches of ``batches`` that hold its first ``n`` samples (the rest masked out)."""
+
+    def __init__(self, batches, n: int):
+        self.batches, self.n = batches, n
+        self.steps = -(-n // batches.samples_per_step)
+        self._k = 0
+
+    def copy(self):
+        return _first_samples(self.batches.worker_view(0, 1), self.n)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._k >= self.steps:
+            raise StopIteration
+        batch = self.batches.batch(self._k)
+        ids = self.batches._ids(self._k)
+        position = self._k * self.batches.samples_per_step + self.batches.dp_rank * self.batches.micro_batch_size
+        keep = torch.tensor([(position + i < self.n) and ids[i] >= 0 for i in range(len(ids))], dtype=torch.float32)
+        batch["loss_mask"] = batch["loss_mask"] * keep.unsqueeze(1)
+        self._k += 1
+        return batch
+
+
+def statistics_source(recipe, args) -> str:
+    """What the AC routers' cluster statistics come from at this evaluation (labelled in eval.json)."""
+    if recipe.acmoe.router != "ac":
+        return f"none ({recipe.acmoe.router} router has no cluster statistics)"
+    if recipe.acmoe.source == "ema":
+        return "ema (the running statistics in the checkpoint: independent of the batch)"
+    return (f"batch (each micro-batch of {args.micro_batch_size} samples, scope {recipe.acmoe.scope}: what the "
+            "paper reports; scores depend on the micro-batch size)")
+
+
+def main(argv=None) -> None:
+    cpu_runtime.install_for_training()
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from megatron.core.enums import ModelType
+    from megatron.training.arguments import parse_and_validate_args
+    from megatron.training.checkpointing import load_checkpoint
+    from megatron.training.global_vars import get_tensorboard_writer
+    from megatron.training import training
+
+    from acmoe_megatron.config import load_recipe
+    from acmoe_megatron.data.manifest import read_manifest
+    from acmoe_megatron.megatron_args import build_argv
+    from acmoe_megatron.run_plan import parallel_layout
+    from acmoe_megatron.train import make_model_provider
+
+    cli = parse_cli(argv)
+    recipe = load_recipe(cli.config, cli.overrides)
+    for key in [k for k in recipe.megatron if k.startswith("wandb")]:
+        del recipe.megatron[key]  # an evaluation is not a new W&B run
+    recipe.megatron.update(no_load_optim=True, no_load_rng=True, exit_on_missing_checkpoint=True)
+    parallel_layout(recipe.megatron, int(os.environ.get("WORLD_SIZE", "1")))
+    targets = _targets(cli.eval)
+    manifest = read_manifest(targets[0][1])
+    sys.argv = ["acmoe-evaluate"] + build_argv(recipe, manifest)
+    args = parse_and_validate_args()
+    rank = int(os.environ.get("RANK", "0"))
+    start = time.time()
+    with cpu_runtime.device_redirect():  # without CUDA: megatron's device="cuda" requests -> CPU
+        training.initialize_megatron()
+        model = training.get_model(make_model_provider(recipe), ModelType.encoder_or_decoder, wrap_with_ddp=False)
+        iteration, _ = load_checkpoint(model, None, None)
+        for chunk in model:
+            chunk.eval()
+        results = {}
+        with torch.no_grad():
+            for name, path, split in targets:
+                results[name] = score_split(model, recipe, args, path, split, cli.max_samples)
+                if rank == 0:
+                    r = results[name]
+                    print(f"[acmoe-eval] {name}: loss {r['loss']:.4f} nats/token ({r['bits_per_token']:.4f} bits), "
+                          f"perplexity {r['perplexity']:.3f} over {r['tokens']} tokens of {r['samples']} samples "
+                          f"({path}:{split})", flush=True)
+    writer = get_tensorboard_writer()
+    if writer is not None:
+        for name, r in results.items():
+            for key in ("loss", "bits_per_token", "perplexity"):
+                writer.add_scalar(f"eval/{name}/{key}", r[key], iteration)
+        writer.flush()
+    if rank == 0:
+        out = {"run_dir": str(Path(cli.config).parent), "checkpoint": args.load, "iteration": iteration,
+               "statistics_source": statistics_source(recipe, args), "micro_batch_size": args.micro_batch_size,
+               "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+               "layout": {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
+                          "ep": args.expert_model_parallel_size, "dp": args.data_parallel_size},
+               "results": results, "wall_time_s": round(time.time() - start, 1)}
+        path = Path(cli.out)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(out, indent=2) + "\n")
+        tmp.replace(path)
+        print(f"[acmoe-eval] wrote {path}", flush=True)
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()
