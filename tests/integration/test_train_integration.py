@@ -345,13 +345,12 @@ def test_acmoe_eval_reproduces_the_runs_validation_and_scores_a_corrupted_copy(f
     assert scalars["eval/valid_corrupt/perplexity"][-1][0] == 12
 
 
-def test_acmoe_eval_refuses_a_missing_split_before_starting(first_run, workdir):
+def test_acmoe_eval_refuses_a_missing_split_before_starting(first_run, workdir, capsys, monkeypatch):
+    from acmoe_megatron import eval_cli
+
     _, run_dir, _ = first_run
     only_valid = workdir / "data_valid_only"
-    if not only_valid.exists():
-        prepare(source="stdlib", out_dir=only_valid, seq_length=64, max_bytes=50_000, splits=["valid"])
-    cmd = [sys.executable, "-m", "acmoe_megatron.eval_cli", str(run_dir), "--split", "test", "--data", str(only_valid)]
-    out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
-    assert out.returncode == 2, _tail(out)
-    assert f"--data {only_valid} has no 'test' split (it has ['valid'])" in out.stdout
-    assert "torch.distributed.run" not in out.stdout  # refused before any process started
+    prepare(source="stdlib", out_dir=only_valid, seq_length=64, max_bytes=50_000, splits=["valid"])
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("a process was started"))
+    assert eval_cli.main([str(run_dir), "--split", "test", "--data", str(only_valid)]) == 2
+    assert f"--data {only_valid} has no 'test' split (it has ['valid'])" in capsys.readouterr().err
