@@ -18,7 +18,9 @@ Modules:
   metrics, observability - routing metrics and the extra TensorBoard scalars
   precision     - FP8 rules and the report of active fused paths
   launcher, slurm_launch, plot - the acmoe-pretrain, acmoe-launch and acmoe-plot commands
-  data          - tokenizers, corpora, webdataset shards and the resumable loader
+  eval_cli, evaluate - the acmoe-eval command and its worker (whole-split scores of a checkpoint)
+  data          - tokenizers, corpora, webdataset shards, the bounded-memory resumable loader,
+                  remote shards, megatron indexed data and blending
 """
 
 __version__ = "0.1.0"
