@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from acmoe_megatron.checkpoint_check import check_resume_checkpoint, resume_from
 from acmoe_megatron.config import ConfigError, load_recipe, write_resolved
 from acmoe_megatron.exit_codes import EXIT_CONFIG, EXIT_NONFINITE, EXIT_STOPPED_EARLY
 
@@ -118,6 +119,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny_cpu.yaml")
     parser.add_argument("--nproc", type=int, default=None,
                         help="processes on this machine (default: GPUs, or 2 without a GPU)")
+    parser.add_argument("--resume-from", type=int, default=None, metavar="N",
+                        help="resume from complete checkpoint iteration N: newer iterations are set aside as "
+                             "iter_*.damaged (after a damaged save; the launcher names N when it finds one)")
     parser.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides")
     cli = parser.parse_args(argv)
     nproc = cli.nproc
@@ -130,6 +134,11 @@ def main(argv=None) -> int:
 
         recipe = load_recipe(cli.config, cli.overrides)
         check_resume_compatible(recipe, Path(recipe.run.dir))
+        ckpt_dir = Path(recipe.megatron.get("load") or Path(recipe.run.dir) / "checkpoints")
+        if cli.resume_from is not None:
+            for d in resume_from(ckpt_dir, cli.resume_from):
+                print(f"[acmoe] set aside {d} (newer than the checkpoint to resume from)", flush=True)
+        check_resume_checkpoint(ckpt_dir, recipe.megatron.get("ckpt_step"))
         build_plan(recipe, nproc)  # megatron's own argument checks + ours, before any process starts
         ensure_data(recipe)
     except ConfigError as err:

@@ -109,6 +109,11 @@ def cmd_resolve(args) -> int:
             launcher.check_resume_compatible(recipe, run_dir)
         layout = None
         launcher.ensure_data(recipe)
+        from acmoe_megatron.checkpoint_check import check_resume_checkpoint
+
+        # a requeued job: the checkpoint it resumes from is complete, before any training process starts
+        check_resume_checkpoint(Path(recipe.megatron.get("load") or run_dir / "checkpoints"),
+                                recipe.megatron.get("ckpt_step"))
         if args.world_size:  # the whole run plan on the head node, before any training process starts
             from acmoe_megatron.run_plan import build_plan
 

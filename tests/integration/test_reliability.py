@@ -166,3 +166,50 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint(data, tmp_path):
     scalars = read_scalars(run / "tensorboard")
     assert scalars["faults/nonfinite_loss_or_grad"] == [(5, 1.0)]
     assert all(step <= 4 for step, _ in scalars["lm loss"])
+
+
+def test_a_damaged_checkpoint_is_refused_before_any_process_and_resume_from_picks_a_complete_one(
+        data, uninterrupted, tmp_path, monkeypatch, capsys):
+    """On a copy of the uninterrupted EP=1 run (iterations 5 and 6 kept): a truncated shard file, a
+    missing .metadata and a tracker naming a deleted iteration are each refused by acmoe-pretrain
+    before torchrun starts, naming the file and `--resume-from 5`; with it, iteration 6 is set aside
+    and the run starts from 5."""
+    import shutil
+
+    from acmoe_megatron import launcher
+    from acmoe_megatron.exit_codes import EXIT_CONFIG
+
+    started = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: started.append(cmd) or 0)
+    retention = ["megatron.save_interval=1", "run.keep_last_checkpoints=2"]
+
+    def acmoe_pretrain(run, *extra):
+        argv = _cmd(run, data, 1, *LAYOUT[1], *retention)[3:]  # less "python -m acmoe_megatron.launcher"
+        return launcher.main([*extra, *argv])
+
+    def fresh_copy(name):
+        run = tmp_path / name
+        shutil.copytree(uninterrupted["dir1"], run)
+        return run, run / "checkpoints"
+
+    run, ckpt = fresh_copy("truncated")
+    shard = next((ckpt / f"iter_{2 * N:07d}").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert acmoe_pretrain(run) == EXIT_CONFIG and not started
+    err = capsys.readouterr().err
+    assert f"{shard} is truncated" in err and "Complete checkpoints: iterations [5]" in err
+    assert "--resume-from 5" in err
+    assert acmoe_pretrain(run, "--resume-from", "5") == 0 and len(started) == 1
+    assert _latest(run) == "5" and (ckpt / f"iter_{2 * N:07d}.damaged").is_dir()
+    assert not (ckpt / f"iter_{2 * N:07d}").exists()
+
+    run, ckpt = fresh_copy("no_metadata")
+    (ckpt / f"iter_{2 * N:07d}" / ".metadata").unlink()
+    assert acmoe_pretrain(run) == EXIT_CONFIG
+    assert "/.metadata is missing (the save did not finish)" in capsys.readouterr().err
+
+    run, ckpt = fresh_copy("stale_tracker")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("7")
+    assert acmoe_pretrain(run) == EXIT_CONFIG
+    assert f"iter_0000007 does not exist" in capsys.readouterr().err
+    assert len(started) == 1  # only the --resume-from start reached torchrun

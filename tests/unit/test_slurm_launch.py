@@ -530,6 +530,10 @@ def test_resolve_refuses_to_mix_checkpoints_of_another_configuration(tmp_path, c
     (run_dir / "checkpoints").mkdir()
     (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("5")
     capsys.readouterr()
+    # a tracker naming an iteration that is not there: refused before the job starts training
+    assert slurm_launch.main(base) == 2
+    assert "iter_0000005 does not exist" in capsys.readouterr().err
+    (run_dir / "checkpoints" / "iter_0000005" / "mp_rank_00").mkdir(parents=True)  # megatron's legacy layout
     # a longer run: fine when the lr schedule's length stays (megatron refuses a changed one)
     assert slurm_launch.main([*base, "megatron.train_iters=500", "megatron.lr_decay_iters=400"]) == 0
     assert slurm_launch.main([*base, "megatron.train_iters=500"]) == 2
