@@ -382,7 +382,7 @@ def indexed_to_shards(prefix_or_dir: str | os.PathLike, out_dir: str | os.PathLi
     The shards are written by ``shards.py``'s packer and shard writer, the same code ``prepare`` uses,
     so shards -> indexed -> shards (same seq_length) gives byte-identical shards and manifest.
     """
-    from acmoe_megatron.data.shards import _clear_previous_dataset, _ShardSink, pack_blocks
+    from acmoe_megatron.data.shards import _clear_previous_dataset, write_token_blocks
     from acmoe_megatron.data.tokenizer import load_tokenizer
 
     if seq_length < 1:
@@ -424,17 +424,7 @@ def indexed_to_shards(prefix_or_dir: str | os.PathLike, out_dir: str | os.PathLi
     for name in splits:
         counts = counts_per_split.setdefault(name, {"documents": 0, "without_eod": 0})
         docs = (d.astype(dtype, copy=False) for d in _indexed_documents(prefixes[name], eod, vocab, counts))
-        sink = _ShardSink(out, name, samples_per_shard)
-        num_samples = num_tokens = 0
-        try:
-            for block, real_length in pack_blocks(docs, seq_length + 1, eod):
-                sink.write(num_samples, block, real_length)
-                num_samples += 1
-                num_tokens += real_length
-            sink.close()
-        except BaseException:
-            sink.abort()
-            raise
+        shards, num_samples, num_tokens = write_token_blocks(docs, out, name, seq_length, samples_per_shard, eod)
         side = sidecars[name]
         # the sidecar's text counts describe the source text (tokens do not determine them)
         same = side is not None and side["num_tokens"] == num_tokens
@@ -443,7 +433,7 @@ def indexed_to_shards(prefix_or_dir: str | os.PathLike, out_dir: str | os.PathLi
             num_text_bytes=side["num_text_bytes"] if same else 0,
             num_tokens=num_tokens,
             num_samples=num_samples,
-            shards=sink.shards,
+            shards=shards,
         )
     if all(s is not None for s in sidecars.values()) and \
             len({json.dumps(s["source"], sort_keys=True) for s in sidecars.values()}) == 1:

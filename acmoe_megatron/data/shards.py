@@ -48,7 +48,7 @@ from acmoe_megatron.data.shard_index import INDEX_SUFFIX, index_path, write_inde
 from acmoe_megatron.data.sources import resolve_source
 from acmoe_megatron.data.tokenizer import ByteTokenizer, load_tokenizer
 
-__all__ = ["pack_blocks", "prepare", "write_split"]
+__all__ = ["pack_blocks", "prepare", "write_split", "write_token_blocks"]
 
 # Called once per document with (split, number of file bytes consumed); used for progress bars.
 ProgressFn = Callable[[str, int], None]
@@ -236,10 +236,28 @@ def write_split(
                     progress(split, n_bytes)
                 yield tokens.astype(dtype, copy=False)
 
+    shards, num_samples, num_tokens = write_token_blocks(
+        token_arrays(), out_dir, split, seq_length, samples_per_shard, tokenizer.eod)
+    return SplitInfo(
+        num_documents=stats["docs"],
+        num_text_bytes=stats["text_bytes"],
+        num_tokens=num_tokens,
+        num_samples=num_samples,
+        shards=shards,
+    )
+
+
+def write_token_blocks(
+    documents: Iterable[np.ndarray], out_dir: str | os.PathLike, split: str, seq_length: int,
+    samples_per_shard: int, eod: int,
+) -> tuple[list[ShardInfo], int, int]:
+    """Pack token arrays (one per document, EOD appended by ``pack_blocks``) into samples of
+    ``seq_length + 1`` tokens and write them as ``split``'s shards (with their offset indexes) in
+    ``out_dir``; a failure removes the shard being written. Returns (shards, samples, real tokens)."""
     sink = _ShardSink(Path(out_dir), split, samples_per_shard)
     num_samples = num_tokens = 0
     try:
-        for block, real_length in pack_blocks(token_arrays(), seq_length + 1, tokenizer.eod):
+        for block, real_length in pack_blocks(documents, seq_length + 1, eod):
             sink.write(num_samples, block, real_length)
             num_samples += 1
             num_tokens += real_length
@@ -247,13 +265,7 @@ def write_split(
     except BaseException:
         sink.abort()
         raise
-    return SplitInfo(
-        num_documents=stats["docs"],
-        num_text_bytes=stats["text_bytes"],
-        num_tokens=num_tokens,
-        num_samples=num_samples,
-        shards=sink.shards,
-    )
+    return sink.shards, num_samples, num_tokens
 
 
 def prepare(
