@@ -108,9 +108,10 @@ class _first_samples:  # noqa: N801 (an iterator class used like a function)
         if self._k >= self.steps:
             raise StopIteration
         batch = self.batches.batch(self._k)
-        ids = self.batches._ids(self._k)
+        ids = self.batches.sample_ids(self._k)  # None: a padding slot
         position = self._k * self.batches.samples_per_step + self.batches.dp_rank * self.batches.micro_batch_size
-        keep = torch.tensor([(position + i < self.n) and ids[i] >= 0 for i in range(len(ids))], dtype=torch.float32)
+        keep = torch.tensor([position + i < self.n and sid is not None for i, sid in enumerate(ids)],
+                            dtype=torch.float32)
         batch["loss_mask"] = batch["loss_mask"] * keep.unsqueeze(1)
         self._k += 1
         return batch

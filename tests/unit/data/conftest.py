@@ -26,6 +26,16 @@ def small_shards(tmp_path_factory) -> ShardDir:
     return shards
 
 
+@pytest.fixture
+def shard_copy(tmp_path, small_shards) -> Path:
+    """A private copy of ``small_shards`` that a test may damage."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(small_shards.path, out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def one_shard(tmp_path_factory) -> Path:
     """A tiny shard directory whose train split is a single shard (fewer shards than replicas)."""

@@ -5,7 +5,6 @@ perm_epoch[p % N]; each global step of mbs * dp_size positions after ``consumed_
 into dp_size contiguous slices, replica r taking slice r (Megatron's sampler convention).
 """
 
-import shutil
 
 import numpy as np
 import pytest
@@ -139,44 +138,37 @@ def test_rank_env_vars_are_ignored(small_shards, monkeypatch):
     assert TokenBatches(small_shards.path, "train", 2, 1, 2, seed=1).sample_ids(0) == expected
 
 
-@pytest.fixture
-def damaged(tmp_path, small_shards):
-    copy = tmp_path / "copy"
-    shutil.copytree(small_shards.path, copy)
-    return copy
-
-
-def test_corrupt_shard_fails_loudly(damaged):
-    shard = damaged / "train-000001.tar"
+def test_corrupt_shard_fails_loudly(shard_copy):
+    shard = shard_copy / "train-000001.tar"
     data = bytearray(shard.read_bytes())
     data[5000] ^= 0xFF  # inside a token payload: only the checksum can notice
     shard.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=r"train-000001.tar: sha256 does not match.*--overwrite"):
-        list(TokenBatches(damaged, "train", 2, 0, 1, seed=0, infinite=False))  # checked when first read
+        list(TokenBatches(shard_copy, "train", 2, 0, 1, seed=0, infinite=False))  # checked when first read
 
 
-def test_corrupt_tar_header_fails_loudly_without_checksums(damaged):
-    shard = damaged / "train-000001.tar"
+def test_corrupt_tar_header_fails_loudly_without_checksums(shard_copy):
+    shard = shard_copy / "train-000001.tar"
     data = bytearray(shard.read_bytes())
     data[1024 * 3 + 10] ^= 0xFF  # inside the name field of the 4th member header
     # tarfile's stream mode treats a bad header after the first as the end of the archive and
     # stops without an error; the loader must notice the missing samples itself.
     shard.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=r"train-000001\.tar"):
-        list(TokenBatches(damaged, "train", 2, 0, 1, seed=0, verify_checksums=False, infinite=False))
+        list(TokenBatches(shard_copy, "train", 2, 0, 1, seed=0, verify_checksums=False, infinite=False))
 
 
-def test_truncated_shard_fails_loudly(damaged):
-    shard = damaged / "valid-000000.tar"
+def test_truncated_shard_fails_loudly(shard_copy):
+    shard = shard_copy / "valid-000000.tar"
     shard.write_bytes(shard.read_bytes()[:-5000])
     with pytest.raises(ShardError, match=r"valid-000000\.tar: has \d+ bytes, the manifest says"):
-        TokenBatches(damaged, "valid", 2, 0, 1, seed=0, verify_checksums=False)
+        TokenBatches(shard_copy, "valid", 2, 0, 1, seed=0, verify_checksums=False)
 
 
-def test_missing_shard_fails_loudly(damaged):
-    (damaged / "test-000000.tar").unlink()
+def test_missing_shard_fails_loudly(shard_copy):
+    (shard_copy / "test-000000.tar").unlink()
     with pytest.raises(ShardError, match=r"test-000000\.tar: is missing"):
-        TokenBatches(damaged, "test", 2, 0, 1, seed=0)
+        TokenBatches(shard_copy, "test", 2, 0, 1, seed=0)
 
 
 def test_configuration_errors(small_shards, tmp_path):
@@ -227,22 +219,22 @@ def test_split_smaller_than_a_global_step_is_refused(small_shards):
     TokenBatches(small_shards.path, "valid", n // 2, 1, 2, seed=0)  # exactly one step is fine
 
 
-def test_truncated_tar_is_detected_by_the_reader(damaged):
+def test_truncated_tar_is_detected_by_the_reader(shard_copy):
     """Even when the size check is bypassed (manifest edited), a short tar is an error."""
     import json
 
     from acmoe_megatron.data.manifest import sha256_file
 
-    shard = damaged / "valid-000000.tar"
+    shard = shard_copy / "valid-000000.tar"
     shard.write_bytes(shard.read_bytes()[: 512 * 41 + 100])  # cut inside a member's payload
-    manifest = json.loads((damaged / "manifest.json").read_text())
+    manifest = json.loads((shard_copy / "manifest.json").read_text())
     info = manifest["splits"]["valid"]["shards"][0]
     info["bytes"], info["sha256"] = shard.stat().st_size, sha256_file(shard)
-    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    (shard_copy / "manifest.json").write_text(json.dumps(manifest))
     # the shard's index no longer fits it: named with the fix (without the index: the tar scan fails)
     with pytest.raises(ShardError, match=r"valid-000000\.tar(: (cannot be read|holds \d+ samples, the manifest says)"
                        r"|\.offsets\.npy does not match its shard)"):
-        list(TokenBatches(damaged, "valid", 2, 0, 1, seed=0, infinite=False))
+        list(TokenBatches(shard_copy, "valid", 2, 0, 1, seed=0, infinite=False))
 
 
 def test_sample_with_wrong_dtype_is_an_error(tmp_path):

@@ -8,7 +8,6 @@ read, and the definition of the order (a permutation of every epoch, random acce
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -18,13 +17,6 @@ from acmoe_megatron.data.manifest import read_manifest, sample_key
 from acmoe_megatron.data.sample_order import SampleOrder
 from acmoe_megatron.data.shard_index import index_path, scan_offsets
 from acmoe_megatron.data.shard_store import ShardError, ShardSamples, load_split_samples
-
-
-@pytest.fixture
-def copy(tmp_path, small_shards):
-    out = tmp_path / "copy"
-    shutil.copytree(small_shards.path, out)
-    return out
 
 
 def test_prepare_writes_the_index_the_tar_headers_give(small_shards):
@@ -37,66 +29,66 @@ def test_prepare_writes_the_index_the_tar_headers_give(small_shards):
             assert np.array_equal(stored, scan_offsets(path, shard.first_sample, shard.samples))
 
 
-def test_reading_without_an_index_scans_the_tar_and_gives_the_same_samples(copy, small_shards):
+def test_reading_without_an_index_scans_the_tar_and_gives_the_same_samples(shard_copy, small_shards):
     _, expected = load_split_samples(small_shards.path, "train")
-    for index in copy.glob("*.offsets.npy"):
+    for index in shard_copy.glob("*.offsets.npy"):
         index.unlink()
-    store = ShardSamples(copy, "train")
+    store = ShardSamples(shard_copy, "train")
     ids = np.random.default_rng(0).permutation(len(store))[:300]
     assert np.array_equal(store.read(ids), expected[ids])
-    assert np.array_equal(load_split_samples(copy, "train")[1], expected)
+    assert np.array_equal(load_split_samples(shard_copy, "train")[1], expected)
 
 
-def test_a_stale_index_is_an_error_naming_it(copy):
-    index = copy / "train-000001.tar.offsets.npy"
+def test_a_stale_index_is_an_error_naming_it(shard_copy):
+    index = shard_copy / "train-000001.tar.offsets.npy"
     np.save(index, np.load(index)[:-1])
-    store = ShardSamples(copy, "train", verify_checksums=False)
+    store = ShardSamples(shard_copy, "train", verify_checksums=False)
     with pytest.raises(ShardError, match=r"index .*train-000001\.tar\.offsets\.npy does not match its shard.*acmoe-data index"):
         store.read(np.array([int(store.starts[1])]))
 
 
-def test_an_index_pointing_elsewhere_cannot_pass_the_header_check(copy):
-    index = copy / "train-000000.tar.offsets.npy"
+def test_an_index_pointing_elsewhere_cannot_pass_the_header_check(shard_copy):
+    index = shard_copy / "train-000000.tar.offsets.npy"
     np.save(index, np.load(index) + np.uint64(512))
-    store = ShardSamples(copy, "train", verify_checksums=False)
+    store = ShardSamples(shard_copy, "train", verify_checksums=False)
     with pytest.raises(ShardError, match=r"train-000000\.tar: sample 0000000003 has a damaged tar header or the "
                        r"index points elsewhere"):
         store.read(np.array([3]))
 
 
-def test_a_damaged_npy_header_is_an_error(copy):
-    path = copy / "train-000000.tar"
+def test_a_damaged_npy_header_is_an_error(shard_copy):
+    path = shard_copy / "train-000000.tar"
     data = bytearray(path.read_bytes())
     data[int(np.load(index_path(path))[2]) + 20] ^= 0x01  # inside sample 2's .npy header
     path.write_bytes(bytes(data))
-    store = ShardSamples(copy, "train", verify_checksums=False)
+    store = ShardSamples(shard_copy, "train", verify_checksums=False)
     assert store.read(np.array([1, 3])).shape == (2, 65)
     with pytest.raises(ShardError, match=r"train-000000\.tar: sample 0000000002 does not start with the \.npy header"):
         store.read(np.array([1, 2]))
 
 
-def test_an_out_of_vocabulary_token_is_an_error_naming_shard_and_sample(copy):
+def test_an_out_of_vocabulary_token_is_an_error_naming_shard_and_sample(shard_copy):
     """A flipped byte that turns a token id into 65535 (vocab 257) is caught without checksums."""
-    manifest = read_manifest(copy)
+    manifest = read_manifest(shard_copy)
     shard = manifest.splits["train"].shards[1]
-    path = copy / shard.file
+    path = shard_copy / shard.file
     offset = int(np.load(index_path(path))[7]) + 128 + 2 * 5  # header, then token 5 of sample 7
     data = bytearray(path.read_bytes())
     data[offset : offset + 2] = b"\xff\xff"
     path.write_bytes(bytes(data))
-    store = ShardSamples(copy, "train", verify_checksums=False)
+    store = ShardSamples(shard_copy, "train", verify_checksums=False)
     key = sample_key(shard.first_sample + 7)
     with pytest.raises(ShardError, match=rf"train-000001\.tar: sample {key} holds token id 65535, not below the "
                        r"vocabulary size 257"):
         store.read(np.arange(shard.first_sample, shard.first_sample + 10))
     with pytest.raises(ShardError, match=rf"sample {key} holds token id 65535"):
-        list(TokenBatches(copy, "train", 4, 0, 1, seed=0, verify_checksums=False, infinite=False))
+        list(TokenBatches(shard_copy, "train", 4, 0, 1, seed=0, verify_checksums=False, infinite=False))
 
 
-def test_missing_shard_is_found_at_construction(copy):
-    (copy / "train-000002.tar").unlink()
+def test_missing_shard_is_found_at_construction(shard_copy):
+    (shard_copy / "train-000002.tar").unlink()
     with pytest.raises(ShardError, match=r"train-000002\.tar: is missing"):
-        ShardSamples(copy, "train")
+        ShardSamples(shard_copy, "train")
 
 
 def test_reads_are_exact_in_any_order_and_after_the_open_file_limit(small_shards):
@@ -166,23 +158,23 @@ def test_shuffle_window_must_be_positive():
         SampleOrder(SHARDS, seed=0, window=0)
 
 
-def test_manifest_inconsistent_with_its_shards_is_refused(copy):
-    manifest = json.loads((copy / "manifest.json").read_text())
+def test_manifest_inconsistent_with_its_shards_is_refused(shard_copy):
+    manifest = json.loads((shard_copy / "manifest.json").read_text())
     manifest["splits"]["train"]["num_samples"] += 1
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (shard_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="the manifest is inconsistent"):
-        ShardSamples(copy, "train")
+        ShardSamples(shard_copy, "train")
 
 
-def test_acmoe_data_index_writes_the_indexes_prepare_writes(copy, small_shards):
+def test_acmoe_data_index_writes_the_indexes_prepare_writes(shard_copy, small_shards):
     from acmoe_megatron.data.cli import main
 
-    for index in copy.glob("*.offsets.npy"):
+    for index in shard_copy.glob("*.offsets.npy"):
         index.unlink()
-    assert main(["index", str(copy)]) == 0
-    written = sorted(p.name for p in copy.glob("*.offsets.npy"))
+    assert main(["index", str(shard_copy)]) == 0
+    written = sorted(p.name for p in shard_copy.glob("*.offsets.npy"))
     assert written == sorted(p.name for p in small_shards.path.glob("*.offsets.npy")) and written
     for name in written:
-        assert np.array_equal(np.load(copy / name), np.load(small_shards.path / name))
-    (copy / "valid-000001.tar").write_bytes(b"not a tar")
-    assert main(["index", str(copy)]) == 2  # a damaged shard: an error naming it, not an index
+        assert np.array_equal(np.load(shard_copy / name), np.load(small_shards.path / name))
+    (shard_copy / "valid-000001.tar").write_bytes(b"not a tar")
+    assert main(["index", str(shard_copy)]) == 2  # a damaged shard: an error naming it, not an index
