@@ -234,6 +234,39 @@ def local_weights(
     return w_KD, stats
 
 
+class WeightAverage:
+    """The token-weighted mean of the AC weights each cluster's tokens were routed with, over many
+    micro-batches: the fixed inference transform of a ``batch``-trained model (inference_stats.py).
+
+    Row k averages the per-micro-batch rows ``w_KD[k]`` weighted by the tokens of cluster k in each
+    micro-batch, i.e. the expected transform a token of cluster k met in training. The weights, not the
+    MADs, are averaged: in ``release`` mode a micro-batch's empty and singleton clusters enter the
+    clip and normalisation means (weights far below 1), which pooled MADs would not reproduce. A
+    cluster no calibration token fell into gets the token-weighted mean row of all clusters.
+    """
+
+    def __init__(self, num_clusters: int, hidden: int, device):
+        self.wsum_KD = torch.zeros(num_clusters, hidden, dtype=torch.float64, device=device)
+        self.count_K = torch.zeros(num_clusters, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def add(self, w_KD: torch.Tensor, counts_K: torch.Tensor) -> None:
+        self.wsum_KD.addcmul_(w_KD.double(), counts_K.double().unsqueeze(1))
+        self.count_K.add_(counts_K.double())
+
+    @torch.no_grad()
+    def result(self, all_reduce: AllReduce | None = None, replicas: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``w_KD`` fp32, tokens per cluster): summed over ``all_reduce``'s group, whose ranks hold
+        the same statistics ``replicas`` times over (the statistics scope's group size)."""
+        packed = torch.cat([self.wsum_KD, self.count_K.unsqueeze(1)], dim=1)
+        if all_reduce is not None:
+            all_reduce(packed)
+        wsum_KD, count_K = packed[:, :-1], packed[:, -1]
+        fallback_D = wsum_KD.sum(0) / count_K.sum().clamp_min(1.0)
+        w_KD = torch.where((count_K > 0).unsqueeze(1), wsum_KD / count_K.clamp_min(1.0).unsqueeze(1), fallback_D)
+        return w_KD.float(), count_K / replicas
+
+
 _NORM_EPS = 1e-12  # F.normalize's default
 
 

@@ -4,6 +4,7 @@
     acmoe-eval runs/tiny_cpu --split test --corrupt data/stdlib_s256_wordswap0.025
     acmoe-eval runs/tiny_cpu --nproc 1 megatron.expert_model_parallel_size=1   # another layout (resharded)
     acmoe-eval runs/tiny_cpu --iteration 200 --max-samples 512
+    acmoe-eval runs/tiny_cpu --calibrate 64                    # batch-free AC statistics, stored and used
 
 Reads the run's resolved recipe (``RUN_DIR/config.yaml``), checks everything it can before any
 process starts (checkpoint present, each data directory has the split, its sequence length and
@@ -13,6 +14,12 @@ once, every requested split scored in one pass. Results: ``RUN_DIR/eval.json`` (
 TensorBoard scalars ``eval/<split>[_corrupt]/{loss,bits_per_token,perplexity}`` in the run, at the
 checkpoint's iteration. Only the evaluated split is needed: a corrupted copy made with ``acmoe-data
 prepare --splits valid test --corrupt ...`` (no train split) evaluates as is.
+
+AC statistics (``--statistics``, labelled in eval.json): an ``acmoe.source: batch`` model scores with
+each evaluation micro-batch's statistics (what the paper reports; the loss then depends on the
+micro-batch size) until ``--calibrate N`` has stored a batch-independent table beside the checkpoint
+(inference_stats.py); from then on ``auto`` uses it. ``source: ema`` models use their running
+statistics.
 """
 
 from __future__ import annotations
@@ -41,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=None,
                    help="processes (default: the run's world size from summary.json, else GPUs or 1)")
     p.add_argument("--out", default=None, help="results file (default: RUN_DIR/eval.json)")
+    p.add_argument("--statistics", default="auto", choices=("auto", "batch", "ema", "calibrated"),
+                   help="the AC routers' cluster statistics: batch (each evaluation micro-batch's, as the paper "
+                        "reports), ema (an acmoe.source=ema model's running statistics), calibrated (the table "
+                        "--calibrate stored beside the checkpoint); auto (default): ema for ema models, else "
+                        "calibrated where a calibration exists, else batch")
+    p.add_argument("--calibrate", type=int, default=None, metavar="N",
+                   help="calibrate a batch-trained AC model first: per-cluster AC weights averaged over N training "
+                        "micro-batches per data-parallel replica (the run's data and micro-batch size), stored "
+                        "beside the checkpoint (iter_*/acmoe_inference_stats.pt), then used")
     p.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE recipe overrides, e.g. a parallel layout")
     return p
 
@@ -68,8 +84,51 @@ def _check_data(path: str, split: str, seq_length: int, vocab_size: int | None, 
                           f"with `acmoe-data prepare ... --splits {split}` or pick another --split")
 
 
+def checkpoint_iteration(ckpt: Path, iteration: int | None) -> int:
+    """The iteration acmoe-eval loads: ``--iteration`` or megatron's latest."""
+    if iteration is not None:
+        return iteration
+    text = (ckpt / "latest_checkpointed_iteration.txt").read_text().strip()
+    if not text.isdigit():
+        raise ConfigError(f"{ckpt}/latest_checkpointed_iteration.txt holds {text!r}, not an iteration; "
+                          "give --iteration N")
+    return int(text)
+
+
+def choose_statistics(cli, recipe, ckpt: Path, iteration: int) -> tuple[str, Path | None]:
+    """(the worker's --statistics, the calibration file it reads or writes): checked before any process."""
+    from acmoe_megatron import inference_stats
+
+    stats_file = inference_stats.stats_path(ckpt, iteration)
+    if recipe.acmoe.router != "ac":
+        if cli.calibrate is not None or cli.statistics not in ("auto", "batch"):
+            raise ConfigError(f"--statistics/--calibrate: the run's router is {recipe.acmoe.router!r}, which has no "
+                              "cluster statistics; drop the option")
+        return "none", None
+    if recipe.acmoe.source == "ema":
+        if cli.calibrate is not None or cli.statistics not in ("auto", "ema"):
+            raise ConfigError("the run was trained with acmoe.source=ema: its AC layers route with the running "
+                              "statistics in the checkpoint; drop --calibrate / use --statistics ema (or auto)")
+        return "ema", None
+    if cli.calibrate is not None:
+        if cli.calibrate < 1:
+            raise ConfigError(f"--calibrate {cli.calibrate}: give a number of micro-batches >= 1")
+        if cli.statistics not in ("auto", "calibrated"):
+            raise ConfigError(f"--calibrate with --statistics {cli.statistics}: calibration is then used; "
+                              "drop --statistics or use --statistics calibrated")
+        return "calibrated", stats_file
+    if cli.statistics == "ema":
+        raise ConfigError("--statistics ema: the run was trained with acmoe.source=batch and has no running "
+                          "statistics; use --calibrate N (or --statistics batch, what the paper reports)")
+    if cli.statistics == "calibrated" and not stats_file.is_file():
+        raise ConfigError(f"--statistics calibrated: {stats_file} does not exist; make it with --calibrate N")
+    if cli.statistics == "auto":
+        return ("calibrated", stats_file) if stats_file.is_file() else ("batch", None)
+    return cli.statistics, stats_file if cli.statistics == "calibrated" else None
+
+
 def plan(cli) -> tuple[object, int, list[str], Path]:
-    """(recipe, nproc, worker --eval specs, out): every check that needs no process, or ConfigError."""
+    """(recipe, nproc, worker arguments, out): every check that needs no process, or ConfigError."""
     from acmoe_megatron.data.manifest import read_manifest
     from acmoe_megatron.megatron_args import build_argv, validate_args
     from acmoe_megatron.run_plan import megatron_args, parallel_layout
@@ -81,7 +140,9 @@ def plan(cli) -> tuple[object, int, list[str], Path]:
     if cli.iteration is not None:
         overrides.append(f"megatron.ckpt_step={cli.iteration}")
     recipe = load_recipe(run_dir / "config.yaml", overrides)
-    _check_checkpoint(Path(recipe.megatron.get("load") or run_dir / "checkpoints"), cli.iteration)
+    ckpt = Path(recipe.megatron.get("load") or run_dir / "checkpoints")
+    _check_checkpoint(ckpt, cli.iteration)
+    statistics, stats_file = choose_statistics(cli, recipe, ckpt, checkpoint_iteration(ckpt, cli.iteration))
     data = cli.data or recipe.data.path
     nproc = cli.nproc
     if nproc is None:
@@ -98,19 +159,25 @@ def plan(cli) -> tuple[object, int, list[str], Path]:
     argv = build_argv(recipe, manifest)  # the model's seq_length/vocabulary against this data
     args = megatron_args(argv, nproc, ours=lambda a: validate_args(a, recipe))
     vocab = args.vocab_size if args.tokenizer_type == "NullTokenizer" else None
-    specs = []
+    worker = []
     for name, path in [(cli.split, data)] + ([(f"{cli.split}_corrupt", cli.corrupt)] if cli.corrupt else []):
         _check_data(path, cli.split, args.seq_length, vocab, "--corrupt" if name.endswith("_corrupt") else "--data")
-        specs.append(f"{name}={path}:{cli.split}")
-    return recipe, nproc, specs, Path(cli.out) if cli.out else run_dir / "eval.json"
+        worker += ["--eval", f"{name}={path}:{cli.split}"]
+    worker += ["--statistics", statistics]
+    if stats_file is not None:
+        worker += ["--stats-file", str(stats_file)]
+    if cli.calibrate is not None:
+        _check_data(recipe.data.path, "train", args.seq_length, vocab, "--calibrate: the run's data")
+        worker += ["--calibrate", str(cli.calibrate), "--calibrate-data", str(recipe.data.path)]
+    return recipe, nproc, worker, Path(cli.out) if cli.out else run_dir / "eval.json"
 
 
 def main(argv=None) -> int:
     from acmoe_megatron.launcher import free_port
 
-    cli = _parser().parse_args(argv)
+    cli = _parser().parse_intermixed_args(argv)
     try:
-        recipe, nproc, specs, out = plan(cli)
+        recipe, nproc, worker, out = plan(cli)
     except ConfigError as err:
         print(f"acmoe-eval: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -120,8 +187,7 @@ def main(argv=None) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "acmoe_megatron.evaluate", "--config", str(Path(cli.run_dir) / "config.yaml"), "--out", str(out)]
-    for spec in specs:
-        cmd += ["--eval", spec]
+    cmd += worker
     if cli.max_samples is not None:
         cmd += ["--max-samples", str(cli.max_samples)]
     cmd += [f"run.dir={cli.run_dir}", *cli.overrides]

@@ -7,7 +7,9 @@ only; a ``torch_dist`` checkpoint loads into any parallel layout megatron can re
 megatron's forward-only schedule over every micro-batch of each requested split: one
 deterministic pass (``TokenBatches(shuffle=False, infinite=False)``, the last micro-batches padded
 with fully masked samples, so every real sample counts exactly once whatever the data-parallel
-size). The token-weighted loss is summed over micro-batches and data-parallel replicas. Rank 0
+size). The AC routers score with the statistics ``acmoe-eval`` chose (``--statistics``): the
+batch's (the paper), the checkpoint's running statistics (``source: ema``) or a calibrated table
+(inference_stats.py), computed first over training micro-batches with ``--calibrate N``. The token-weighted loss is summed over micro-batches and data-parallel replicas. Rank 0
 writes ``eval.json``; megatron's TensorBoard writer (last rank) gets ``eval/<name>/loss`` etc. at
 the checkpoint's iteration. Nothing is trained and no optimizer is built.
 
@@ -36,6 +38,12 @@ def parse_cli(argv=None):
     p.add_argument("--eval", action="append", required=True, metavar="NAME=DIR:SPLIT",
                    help="a split to score, e.g. valid=data/stdlib_s256:valid (repeatable)")
     p.add_argument("--max-samples", type=int, default=None, help="score only the first N samples of each split")
+    p.add_argument("--statistics", choices=("batch", "ema", "calibrated", "none"), default="batch",
+                   help="the AC routers' statistics (chosen by acmoe-eval)")
+    p.add_argument("--stats-file", default=None, help="calibrated statistics to read (or write with --calibrate)")
+    p.add_argument("--calibrate", type=int, default=None, metavar="N",
+                   help="first compute the calibrated statistics over N training micro-batches per replica")
+    p.add_argument("--calibrate-data", default=None, help="shard directory whose train split calibrates")
     p.add_argument("--out", required=True, help="eval.json to write")
     p.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides (e.g. another parallel layout)")
     return p.parse_args(argv)
@@ -50,13 +58,43 @@ def _targets(specs: list[str]) -> list[tuple[str, str, str]]:
     return out
 
 
+def forward_only(model, args, batches, steps: int, copies) -> list:
+    """megatron's forward-only schedule over ``steps`` micro-batches of ``batches`` (every model
+    chunk of a virtual pipeline gets its own iterator over the same batches: ``copies()``)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from acmoe_megatron.train import forward_step
+
+    model_list = model if isinstance(model, list) else [model]
+    iterators = [iter(batches)] + [iter(copies()) for _ in model_list[1:]]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterators if len(model_list) > 1 else iterators[0],
+        model=model_list, num_microbatches=steps, seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size, forward_only=True)
+
+
+def calibrate(model, recipe, args, path: str, micro_batches: int) -> dict[int, dict]:
+    """The AC layers' calibrated inference tables (inference_stats.calibrate) over the first
+    ``micro_batches`` training micro-batches per replica of ``path``'s train split, in the training
+    order of the run's data seed: every AC layer of every pipeline stage, on every rank."""
+    from megatron.core import parallel_state
+
+    from acmoe_megatron import inference_stats
+    from acmoe_megatron.data.loader import TokenBatches
+
+    batches = TokenBatches(path, "train", args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+                           parallel_state.get_data_parallel_world_size(), seed=recipe.data.seed,
+                           verify_checksums=False, seq_length=args.seq_length, cache_dir=recipe.data.cache_dir)
+    tables = inference_stats.calibrate(model, lambda: forward_only(
+        model, args, batches, micro_batches, lambda: batches.worker_view(0, 1)))
+    return inference_stats.gather_stages(tables, parallel_state.get_pipeline_model_parallel_group())
+
+
 def score_split(model, recipe, args, path: str, split: str, max_samples: int | None) -> dict:
     """(loss sum, tokens, samples) of one split, summed over data-parallel replicas."""
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from acmoe_megatron.data.loader import TokenBatches
-    from acmoe_megatron.train import forward_step
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -68,13 +106,8 @@ def score_split(model, recipe, args, path: str, split: str, max_samples: int | N
         batches = _first_samples(batches, max_samples)
         total_samples = max_samples
     steps = len(batches) if isinstance(batches, TokenBatches) else batches.steps
-    model_list = model if isinstance(model, list) else [model]
-    iterators = [iter(batches)] + [iter(batches.worker_view(0, 1)) if isinstance(batches, TokenBatches)
-                                   else iter(batches.copy()) for _ in model_list[1:]]
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iterators if len(model_list) > 1 else iterators[0],
-        model=model_list, num_microbatches=steps, seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size, forward_only=True)
+    losses = forward_only(model, args, batches, steps, (lambda: batches.worker_view(0, 1))
+                          if isinstance(batches, TokenBatches) else batches.copy)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # megatron's groups: NCCL / gloo
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for item in losses or []:  # only the last pipeline stage returns losses
@@ -117,14 +150,40 @@ class _first_samples:  # noqa: N801 (an iterator class used like a function)
         return batch
 
 
-def statistics_source(recipe, args) -> str:
+def statistics_source(recipe, args, statistics: str, stats_file: str | None = None, meta: dict | None = None) -> str:
     """What the AC routers' cluster statistics come from at this evaluation (labelled in eval.json)."""
-    if recipe.acmoe.router != "ac":
+    if statistics == "none":
         return f"none ({recipe.acmoe.router} router has no cluster statistics)"
-    if recipe.acmoe.source == "ema":
+    if statistics == "ema":
         return "ema (the running statistics in the checkpoint: independent of the batch)"
+    if statistics == "calibrated":
+        return (f"calibrated ({meta['micro_batches']} micro-batches of {meta['micro_batch_size']} samples per "
+                f"replica x {meta['data_parallel_size']} replicas of {meta['data']}:train at iteration "
+                f"{meta['iteration']}; {stats_file}: independent of the batch)")
     return (f"batch (each micro-batch of {args.micro_batch_size} samples, scope {recipe.acmoe.scope}: what the "
             "paper reports; scores depend on the micro-batch size)")
+
+
+def inference_tables(model, recipe, args, cli, iteration: int, rank: int) -> dict | None:
+    """Calibrate (and save) or read the calibrated tables, and install them; their metadata."""
+    from acmoe_megatron import inference_stats
+
+    if cli.statistics != "calibrated":
+        return None
+    if cli.calibrate:
+        tables = calibrate(model, recipe, args, cli.calibrate_data, cli.calibrate)
+        meta = {"iteration": iteration, "micro_batches": cli.calibrate, "micro_batch_size": args.micro_batch_size,
+                "data_parallel_size": args.data_parallel_size, "data": cli.calibrate_data, "seed": recipe.data.seed,
+                "mode": recipe.acmoe.mode, "scope": recipe.acmoe.scope,
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if rank == 0:
+            inference_stats.save(cli.stats_file, tables, meta)
+            print(f"[acmoe-eval] calibrated AC statistics of layers {sorted(tables)} over {cli.calibrate} "
+                  f"micro-batches per replica: wrote {cli.stats_file}", flush=True)
+    else:
+        tables, meta = inference_stats.load(cli.stats_file)
+    inference_stats.install(model, tables)
+    return meta
 
 
 def main(argv=None) -> None:
@@ -165,6 +224,7 @@ def main(argv=None) -> None:
             chunk.eval()
         results = {}
         with torch.no_grad():
+            meta = inference_tables(model, recipe, args, cli, iteration, rank)
             for name, path, split in targets:
                 results[name] = score_split(model, recipe, args, path, split, cli.max_samples)
                 if rank == 0:
@@ -180,7 +240,9 @@ def main(argv=None) -> None:
         writer.flush()
     if rank == 0:
         out = {"run_dir": str(Path(cli.config).parent), "checkpoint": args.load, "iteration": iteration,
-               "statistics_source": statistics_source(recipe, args), "micro_batch_size": args.micro_batch_size,
+               "statistics": cli.statistics,
+               "statistics_source": statistics_source(recipe, args, cli.statistics, cli.stats_file, meta),
+               "micro_batch_size": args.micro_batch_size,
                "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                "layout": {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
                           "ep": args.expert_model_parallel_size, "dp": args.data_parallel_size},

@@ -27,6 +27,9 @@ Statistics **source**: ``batch`` (the paper; a token's weights depend on the oth
 micro-batch, including later tokens of its own sequence — a non-causal leak in a causal LM, and
 batch-dependent evaluation) or ``ema`` (running per-expert mean/MAD, updated after use from the
 global batch statistics, saved in checkpoints: causal-safe and batch-independent).
+Outside training (``eval()``) an AC router routes with a fixed transform when it has one
+(``inference_weights``): the EMA's, or a ``batch``-trained model's calibrated table
+(inference_stats.py); without one it falls back to the batch statistics, as the paper evaluates.
 
 The builder signature megatron calls is ``router(config=, pg_collection=, is_mtp_layer=)``; our
 settings are bound beforehand by ``plugin.patch_block_spec`` (``spec_kwargs``): no field is added to megatron's
@@ -156,6 +159,33 @@ class ACRouter(CosineRouter):
         super().__init__(settings=settings, **kw)
         self.ac = settings
         self.ac_constants = settings.constants()
+        # a batch-trained model's calibrated inference transform (inference_stats.install); not part
+        # of megatron's checkpoint (stored beside it)
+        self.register_buffer("ac_inference_w", None, persistent=False)
+        self.calibration: ac_stats.WeightAverage | None = None  # set while inference_stats.calibrate runs
+
+    def inference_weights(self) -> torch.Tensor | None:
+        """The batch-independent ``[K, D]`` transform used outside training, or None (batch statistics)."""
+        if self.ac.source == "ema":
+            return self._ema_weights()
+        return self.ac_inference_w
+
+    def set_inference_weights(self, w_KD: torch.Tensor | None) -> None:
+        """Route with ``w_KD`` outside training (None: back to the batch statistics)."""
+        if self.ac.source == "ema":
+            raise ValueError("an acmoe.source=ema router routes with its own running statistics at inference")
+        if w_KD is not None:
+            shape = (self.num_experts, self.config.hidden_size)
+            if tuple(w_KD.shape) != shape:
+                raise ValueError(f"AC layer {self.layer_number}: inference weights of shape {tuple(w_KD.shape)}, "
+                                 f"the router needs {shape}")
+            w_KD = w_KD.detach().to(device=self.weight.device, dtype=torch.float32)
+        self.ac_inference_w = w_KD
+
+    def scope_replicas(self) -> int:
+        """How many ranks of ``tp_dp_cp`` hold the same statistics (the size of the scope's group)."""
+        group = self._group(self.ac.scope)
+        return 1 if group is None else dist.get_world_size(group)
 
     def _group(self, scope: str):
         group = {"local": None, "tp": self.tp_cp_group, "dp": self.tp_dp_cp_group}[scope]
@@ -167,6 +197,8 @@ class ACRouter(CosineRouter):
         state = self.chunk_state
         labels = state.labels_for(self.layer_number, x_TD.shape[0])
         c = self.ac_constants
+        if not self.training and (w_KD := self.inference_weights()) is not None:
+            return w_KD, labels.top1_T
         if self.ac.source == "ema":
             w_KD = self._ema_weights()
             if self.training and torch.is_grad_enabled():  # once per step, also under recompute
@@ -186,6 +218,8 @@ class ACRouter(CosineRouter):
         else:
             stats = ac_stats.cluster_stats(x_TD, labels.top1_T, self.num_experts, all_reduce)
             w_KD = ac_stats.compiled(ac_stats.weights_from_stats, self.ac.compile)(stats.mad_KD, stats.counts_K, **kw)
+        if self.calibration is not None:
+            self.calibration.add(w_KD, stats.counts_K)
         if self._recording():
             rows_K = ac_stats.cluster_rows(stats.counts_K, self.ac.mode, max_label, self.ac.min_cluster_size)
             state.metrics.record_ac(self.layer_number, stats.counts_K, stats.mean_KD, stats.mad_KD, w_KD,

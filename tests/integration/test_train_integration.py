@@ -354,3 +354,40 @@ def test_acmoe_eval_refuses_a_missing_split_before_starting(first_run, workdir, 
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("a process was started"))
     assert eval_cli.main([str(run_dir), "--split", "test", "--data", str(only_valid)]) == 2
     assert f"--data {only_valid} has no 'test' split (it has ['valid'])" in capsys.readouterr().err
+
+
+def test_acmoe_eval_calibrates_batch_statistics_in_another_layout_and_then_uses_them(first_run, workdir):
+    """--calibrate on the EP=2 run, loaded in 1 process (EP=1, resharded): the calibrated table is
+    stored beside the checkpoint, labelled in eval.json, and what acmoe-eval picks from then on."""
+    from acmoe_megatron import eval_cli, inference_stats
+
+    _, run_dir, snap = first_run
+    cal_dir = workdir / "calibrated"
+    shutil.copytree(run_dir, cal_dir)
+    stats_file = cal_dir / "checkpoints" / "iter_0000012" / inference_stats.FILE
+    cli = eval_cli._parser().parse_intermixed_args
+    assert "--statistics batch" in " ".join(eval_cli.plan(cli([str(cal_dir)]))[2])
+    cmd = [sys.executable, "-m", "acmoe_megatron.eval_cli", str(cal_dir), "--nproc", "1", "--calibrate", "3",
+           "--max-samples", "16", "megatron.expert_model_parallel_size=1"]
+    out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert out.returncode == 0, _tail(out)
+    result = json.loads((cal_dir / "eval.json").read_text())
+    assert result["statistics"] == "calibrated" and result["layout"]["ep"] == 1
+    assert result["statistics_source"].startswith(
+        f"calibrated (3 micro-batches of 4 samples per replica x 1 replicas of {workdir / 'data'}:train at iteration 12")
+    tables, meta = inference_stats.load(stats_file)
+    assert sorted(tables) == [3, 4] and meta["micro_batches"] == 3  # tiny_cpu: AC from MoE layer 3
+    assert all(float(t["counts_K"].sum()) == 3 * 4 * 64 for t in tables.values())
+    # the batch-independent table changes the scores a little, not the model
+    assert result["results"]["valid"]["loss"] == pytest.approx(snap["summary"]["final_valid_loss"], rel=0.05)
+    assert result["results"]["valid"]["loss"] != pytest.approx(snap["summary"]["final_valid_loss"], rel=1e-6)
+    # from now on the default is the calibrated table; asking for what the run lacks is refused
+    worker = " ".join(eval_cli.plan(cli([str(cal_dir)]))[2])
+    assert f"--statistics calibrated --stats-file {stats_file}" in worker
+    with pytest.raises(eval_cli.ConfigError, match="trained with acmoe.source=batch and has no running statistics"):
+        eval_cli.plan(cli([str(cal_dir), "--statistics", "ema"]))
+    stats_file.unlink()
+    with pytest.raises(eval_cli.ConfigError, match="does not exist; make it with --calibrate N"):
+        eval_cli.plan(cli([str(cal_dir), "--statistics", "calibrated"]))
+    with pytest.raises(eval_cli.ConfigError, match="router is 'topk', which has no cluster statistics"):
+        eval_cli.plan(cli([str(cal_dir), "--calibrate", "2", "acmoe.router=topk"]))
