@@ -5,6 +5,7 @@
     acmoe-eval runs/tiny_cpu --nproc 1 megatron.expert_model_parallel_size=1   # another layout (resharded)
     acmoe-eval runs/tiny_cpu --iteration 200 --max-samples 512
     acmoe-eval runs/tiny_cpu --calibrate 64                    # batch-free AC statistics, stored and used
+    acmoe-eval runs/tiny_cpu --report                          # + RUN_DIR/specialisation/specialisation.md
 
 Reads the run's resolved recipe (``RUN_DIR/config.yaml``), checks everything it can before any
 process starts (checkpoint present, each data directory has the split, its sequence length and
@@ -53,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
                         "reports), ema (an acmoe.source=ema model's running statistics), calibrated (the table "
                         "--calibrate stored beside the checkpoint); auto (default): ema for ema models, else "
                         "calibrated where a calibration exists, else batch")
+    p.add_argument("--report", action="store_true",
+                   help="also write the expert-specialisation report (markdown, JSON, PNG heatmaps) of the split: "
+                        "per MoE layer and expert the load, top tokens / byte n-grams / words, cluster tightness and "
+                        "separation before/after the AC transform, agreement with the previous layer")
+    p.add_argument("--report-dir", default=None, help="where --report writes (default: RUN_DIR/specialisation)")
     p.add_argument("--calibrate", type=int, default=None, metavar="N",
                    help="calibrate a batch-trained AC model first: per-cluster AC weights averaged over N training "
                         "micro-batches per data-parallel replica (the run's data and micro-batch size), stored "
@@ -169,6 +175,10 @@ def plan(cli) -> tuple[object, int, list[str], Path]:
     if cli.calibrate is not None:
         _check_data(recipe.data.path, "train", args.seq_length, vocab, "--calibrate: the run's data")
         worker += ["--calibrate", str(cli.calibrate), "--calibrate-data", str(recipe.data.path)]
+    if cli.report_dir is not None and not cli.report:
+        raise ConfigError("--report-dir without --report: add --report")
+    if cli.report:
+        worker += ["--report", cli.report_dir or str(run_dir / "specialisation")]
     return recipe, nproc, worker, Path(cli.out) if cli.out else run_dir / "eval.json"
 
 

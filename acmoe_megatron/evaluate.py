@@ -44,6 +44,8 @@ def parse_cli(argv=None):
     p.add_argument("--calibrate", type=int, default=None, metavar="N",
                    help="first compute the calibrated statistics over N training micro-batches per replica")
     p.add_argument("--calibrate-data", default=None, help="shard directory whose train split calibrates")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="also write the expert-specialisation report of the first split into DIR")
     p.add_argument("--out", required=True, help="eval.json to write")
     p.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides (e.g. another parallel layout)")
     return p.parse_args(argv)
@@ -150,6 +152,55 @@ class _first_samples:  # noqa: N801 (an iterator class used like a function)
         return batch
 
 
+def _report_group():
+    """The ranks whose tokens differ (specialisation.py counts each token once): every rank, but
+    only one tensor-parallel rank per group where tensor parallelism runs without sequence parallelism
+    (its ranks then route the same tokens)."""
+    from megatron.core import parallel_state
+    from megatron.training import get_args
+
+    if parallel_state.get_tensor_model_parallel_world_size() == 1 or get_args().sequence_parallel:
+        return torch.distributed.group.WORLD, True
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    group = torch.distributed.new_group([r for r in range(torch.distributed.get_world_size()) if r % tp == 0])
+    return group, parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def specialisation_report(model, recipe, args, path: str, split: str, max_samples: int | None, out_dir: str,
+                          title: str) -> dict:
+    """The expert-specialisation report (specialisation.py) over the whole micro-batches of one split:
+    the split's first ``(samples // samples per step) x samples per step`` samples, so that no padding
+    slot is counted as a token."""
+    from acmoe_megatron.data.loader import TokenBatches
+    from acmoe_megatron.data.manifest import read_manifest
+    from acmoe_megatron.data.tokenizer import tokenizer_from_manifest
+    from acmoe_megatron.specialisation import SpecialisationRecorder, default_decode, write_report
+    from megatron.core import parallel_state
+
+    batches = TokenBatches(path, split, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+                           parallel_state.get_data_parallel_world_size(), seed=0, shuffle=False, infinite=False,
+                           verify_checksums=False, seq_length=args.seq_length, cache_dir=recipe.data.cache_dir)
+    samples = batches.num_samples if max_samples is None else min(max_samples, batches.num_samples)
+    steps = samples // batches.samples_per_step
+    if steps == 0:
+        raise ValueError(f"--report: {samples} samples of {path}:{split} do not fill one step of "
+                         f"{batches.samples_per_step} samples (micro-batch x data-parallel size)")
+    tokenizer = tokenizer_from_manifest(read_manifest(path).tokenizer)
+    decode = default_decode if tokenizer.name == "bytes" else (lambda ids: tokenizer.detokenize(list(ids)))
+    recorder = SpecialisationRecorder(model, decode=decode)
+    try:
+        forward_only(model, args, batches, steps, lambda: batches.worker_view(0, 1))
+    finally:
+        recorder.detach()
+    group, counts = _report_group()
+    result = recorder.finish(group) if counts else None
+    if torch.distributed.get_rank() == 0:
+        write_report(result, out_dir, title=title)
+        print(f"[acmoe-eval] expert-specialisation report over {steps * batches.samples_per_step} samples of "
+              f"{path}:{split}: {out_dir}/specialisation.md", flush=True)
+    return {"dir": str(out_dir), "data": path, "split": split, "samples": steps * batches.samples_per_step}
+
+
 def statistics_source(recipe, args, statistics: str, stats_file: str | None = None, meta: dict | None = None) -> str:
     """What the AC routers' cluster statistics come from at this evaluation (labelled in eval.json)."""
     if statistics == "none":
@@ -232,6 +283,12 @@ def main(argv=None) -> None:
                     print(f"[acmoe-eval] {name}: loss {r['loss']:.4f} nats/token ({r['bits_per_token']:.4f} bits), "
                           f"perplexity {r['perplexity']:.3f} over {r['tokens']} tokens of {r['samples']} samples "
                           f"({path}:{split})", flush=True)
+            if cli.report:
+                name, path, split = targets[0]
+                report = specialisation_report(
+                    model, recipe, args, path, split, cli.max_samples, cli.report,
+                    title=f"Expert specialisation: {Path(cli.config).parent} at iteration {iteration} ({path}:{split}, "
+                          f"AC statistics: {cli.statistics})")
     writer = get_tensorboard_writer()
     if writer is not None:
         for name, r in results.items():
@@ -247,6 +304,8 @@ def main(argv=None) -> None:
                "layout": {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
                           "ep": args.expert_model_parallel_size, "dp": args.data_parallel_size},
                "results": results, "wall_time_s": round(time.time() - start, 1)}
+        if cli.report:
+            out["specialisation_report"] = report
         path = Path(cli.out)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(out, indent=2) + "\n")

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["EOD_ID", "VOCAB_SIZE", "ByteTokenizer", "load_tokenizer"]
+__all__ = ["EOD_ID", "VOCAB_SIZE", "ByteTokenizer", "load_tokenizer", "tokenizer_from_manifest"]
 
 EOD_ID = 256
 VOCAB_SIZE = 257
@@ -99,6 +99,16 @@ def load_tokenizer(spec: str | os.PathLike | None = None, eod_token: str | None 
     from acmoe_megatron.data.hf_tokenizer import HFTokenizer
 
     return HFTokenizer(spec, eod_token=eod_token)
+
+
+def tokenizer_from_manifest(entry: dict):
+    """The tokenizer a manifest's ``tokenizer`` entry describes, checked against its recorded hash
+    (a model's data names the tokenizer its outputs must be decoded with)."""
+    tok = load_tokenizer(entry.get("file") or entry["name"], entry.get("eod_token"))
+    if tok.hash != entry["hash"]:
+        raise ValueError(f"the tokenizer at {entry.get('file') or entry['name']} is not the one the data was made "
+                         f"with (hash {tok.hash[:12]}..., the manifest records {entry['hash'][:12]}...)")
+    return tok
 
 
 def _bytes_to_text(byte_ids: np.ndarray) -> str:

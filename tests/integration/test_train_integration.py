@@ -358,7 +358,8 @@ def test_acmoe_eval_refuses_a_missing_split_before_starting(first_run, workdir, 
 
 def test_acmoe_eval_calibrates_batch_statistics_in_another_layout_and_then_uses_them(first_run, workdir):
     """--calibrate on the EP=2 run, loaded in 1 process (EP=1, resharded): the calibrated table is
-    stored beside the checkpoint, labelled in eval.json, and what acmoe-eval picks from then on."""
+    stored beside the checkpoint, labelled in eval.json, and what acmoe-eval picks from then on. The
+    same start-up writes the expert-specialisation report (--report)."""
     from acmoe_megatron import eval_cli, inference_stats
 
     _, run_dir, snap = first_run
@@ -368,7 +369,7 @@ def test_acmoe_eval_calibrates_batch_statistics_in_another_layout_and_then_uses_
     cli = eval_cli._parser().parse_intermixed_args
     assert "--statistics batch" in " ".join(eval_cli.plan(cli([str(cal_dir)]))[2])
     cmd = [sys.executable, "-m", "acmoe_megatron.eval_cli", str(cal_dir), "--nproc", "1", "--calibrate", "3",
-           "--max-samples", "16", "megatron.expert_model_parallel_size=1"]
+           "--max-samples", "16", "--report", "megatron.expert_model_parallel_size=1"]
     out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert out.returncode == 0, _tail(out)
     result = json.loads((cal_dir / "eval.json").read_text())
@@ -378,6 +379,16 @@ def test_acmoe_eval_calibrates_batch_statistics_in_another_layout_and_then_uses_
     tables, meta = inference_stats.load(stats_file)
     assert sorted(tables) == [3, 4] and meta["micro_batches"] == 3  # tiny_cpu: AC from MoE layer 3
     assert all(float(t["counts_K"].sum()) == 3 * 4 * 64 for t in tables.values())
+    report = cal_dir / "specialisation"
+    assert result["specialisation_report"] == {"dir": str(report), "data": str(workdir / "data"), "split": "valid",
+                                               "samples": 16}
+    numbers = json.loads((report / "specialisation.json").read_text())
+    assert [layer["layer"] for layer in numbers["layers"]] == [1, 2, 3, 4]  # every MoE layer of tiny_cpu
+    for layer in numbers["layers"]:
+        assert layer["tokens"] == 16 * 64 and sum(layer["load_top1"]) == pytest.approx(1.0)
+    text = (report / "specialisation.md").read_text()
+    assert "(inference weights)" in text  # the AC layers' transformed separation used the calibrated table
+    assert (report / "layer04_cooccurrence.png").stat().st_size > 0
     # the batch-independent table changes the scores a little, not the model
     assert result["results"]["valid"]["loss"] == pytest.approx(snap["summary"]["final_valid_loss"], rel=0.05)
     assert result["results"]["valid"]["loss"] != pytest.approx(snap["summary"]["final_valid_loss"], rel=1e-6)
