@@ -237,17 +237,18 @@ def inference_tables(model, recipe, args, cli, iteration: int, rank: int) -> dic
     return meta
 
 
-def main(argv=None) -> None:
-    cpu_runtime.install_for_training()
+def load_trained(config: str, overrides: list[str], data: str, prog: str):
+    """(recipe, megatron args, model chunks in eval mode, iteration): a trained run's checkpoint
+    loaded into this process group's layout (model weights only), megatron initialised. Call it
+    inside ``cpu_runtime.device_redirect()``. Shared by the evaluation, generation and export workers."""
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     from megatron.core.enums import ModelType
+    from megatron.training import training
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.checkpointing import load_checkpoint
-    from megatron.training.global_vars import get_tensorboard_writer
-    from megatron.training import training
 
     from acmoe_megatron.config import load_recipe
     from acmoe_megatron.data.manifest import read_manifest
@@ -255,24 +256,31 @@ def main(argv=None) -> None:
     from acmoe_megatron.run_plan import parallel_layout
     from acmoe_megatron.train import make_model_provider
 
-    cli = parse_cli(argv)
-    recipe = load_recipe(cli.config, cli.overrides)
+    recipe = load_recipe(config, overrides)
     for key in [k for k in recipe.megatron if k.startswith("wandb")]:
-        del recipe.megatron[key]  # an evaluation is not a new W&B run
+        del recipe.megatron[key]  # using a model is not a new W&B run
     recipe.megatron.update(no_load_optim=True, no_load_rng=True, exit_on_missing_checkpoint=True)
     parallel_layout(recipe.megatron, int(os.environ.get("WORLD_SIZE", "1")))
-    targets = _targets(cli.eval)
-    manifest = read_manifest(targets[0][1])
-    sys.argv = ["acmoe-evaluate"] + build_argv(recipe, manifest)
+    sys.argv = [prog] + build_argv(recipe, read_manifest(data))
     args = parse_and_validate_args()
+    training.initialize_megatron()
+    model = training.get_model(make_model_provider(recipe), ModelType.encoder_or_decoder, wrap_with_ddp=False)
+    iteration, _ = load_checkpoint(model, None, None)
+    for chunk in model:
+        chunk.eval()
+    return recipe, args, model, iteration
+
+
+def main(argv=None) -> None:
+    cpu_runtime.install_for_training()
+    from megatron.training.global_vars import get_tensorboard_writer
+
+    cli = parse_cli(argv)
+    targets = _targets(cli.eval)
     rank = int(os.environ.get("RANK", "0"))
     start = time.time()
     with cpu_runtime.device_redirect():  # without CUDA: megatron's device="cuda" requests -> CPU
-        training.initialize_megatron()
-        model = training.get_model(make_model_provider(recipe), ModelType.encoder_or_decoder, wrap_with_ddp=False)
-        iteration, _ = load_checkpoint(model, None, None)
-        for chunk in model:
-            chunk.eval()
+        recipe, args, model, iteration = load_trained(cli.config, cli.overrides, targets[0][1], "acmoe-evaluate")
         results = {}
         with torch.no_grad():
             meta = inference_tables(model, recipe, args, cli, iteration, rank)

@@ -356,11 +356,11 @@ def test_acmoe_eval_refuses_a_missing_split_before_starting(first_run, workdir, 
     assert f"--data {only_valid} has no 'test' split (it has ['valid'])" in capsys.readouterr().err
 
 
-def test_acmoe_eval_calibrates_batch_statistics_in_another_layout_and_then_uses_them(first_run, workdir):
+def test_acmoe_eval_calibrates_batch_statistics_in_another_layout_and_generate_uses_them(first_run, workdir):
     """--calibrate on the EP=2 run, loaded in 1 process (EP=1, resharded): the calibrated table is
     stored beside the checkpoint, labelled in eval.json, and what acmoe-eval picks from then on. The
     same start-up writes the expert-specialisation report (--report)."""
-    from acmoe_megatron import eval_cli, inference_stats
+    from acmoe_megatron import eval_cli, generate_cli, inference_stats
 
     _, run_dir, snap = first_run
     cal_dir = workdir / "calibrated"
@@ -368,6 +368,9 @@ def test_acmoe_eval_calibrates_batch_statistics_in_another_layout_and_then_uses_
     stats_file = cal_dir / "checkpoints" / "iter_0000012" / inference_stats.FILE
     cli = eval_cli._parser().parse_intermixed_args
     assert "--statistics batch" in " ".join(eval_cli.plan(cli([str(cal_dir)]))[2])
+    gen_cli = generate_cli._parser().parse_intermixed_args
+    with pytest.raises(generate_cli.ConfigError, match="trained with acmoe.source=batch.*Calibrate them first"):
+        generate_cli.plan(gen_cli([str(cal_dir), "--prompt", "def "]))
     cmd = [sys.executable, "-m", "acmoe_megatron.eval_cli", str(cal_dir), "--nproc", "1", "--calibrate", "3",
            "--max-samples", "16", "--report", "megatron.expert_model_parallel_size=1"]
     out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
@@ -392,6 +395,17 @@ def test_acmoe_eval_calibrates_batch_statistics_in_another_layout_and_then_uses_
     # the batch-independent table changes the scores a little, not the model
     assert result["results"]["valid"]["loss"] == pytest.approx(snap["summary"]["final_valid_loss"], rel=0.05)
     assert result["results"]["valid"]["loss"] != pytest.approx(snap["summary"]["final_valid_loss"], rel=1e-6)
+    # acmoe-generate now runs (one process, KV cache): greedy is deterministic (the same prompt twice)
+    cmd = [sys.executable, "-m", "acmoe_megatron.generate_cli", str(cal_dir), "--prompt", "def ", "--prompt", "def ",
+           "--max-new-tokens", "5", "--out", str(workdir / "generations.json")]
+    out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert out.returncode == 0, _tail(out)
+    gen = json.loads((workdir / "generations.json").read_text())
+    assert gen["ac_statistics"] == "calibrated" and gen["iteration"] == 12
+    first, second = gen["generations"]
+    assert first == second and 1 <= len(first["new_token_ids"]) <= 5 and first["prompt_tokens"] == 4
+    with pytest.raises(generate_cli.ConfigError, match=r"exceeds the model's 64 positions"):
+        generate_cli.plan(gen_cli([str(cal_dir), "--prompt", "x" * 60, "--max-new-tokens", "5"]))
     # from now on the default is the calibrated table; asking for what the run lacks is refused
     worker = " ".join(eval_cli.plan(cli([str(cal_dir)]))[2])
     assert f"--statistics calibrated --stats-file {stats_file}" in worker
