@@ -47,37 +47,45 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def plan(cli) -> tuple[object, list[str]]:
-    """(recipe, worker arguments): every check that needs no process, or ConfigError."""
+def single_process_plan(run_dir: Path, iteration: int | None, overrides: list[str], why: str):
+    """(recipe, overrides, worker arguments) for loading a trained run into one process with a
+    batch-independent AC transform (acmoe-generate, acmoe-export-hf), or ConfigError."""
     from acmoe_megatron import inference_stats
-    from acmoe_megatron.data.manifest import read_manifest
-    from acmoe_megatron.data.tokenizer import tokenizer_from_manifest
     from acmoe_megatron.eval_cli import _check_checkpoint, checkpoint_iteration
 
-    run_dir = Path(cli.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory of acmoe-pretrain (no config.yaml)")
-    overrides = [f"run.dir={run_dir}", *cli.overrides, *ONE_PROCESS]
-    if cli.iteration is not None:
-        overrides.append(f"megatron.ckpt_step={cli.iteration}")
+    overrides = [f"run.dir={run_dir}", *overrides, *ONE_PROCESS]
+    if iteration is not None:
+        overrides.append(f"megatron.ckpt_step={iteration}")
     recipe = load_recipe(run_dir / "config.yaml", overrides)
     ckpt = Path(recipe.megatron.get("load") or run_dir / "checkpoints")
-    _check_checkpoint(ckpt, cli.iteration)
+    _check_checkpoint(ckpt, iteration)
+    worker = []
+    if recipe.acmoe.router == "ac" and recipe.acmoe.source == "batch":
+        stats_file = inference_stats.stats_path(ckpt, checkpoint_iteration(ckpt, iteration))
+        if not stats_file.is_file():
+            raise ConfigError(
+                f"the run's AC layers were trained with acmoe.source=batch: they route with the statistics of their "
+                f"batch, {why}. Calibrate them first: `acmoe-eval {run_dir} --calibrate 64` (writes {stats_file})")
+        worker += ["--stats-file", str(stats_file)]
+    return recipe, overrides, worker
+
+
+def plan(cli) -> tuple[object, list[str]]:
+    """(recipe, worker arguments): every check that needs no process, or ConfigError."""
+    from acmoe_megatron.data.manifest import read_manifest
+    from acmoe_megatron.data.tokenizer import tokenizer_from_manifest
+
+    run_dir = Path(cli.run_dir)
+    recipe, overrides, worker = single_process_plan(
+        run_dir, cli.iteration, cli.overrides, "and at single-token decoding every cluster holds one token (every "
+        "AC weight 1: the cosine router, not the trained model)")
     if cli.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {cli.max_new_tokens}: give at least 1")
     if cli.temperature < 0 or not 0.0 < cli.top_p <= 1.0:
         raise ConfigError(f"--temperature {cli.temperature} / --top-p {cli.top_p}: need temperature >= 0 and "
                           "0 < top-p <= 1")
-    worker = []
-    if recipe.acmoe.router == "ac" and recipe.acmoe.source == "batch":
-        stats_file = inference_stats.stats_path(ckpt, checkpoint_iteration(ckpt, cli.iteration))
-        if not stats_file.is_file():
-            raise ConfigError(
-                "the run's AC layers were trained with acmoe.source=batch: they route with the statistics of their "
-                "batch, and at single-token decoding every cluster holds one token (every AC weight 1: the cosine "
-                f"router, not the trained model). Calibrate them first: `acmoe-eval {run_dir} --calibrate 64` "
-                f"(writes {stats_file})")
-        worker += ["--stats-file", str(stats_file)]
     try:
         manifest = read_manifest(recipe.data.path)
         tokenizer = tokenizer_from_manifest(manifest.tokenizer)

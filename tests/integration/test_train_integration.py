@@ -356,11 +356,11 @@ def test_acmoe_eval_refuses_a_missing_split_before_starting(first_run, workdir, 
     assert f"--data {only_valid} has no 'test' split (it has ['valid'])" in capsys.readouterr().err
 
 
-def test_acmoe_eval_calibrates_batch_statistics_in_another_layout_and_generate_uses_them(first_run, workdir):
+def test_calibrated_run_is_evaluated_in_another_layout_generated_from_and_exported(first_run, workdir):
     """--calibrate on the EP=2 run, loaded in 1 process (EP=1, resharded): the calibrated table is
     stored beside the checkpoint, labelled in eval.json, and what acmoe-eval picks from then on. The
     same start-up writes the expert-specialisation report (--report)."""
-    from acmoe_megatron import eval_cli, generate_cli, inference_stats
+    from acmoe_megatron import eval_cli, export_cli, generate_cli, inference_stats
 
     _, run_dir, snap = first_run
     cal_dir = workdir / "calibrated"
@@ -406,6 +406,18 @@ def test_acmoe_eval_calibrates_batch_statistics_in_another_layout_and_generate_u
     assert first == second and 1 <= len(first["new_token_ids"]) <= 5 and first["prompt_tokens"] == 4
     with pytest.raises(generate_cli.ConfigError, match=r"exceeds the model's 64 positions"):
         generate_cli.plan(gen_cli([str(cal_dir), "--prompt", "x" * 60, "--max-new-tokens", "5"]))
+    # acmoe-export-hf: a transformers directory whose logits the worker checked against megatron's
+    hf_dir = workdir / "hf_export"
+    out = subprocess.run([sys.executable, "-m", "acmoe_megatron.export_cli", str(cal_dir), str(hf_dir)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert out.returncode == 0, _tail(out)
+    record = json.loads((hf_dir / "acmoe_export.json").read_text())
+    assert record["ac_statistics"] == "calibrated" and record["check"]["passed"]
+    assert record["check"]["max_abs_logit_difference"] <= 1e-4 and record["check"]["tokens"] == 64
+    assert {"config.json", "model.safetensors", "modeling_acmoe.py", "tokenizer_config.json"} <= {
+        p.name for p in hf_dir.iterdir()}
+    with pytest.raises(export_cli.ConfigError, match="exists and is not an empty directory"):
+        export_cli.plan(export_cli._parser().parse_intermixed_args([str(cal_dir), str(hf_dir)]))
     # from now on the default is the calibrated table; asking for what the run lacks is refused
     worker = " ".join(eval_cli.plan(cli([str(cal_dir)]))[2])
     assert f"--statistics calibrated --stats-file {stats_file}" in worker
