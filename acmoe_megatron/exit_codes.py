@@ -3,10 +3,17 @@
   0   finished (train_iters reached)
   2   the recipe or the command line is wrong (nothing was started; the message names the fix)
   16  megatron's rerun state machine stopped on a reproducible NaN/Inf; the last good state is saved
+  74  a checkpoint save failed for lack of space (disk full, quota, file-size limit): the previous
+      checkpoint stays the latest; free space and run the same command again (EX_IOERR)
   75  stopped before train_iters (signal, exit interval or time budget) with a complete checkpoint:
       run the same command again to resume (EX_TEMPFAIL, what SLURM requeue logic keys on)
 """
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 16
+EXIT_DISK_FULL = 74
 EXIT_STOPPED_EARLY = 75
+
+# A worker's reason for a distinct exit, written into the run directory (torchrun reports every
+# failed worker as exit 1): "CODE\nmessage". Read by the launcher.
+EXIT_REASON_FILE = "exit_reason.txt"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from acmoe_megatron.checkpoint_check import check_resume_checkpoint, resume_from
 from acmoe_megatron.config import ConfigError, load_recipe, write_resolved
-from acmoe_megatron.exit_codes import EXIT_CONFIG, EXIT_NONFINITE, EXIT_STOPPED_EARLY
+from acmoe_megatron.exit_codes import EXIT_CONFIG, EXIT_NONFINITE, EXIT_REASON_FILE, EXIT_STOPPED_EARLY
 
 
 def free_port() -> int:
@@ -157,7 +157,14 @@ def main(argv=None) -> int:
     print("[acmoe] " + " ".join(cmd), flush=True)
     summary_path = run_dir / "summary.json"
     summary_path.unlink(missing_ok=True)  # a stale summary must not describe this run
+    reason_path = run_dir / EXIT_REASON_FILE
+    reason_path.unlink(missing_ok=True)
     rc = subprocess.call(cmd, env=env)
+    if rc != 0 and reason_path.is_file():  # a worker's distinct exit (torchrun reports every failure as 1)
+        code, _, why = reason_path.read_text().partition("\n")
+        print(f"acmoe-pretrain: {why.strip()}; the latest complete checkpoint is unchanged (see the message "
+              f"above). Exit {code}.", file=sys.stderr)
+        return int(code)
     if rc != 0 and summary_path.is_file() and json.loads(summary_path.read_text()).get("stopped_on_nonfinite"):
         print("acmoe-pretrain: stopped on a non-finite loss/gradient; the latest checkpoint is the last "
               f"good state (see the log above). Exit {EXIT_NONFINITE}.", file=sys.stderr)

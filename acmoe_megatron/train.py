@@ -180,7 +180,9 @@ def main(argv=None) -> None:
                           peak_tflops=recipe.run.peak_tflops, per_expert_max=recipe.run.per_expert_scalars_max,
                           image_interval=recipe.run.image_interval)
     run_hooks.install_fault_injection()
+    run_hooks.install_file_size_fault()
     run_hooks.install_checkpoint_retention(recipe.run.keep_last_checkpoints)
+    run_hooks.install_disk_full_exit(Path(recipe.run.dir))
     if recipe.acmoe.expert_norm is not None:
         run_hooks.install_expert_norm()
     start = time.time()

@@ -1,4 +1,5 @@
-"""Reliability with real processes: bit-exact resume, kill -9 inside a checkpoint save, SIGTERM.
+"""Reliability with real processes: bit-exact resume, kill -9 inside a checkpoint save, a save that
+runs out of space (a real file-size limit), SIGTERM.
 
 Each run is Megatron's trainer through ``acmoe-pretrain`` (2-core CPU, gloo). "Bit-exact" means the
 per-step train losses in TensorBoard are equal as floats between an uninterrupted run of 2N steps
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from acmoe_megatron.exit_codes import EXIT_STOPPED_EARLY
+from acmoe_megatron.exit_codes import EXIT_DISK_FULL, EXIT_STOPPED_EARLY
 from acmoe_megatron.summary import read_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,7 +88,7 @@ def test_stop_and_resume_is_bit_exact(data, uninterrupted, tmp_path, ep):
     assert _losses(run) == uninterrupted[ep]  # float equality, step by step
 
 
-def test_kill_9_inside_a_save_keeps_the_previous_checkpoint(data, uninterrupted, tmp_path):
+def test_kill_9_inside_a_save_then_a_full_disk_keep_the_previous_checkpoint(data, uninterrupted, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, ACMOE_FAULT_SAVE_DELAY_S="60", ACMOE_FAULT_SAVE_ITER=str(2 * N))
     proc = subprocess.Popen(_cmd(run, data, 1, *LAYOUT[1]), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -105,6 +106,16 @@ def test_kill_9_inside_a_save_keeps_the_previous_checkpoint(data, uninterrupted,
         proc.wait(timeout=60)
     assert (run / "checkpoints" / f"iter_{2 * N:07d}").exists()  # half-finished save is on disk...
     assert _latest(run) == str(N)  # ...but not recorded: the previous checkpoint stays the latest
+    # the resume runs out of space in its own save of 2N (a real RLIMIT_FSIZE: the writes fail with EFBIG)
+    env = dict(os.environ, ACMOE_FAULT_FSIZE_AT_ITER=str(2 * N))
+    rc, log = _run(run, data, 1, *LAYOUT[1], env=env)
+    assert "successfully loaded checkpoint" in log
+    assert rc == EXIT_DISK_FULL, log[-3000:]
+    partial = run / "checkpoints" / f"iter_{2 * N:07d}"
+    assert (f"checkpoint save of iteration {2 * N} into {partial} failed: a file exceeded the process's file-size "
+            f"limit (ulimit -f). The save needs about") in log
+    assert f"The latest complete checkpoint is still iteration {N}." in log
+    assert not partial.exists() and _latest(run) == str(N)  # the partial save removed, N still the latest
     rc, log = _run(run, data, 1, *LAYOUT[1])
     assert rc == 0, log[-3000:]
     assert "successfully loaded checkpoint" in log and _latest(run) == str(2 * N)
