@@ -13,7 +13,7 @@ speed of convergence, robustness to corrupted text, router instability and load 
 A row is a name plus recipe overrides on one shared base recipe (``ROWS`` in benchmarks/quality_bench/rows.py; add a row there). Each
 (row, seed) trains in its own run directory ``runs/quality/<row>/seed<k>`` with ``megatron.seed``
 = ``data.seed`` = k; its final checkpoint is then evaluated on a word-swap-corrupted copy of the
-validation split (megatron ``skip_train`` + ``load``, the same number of validation samples).
+validation split (``acmoe-eval``: the same samples as the clean validation loss).
 What a run produced is extracted into ``benchmarks/results/quality/runs/<row>/seed<k>.json``
 (validation curve, corrupted loss, instability, imbalance, wall time, config hash): a run whose
 JSON exists with the same config hash is not run again (``--rerun`` forces), and ``--report-only``

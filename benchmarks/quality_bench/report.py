@@ -108,7 +108,7 @@ def settings_lines(plan: Plan, steps: int | None, corrupt: dict | None, threads:
             f"{corrupt.get('marker')!r}, seed {corrupt.get('seed')}): {applied.get('replaced', '?')} of "
             f"{applied.get('units', '?')} whitespace-delimited words of the validation split replaced (on source "
             "code a \"word\" is any run of non-whitespace bytes: identifiers, operators, `foo(x):`; stop words are "
-            "not exempt); the final checkpoint is evaluated on it with megatron `skip_train` + `load` over the "
+            "not exempt); the final checkpoint is evaluated on it with `acmoe-eval` over the "
             "same number of sequences as the clean validation loss")
     lines.append(
         f"- router instability: per MoE layer the logged `moe/layerLL/instability` (1 − Rand index of the top-1 "

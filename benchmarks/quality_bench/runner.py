@@ -1,8 +1,8 @@
 """Running the router-quality benchmark: one (row, seed) trained through ``acmoe-pretrain`` in its
 own run directory and its final checkpoint evaluated on the word-swap-corrupted validation split
 (``run_one``, which builds that split once with ``ensure_corrupt_data``); what a run produced is
-extracted from its TensorBoard scalars, summary and log (``extract_run``, ``ac_internals``,
-``corrupt_loss_from_log``) into the per-run JSON cache ``<results>/runs/<row>/seed<k>.json``
+extracted from its TensorBoard scalars, summary and ``acmoe-eval``'s eval.json (``extract_run``,
+``ac_internals``) into the per-run JSON cache ``<results>/runs/<row>/seed<k>.json``
 (``result_path``, ``_write_json``, ``load_results``; ``reextract`` refreshes the TensorBoard-derived
 fields of stored results).
 """
@@ -33,7 +33,6 @@ AC_INTERNALS = ("weight_mean", "weight_max", "clip_rate", "separation_raw", "sep
 # extraction from a finished run
 
 
-_VALID_LINE = re.compile(r"validation loss at iteration (\d+) on validation set \| lm loss value: ([-+0-9.eEnaif]+)")
 _LAYER_TAG = re.compile(r"^moe/layer(\d+)/(instability|load_max_over_mean|load_cv)$")
 
 
@@ -89,12 +88,6 @@ def ac_internals(scalars: dict, train_iters: int) -> dict | None:
     if not per:
         return None
     return {name: {w: (round(statistics.fmean(v), 6) if v else None) for w, v in d.items()} for name, d in per.items()}
-
-
-def corrupt_loss_from_log(text: str) -> float | None:
-    """Megatron's closing line ``validation loss at iteration N on validation set | lm loss value: X``."""
-    found = _VALID_LINE.findall(text)
-    return float(found[-1][1]) if found else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +159,17 @@ def _launch(overrides: list[str], config: str, nproc: int, threads: int, log: Pa
     return rc, wall, log.read_text(errors="replace")
 
 
+def _launch_module(args: list[str], threads: int, log: Path) -> tuple[int, float, str]:
+    cmd = [sys.executable, *args]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        f.write("$ " + shlex.join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    return rc, time.perf_counter() - t0, log.read_text(errors="replace")
+
+
 def _tail(text: str, n: int = 3) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return " | ".join(lines[-n:])[-600:]
@@ -175,7 +179,6 @@ def run_one(plan: Plan, row: Row, seed: int, bhash: str, rerun: bool, corrupt_di
             lock: threading.Lock) -> dict:
     """Train (row, seed), evaluate its final checkpoint on the corrupted split, write its JSON."""
     from acmoe_megatron.config import ConfigError, load_recipe
-    from acmoe_megatron.slurm_launch import checkpoint_dir
     from acmoe_megatron.summary import read_scalars
 
     overrides = run_overrides(plan, row, seed)
@@ -219,20 +222,19 @@ def run_one(plan: Plan, row: Row, seed: int, bhash: str, rerun: bool, corrupt_di
     result["final_train_loss"] = summary.get("final_train_loss")
     result["corrupt_valid_loss"], result["wall_corrupt_eval_s"] = None, 0.0
     if corrupt_dir is not None:
-        eval_dir = run_dir / "eval_corrupt"
-        eval_overrides = overrides + [f"data.path={corrupt_dir}", f"run.dir={eval_dir}",
-                                      f"megatron.load={checkpoint_dir(recipe)}", "megatron.save=",
-                                      "megatron.skip_train=true"]
-        rc, wall_eval, elog = _launch(eval_overrides, plan.config, plan.nproc, plan.threads, eval_dir.with_suffix(".log"))
+        # acmoe-eval: the final checkpoint scores the first eval_iters x global batch samples of the
+        # corrupted valid split, the same samples and statistics as the clean validation loss (auto:
+        # a batch-trained AC model's batch statistics, an ema model's running statistics)
+        samples = int(recipe.megatron["eval_iters"]) * int(recipe.megatron["global_batch_size"])
+        eval_json = run_dir / "eval_corrupt.json"
+        cmd = ["-m", "acmoe_megatron.eval_cli", str(run_dir), "--data", str(corrupt_dir), "--split", "valid",
+               "--max-samples", str(samples), "--nproc", str(plan.nproc), "--out", str(eval_json)]
+        rc, wall_eval, elog = _launch_module(cmd, plan.threads, run_dir / "eval_corrupt.log")
         result["wall_corrupt_eval_s"] = round(wall_eval, 1)
-        loss = corrupt_loss_from_log(elog) if rc == 0 else None
-        if loss is None and rc == 0:  # fall back on observability's bits-per-token scalar
-            bpt = read_scalars(eval_dir / "tensorboard").get("lm loss validation bits-per-token")
-            loss = bpt[-1][1] * math.log(2) if bpt else None
-        if loss is None:
+        if rc != 0 or not eval_json.is_file():
             result.update(status="failed", error=f"corrupted-text evaluation exit {rc}: {_tail(elog)}")
             return result
-        result["corrupt_valid_loss"] = loss
+        result["corrupt_valid_loss"] = json.loads(eval_json.read_text())["results"]["valid"]["loss"]
     result["wall_total_s"] = round(result["wall_train_s"] + result["wall_corrupt_eval_s"], 1)
     result["status"] = "ok"
     _write_json(out, result)

@@ -198,13 +198,6 @@ def test_ablation_table_pairs_each_change_with_its_references():
     assert report.ablation_lines({"ac": results["ac"]}) == []
 
 
-def test_corrupt_loss_from_megatron_log():
-    log = (" validation loss at iteration 40 | lm loss value: 3.0E+00 | \n"
-           " validation loss at iteration 40 on validation set | lm loss value: 3.144227E+00 | lm loss PPL: 2.3E+01 |")
-    assert runner.corrupt_loss_from_log(log) == pytest.approx(3.144227)
-    assert runner.corrupt_loss_from_log("nothing") is None
-
-
 # ------------------------------------------------------------------------------------ rows, CLI
 
 
@@ -314,6 +307,9 @@ def test_end_to_end_two_rows(tmp_path, capsys):
     assert [s for s, _ in r["valid_curve"]] == [3, 6]
     assert r["final_valid_loss"] == pytest.approx(r["valid_curve"][-1][1])
     assert r["corrupt_valid_loss"] is not None and math.isfinite(r["corrupt_valid_loss"])
+    corrupt = json.loads((tmp_path / "runs" / "ac" / "seed1" / "eval_corrupt.json").read_text())
+    assert corrupt["results"]["valid"]["samples"] == 2 * 4  # eval_iters x global batch, as the clean loss
+    assert corrupt["results"]["valid"]["data"] == str(tmp_path / "data_wordswap0.025")
     assert r["config_hash"] == r["summary_config_hash"] and r["instability"] is not None
     text = out.read_text()
     assert "| `topk` | 1 | 5.5000 |" in text and "| `ac` | 1 |" in text and "## Verdict" in text
