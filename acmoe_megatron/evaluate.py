@@ -9,7 +9,8 @@ deterministic pass (``TokenBatches(shuffle=False, infinite=False)``, the last mi
 with fully masked samples, so every real sample counts exactly once whatever the data-parallel
 size). The AC routers score with the statistics ``acmoe-eval`` chose (``--statistics``): the
 batch's (the paper), the checkpoint's running statistics (``source: ema``) or a calibrated table
-(inference_stats.py), computed first over training micro-batches with ``--calibrate N``. The token-weighted loss is summed over micro-batches and data-parallel replicas. Rank 0
+(inference_stats.py), computed first over training micro-batches with ``--calibrate N`` (the splits
+are then also scored with the batch statistics first: ``batch_statistics_results`` in eval.json). The token-weighted loss is summed over micro-batches and data-parallel replicas. Rank 0
 writes ``eval.json``; megatron's TensorBoard writer (last rank) gets ``eval/<name>/loss`` etc. at
 the checkpoint's iteration. Nothing is trained and no optimizer is built.
 
@@ -283,6 +284,10 @@ def main(argv=None) -> None:
         recipe, args, model, iteration = load_trained(cli.config, cli.overrides, targets[0][1], "acmoe-evaluate")
         results = {}
         with torch.no_grad():
+            batch_results = {}
+            if cli.calibrate:  # what the paper reports, before the calibrated table replaces it
+                for name, path, split in targets:
+                    batch_results[name] = score_split(model, recipe, args, path, split, cli.max_samples)
             meta = inference_tables(model, recipe, args, cli, iteration, rank)
             for name, path, split in targets:
                 results[name] = score_split(model, recipe, args, path, split, cli.max_samples)
@@ -312,6 +317,8 @@ def main(argv=None) -> None:
                "layout": {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
                           "ep": args.expert_model_parallel_size, "dp": args.data_parallel_size},
                "results": results, "wall_time_s": round(time.time() - start, 1)}
+        if batch_results:
+            out["batch_statistics_results"] = batch_results
         if cli.report:
             out["specialisation_report"] = report
         path = Path(cli.out)

@@ -392,6 +392,10 @@ def test_calibrated_run_is_evaluated_in_another_layout_generated_from_and_export
     text = (report / "specialisation.md").read_text()
     assert "(inference weights)" in text  # the AC layers' transformed separation used the calibrated table
     assert (report / "layer04_cooccurrence.png").stat().st_size > 0
+    # before calibrating, the same start-up scored with the batch statistics: 1 process (EP=1) gives the
+    # loss the 2-process EP=2 run reported
+    batch = result["batch_statistics_results"]["valid"]
+    assert batch["samples"] == 16 and batch["loss"] == pytest.approx(snap["summary"]["final_valid_loss"], rel=1e-5)
     # the batch-independent table changes the scores a little, not the model
     assert result["results"]["valid"]["loss"] == pytest.approx(snap["summary"]["final_valid_loss"], rel=0.05)
     assert result["results"]["valid"]["loss"] != pytest.approx(snap["summary"]["final_valid_loss"], rel=1e-6)
