@@ -1,5 +1,6 @@
-"""Reliability with real processes: bit-exact resume, kill -9 inside a checkpoint save, a save that
-runs out of space (a real file-size limit), SIGTERM.
+"""Reliability with real processes: bit-exact resume, a rank lost mid-step (kill -9 of one of two
+processes), kill -9 inside a checkpoint save, a save that runs out of space (a real file-size
+limit), SIGTERM.
 
 Each run is Megatron's trainer through ``acmoe-pretrain`` (2-core CPU, gloo). "Bit-exact" means the
 per-step train losses in TensorBoard are equal as floats between an uninterrupted run of 2N steps
@@ -83,9 +84,41 @@ def test_stop_and_resume_is_bit_exact(data, uninterrupted, tmp_path, ep):
     rc, log = _run(run, data, ep, *common, f"megatron.exit_interval={N}")
     assert rc == EXIT_STOPPED_EARLY, log[-3000:]
     assert "Run the same command again to resume" in log and _latest(run) == str(N)
+    if ep == 2:
+        _lose_a_rank_mid_step(run, data, common)
     rc, log = _run(run, data, ep, *common)
     assert rc == 0, log[-3000:]
     assert _losses(run) == uninterrupted[ep]  # float equality, step by step
+
+
+def _lose_a_rank_mid_step(run, data, common):
+    """kill -9 of one of the two processes after the first step past the checkpoint: the other one
+    ends within seconds (torchrun's agent stops the group), the run exits non-zero and nothing new
+    is recorded; the caller then resumes with the same command."""
+    proc = subprocess.Popen(_cmd(run, data, 2, *common), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    victim = None
+    try:
+        for line in proc.stdout:
+            if f" iteration        {N + 1}/" in line:
+                out = subprocess.run(["pgrep", "-f", "--", f"-u -m acmoe_megatron.train --config {run}/config.yaml"],
+                                     capture_output=True, text=True)
+                pids = sorted(int(p) for p in out.stdout.split())
+                assert len(pids) == 2, out.stdout
+                victim = pids[-1]
+                os.kill(victim, signal.SIGKILL)
+                killed_at = time.time()
+                break
+        rest = proc.stdout.read()
+        rc = proc.wait(timeout=120)
+        elapsed = time.time() - killed_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert victim is not None, "the run never reached the step after the checkpoint"
+    assert rc not in (0, EXIT_STOPPED_EARLY) and elapsed < 60, (rc, elapsed, rest[-3000:])
+    assert "exitcode  : -9" in rest  # torchrun names the lost rank
+    assert _latest(run) == str(N) and not (run / "checkpoints" / f"iter_{2 * N:07d}").exists()
 
 
 def test_kill_9_inside_a_save_then_a_full_disk_keep_the_previous_checkpoint(data, uninterrupted, tmp_path):
