@@ -59,6 +59,14 @@ def ensure_data(recipe) -> None:
 
 
 
+# Parallel sizes a resume cannot change (measured with megatron-core 0.19): an expert-parallel run's
+# optimizer is a ChainedOptimizer (dense + expert groups) whose saved param groups do not match the
+# optimizer of another expert-parallel size ("Could not find parameter group ..." inside the load).
+# The number of data-parallel processes may change (nproc; the data position is the global consumed
+# sample count, and with the same global batch the micro-batches hold the same samples).
+LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+               "expert_tensor_parallel_size", "context_parallel_size", "num_layers_per_virtual_pipeline_stage")
+
 # Keys that may change between a run and its resumption; any other difference is refused.
 RESUMABLE_CHANGES = {
     "megatron": {"train_iters", "exit_interval", "exit_duration_in_mins", "exit_signal_handler", "exit_signal",
@@ -107,10 +115,14 @@ def check_resume_compatible(recipe, run_dir: Path) -> None:
             if values.get(key) != old.get(key):
                 diffs.append(f"{section}.{key}: {old.get(key)!r} -> {values.get(key)!r}")
     diffs += _schedule_length_change(previous.get("megatron", {}) or {}, current.get("megatron", {}))
+    layout = [d for d in diffs if d.split(":")[0] in {f"megatron.{k}" for k in LAYOUT_KEYS}]
     if diffs:
         raise ConfigError(
             f"{run_dir} holds checkpoints of a run with a different configuration; resuming would mix "
             "them. Differences: " + "; ".join(diffs) + ". Use a new run.dir, or restore these values."
+            + (" A resume keeps the run's parallel sizes (tensor/pipeline/expert/context): megatron-core cannot "
+               "load its optimizer state into another layout; only the number of data-parallel processes "
+               "(--nproc, same global batch) may change." if layout else "")
         )
 
 

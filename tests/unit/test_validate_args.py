@@ -112,8 +112,13 @@ def test_resume_with_a_different_config_names_the_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"elliptical.enabled: False -> True"):
         check_resume_compatible(load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "elliptical.enabled=true"]), run)
     changed = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "megatron.num_layers=6", "acmoe.scope=local"])
-    with pytest.raises(ConfigError, match=r"megatron.num_layers: 4 -> 6; acmoe.scope: 'tp' -> 'local'"):
+    with pytest.raises(ConfigError, match=r"megatron.num_layers: 4 -> 6; acmoe.scope: 'tp' -> 'local'") as err:
         check_resume_compatible(changed, run)
+    assert "parallel sizes" not in str(err.value)
+    other_layout = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "megatron.expert_model_parallel_size=1"])
+    with pytest.raises(ConfigError, match=r"expert_model_parallel_size: 2 -> 1\. .*keeps the run's parallel sizes.*"
+                                          r"only the number of data-parallel processes"):
+        check_resume_compatible(other_layout, run)
 
 
 @pytest.mark.parametrize("world, overrides, message", [
