@@ -71,7 +71,7 @@ def _check_checkpoint(ckpt: Path, iteration: int | None) -> None:
     latest = ckpt / "latest_checkpointed_iteration.txt"
     if not latest.is_file():
         raise ConfigError(f"{ckpt} holds no checkpoint (no latest_checkpointed_iteration.txt); train the run first "
-                          "or point acmoe-eval at a run directory with checkpoints/")
+                          "or give a run directory with checkpoints/")
     if iteration is not None and not (ckpt / f"iter_{iteration:07d}").is_dir():
         have = sorted(p.name for p in ckpt.glob("iter_*"))
         raise ConfigError(f"--iteration {iteration}: {ckpt} has no iter_{iteration:07d} (it has {have})")
