@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -183,7 +181,7 @@ def plan(cli) -> tuple[object, int, list[str], Path]:
 
 
 def main(argv=None) -> int:
-    from acmoe_megatron.launcher import free_port
+    from acmoe_megatron.launcher import run_worker
 
     cli = _parser().parse_intermixed_args(argv)
     try:
@@ -191,24 +189,13 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"acmoe-eval: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "acmoe_megatron.evaluate", "--config", str(Path(cli.run_dir) / "config.yaml"), "--out", str(out)]
-    cmd += worker
+    args = ["--config", str(Path(cli.run_dir) / "config.yaml"), "--out", str(out), *worker]
     if cli.max_samples is not None:
-        cmd += ["--max-samples", str(cli.max_samples)]
-    cmd += [f"run.dir={cli.run_dir}", *cli.overrides]
+        args += ["--max-samples", str(cli.max_samples)]
+    args += [f"run.dir={cli.run_dir}", *cli.overrides]
     if cli.iteration is not None:
-        cmd.append(f"megatron.ckpt_step={cli.iteration}")
-    print("[acmoe-eval] " + " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, env=env)
-    if rc != 0:
-        print(f"acmoe-eval: evaluation failed (exit {rc}); see the log above", file=sys.stderr)
-        return rc
-    return 0
+        args.append(f"megatron.ckpt_step={cli.iteration}")
+    return run_worker("acmoe_megatron.evaluate", nproc, args, prog="acmoe-eval", what="evaluation", echo=True)
 
 
 if __name__ == "__main__":

@@ -238,10 +238,11 @@ def inference_tables(model, recipe, args, cli, iteration: int, rank: int) -> dic
     return meta
 
 
-def load_trained(config: str, overrides: list[str], data: str, prog: str):
+def load_trained(config: str, overrides: list[str], data: str, prog: str, stats_file: str | None = None):
     """(recipe, megatron args, model chunks in eval mode, iteration): a trained run's checkpoint
-    loaded into this process group's layout (model weights only), megatron initialised. Call it
-    inside ``cpu_runtime.device_redirect()``. Shared by the evaluation, generation and export workers."""
+    loaded into this process group's layout (model weights only), megatron initialised, and with
+    ``stats_file`` its calibrated AC tables installed (inference_stats.py). Call it inside
+    ``cpu_runtime.device_redirect()``. Shared by the evaluation, generation and export workers."""
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -269,6 +270,10 @@ def load_trained(config: str, overrides: list[str], data: str, prog: str):
     iteration, _ = load_checkpoint(model, None, None)
     for chunk in model:
         chunk.eval()
+    if stats_file:
+        from acmoe_megatron import inference_stats
+
+        inference_stats.install(model, inference_stats.load(stats_file)[0])
     return recipe, args, model, iteration
 
 

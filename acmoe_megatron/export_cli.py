@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -67,7 +65,7 @@ def plan(cli) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from acmoe_megatron.launcher import free_port
+    from acmoe_megatron.launcher import run_worker
 
     cli = _parser().parse_intermixed_args(argv)
     try:
@@ -75,15 +73,8 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"acmoe-export-hf: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    env = dict(os.environ)
-    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "acmoe_megatron.export_hf",
-           "--config", str(Path(cli.run_dir) / "config.yaml"), *worker]
-    rc = subprocess.call(cmd, env=env)
-    if rc != 0:
-        print(f"acmoe-export-hf: export failed (exit {rc}); see the log above", file=sys.stderr)
-    return rc
+    return run_worker("acmoe_megatron.export_hf", 1, ["--config", str(Path(cli.run_dir) / "config.yaml"), *worker],
+                      prog="acmoe-export-hf", what="export")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ def check_sample(data: str, seq_length: int) -> torch.Tensor:
 
 def main(argv=None) -> None:
     cpu_runtime.install_for_training()
-    from acmoe_megatron import inference_stats
     from acmoe_megatron.chunk_state import state_of
     from acmoe_megatron.data.manifest import read_manifest
     from acmoe_megatron.evaluate import load_trained
@@ -62,10 +61,8 @@ def main(argv=None) -> None:
     cli = parse_cli(argv)
     start = time.time()
     with cpu_runtime.device_redirect():  # without CUDA: megatron's device="cuda" requests -> CPU
-        recipe, args, model, iteration = load_trained(cli.config, cli.overrides, cli.data, "acmoe-export-hf")
-        if cli.stats_file:
-            tables, _ = inference_stats.load(cli.stats_file)
-            inference_stats.install(model, tables)
+        recipe, args, model, iteration = load_trained(cli.config, cli.overrides, cli.data, "acmoe-export-hf",
+                                                      stats_file=cli.stats_file)
         tokenizer = read_manifest(cli.data).tokenizer
         out = export(model, recipe, cli.out, megatron_args=args, tokenizer=tokenizer)
         tokens = check_sample(cli.data, args.seq_length)

@@ -103,10 +103,8 @@ def main(argv=None) -> None:
     generator = torch.Generator().manual_seed(cli.seed)
     start = time.time()
     with cpu_runtime.device_redirect():  # without CUDA: megatron's device="cuda" requests -> CPU
-        recipe, args, model, iteration = load_trained(cli.config, cli.overrides, cli.data, "acmoe-generate")
-        if cli.stats_file:
-            tables, _ = inference_stats.load(cli.stats_file)
-            inference_stats.install(model, tables)
+        recipe, args, model, iteration = load_trained(cli.config, cli.overrides, cli.data, "acmoe-generate",
+                                                      stats_file=cli.stats_file)
         inference_stats.fixed_weights(model)  # every AC layer has a batch-independent transform, or ValueError
         generations = []
         for prompt in cli.prompt:

@@ -18,8 +18,6 @@ cosine router).
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -108,7 +106,7 @@ def plan(cli) -> tuple[object, list[str]]:
 
 
 def main(argv=None) -> int:
-    from acmoe_megatron.launcher import free_port
+    from acmoe_megatron.launcher import run_worker
 
     cli = _parser().parse_intermixed_args(argv)
     try:
@@ -116,15 +114,8 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"acmoe-generate: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    env = dict(os.environ)
-    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "acmoe_megatron.generate",
-           "--config", str(Path(cli.run_dir) / "config.yaml"), *worker]
-    rc = subprocess.call(cmd, env=env)
-    if rc != 0:
-        print(f"acmoe-generate: generation failed (exit {rc}); see the log above", file=sys.stderr)
-    return rc
+    return run_worker("acmoe_megatron.generate", 1, ["--config", str(Path(cli.run_dir) / "config.yaml"), *worker],
+                      prog="acmoe-generate", what="generation")
 
 
 if __name__ == "__main__":

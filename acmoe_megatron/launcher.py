@@ -34,6 +34,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_worker(module: str, nproc: int, args: list[str], *, prog: str, what: str, echo: bool = False) -> int:
+    """torchrun ``nproc`` local processes of ``python -m module args`` (the workers of acmoe-eval,
+    acmoe-generate, acmoe-export-hf); their exit code, with a line naming ``what`` failed."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", module, *args]
+    if echo:
+        print(f"[{prog}] " + " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        print(f"{prog}: {what} failed (exit {rc}); see the log above", file=sys.stderr)
+    return rc
+
+
 def ensure_data(recipe) -> None:
     """Build the embedded default corpus if the recipe points at a missing directory."""
     from acmoe_megatron.data.megatron_indexed import uses_megatron_data
