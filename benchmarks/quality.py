@@ -89,6 +89,10 @@ def parse_args(argv=None):
                    help="word-swap-corrupted copy of the validation data (default: <data.path>_wordswap0.025, built "
                         "automatically for the stdlib corpus)")
     p.add_argument("--skip-corrupt", action="store_true", help="no corrupted-text evaluation")
+    p.add_argument("--references", default=None, metavar="RESULTS.md",
+                   help="rows this table has not run (e.g. topk, cosine, ac of an ablation table at a shorter "
+                        "--steps) are read from that table's longer runs of the same recipe, at this table's "
+                        "length (needs a constant learning rate after warm-up; checked)")
     p.add_argument("--rerun", action="store_true", help="train again even where a stored result exists")
     p.add_argument("--report-only", action="store_true", help="only regenerate the results file from stored JSONs")
     p.add_argument("--reextract", action="store_true",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .figures import make_figures
 from .rows import ABLATIONS, ROOT, ROWS, Plan, Row, _rel
-from .runner import STATS_WINDOW, load_results
+from .runner import STATS_WINDOW, load_references, load_results
 from .statistics import aggregate_row, fmt_paired, paired_diff, verdict
 
 
@@ -226,7 +226,14 @@ def write_report(args, plan: Plan, rows: list[Row], seeds: list[int], bhash: str
         "",
         *per_seed,
     ]
-    lines += ablation_lines(results) + ac_internal_lines(results)
+    refs, merged = {}, dict(results)
+    if getattr(args, "references", None) and steps:  # seeds this table has not run itself
+        for name, res in load_references(plan, args.references, seeds, steps).items():
+            own = {r["seed"] for r in results.get(name, [])}
+            refs[name] = [r for r in res if r["seed"] not in own]
+            merged[name] = sorted([*results.get(name, []), *refs[name]], key=lambda r: r["seed"])
+        refs = {k: v for k, v in refs.items() if v}
+    lines += ablation_lines(merged, refs) + length_lines(results) + ac_internal_lines(results)
     if other:
         lines += ["", f"Ignored stored results made with other base settings: {', '.join(other)}."]
     lines += ["", "## Verdict (computed from the table)", "", *verdict(aggs, results), ""]
@@ -239,9 +246,10 @@ def write_report(args, plan: Plan, rows: list[Row], seeds: list[int], bhash: str
     return out
 
 
-def ablation_lines(results: dict[str, list[dict]]) -> list[str]:
+def ablation_lines(results: dict[str, list[dict]], refs: dict[str, list[dict]] | None = None) -> list[str]:
     """Markdown table: AC − topk and AC − cosine (paired by seed, 95% CI) under each change of
-    ``ABLATIONS`` whose AC row has results, and what the change does to AC itself."""
+    ``ABLATIONS`` whose AC row has results, and what the change does to AC itself. ``refs``: the
+    rows among ``results`` that come from another table's longer runs (``load_references``)."""
     def paired(a, b):
         if not results.get(a) or not b or not results.get(b):
             return "–"
@@ -250,11 +258,50 @@ def ablation_lines(results: dict[str, list[dict]]) -> list[str]:
     rows = [abl for abl in ABLATIONS if results.get(abl[1])]
     if len(rows) < 2:
         return []
+    def effect(row, base):  # what the change does to one router: its row − the base recipe's row
+        return "–" if row in (None, base) else paired(row, base)
+
     lines = ["", "## Ablations (paired by seed: same init and data order; nats per token)", "",
-             "| change | AC row | AC − topk | AC − cosine | AC with the change − AC without |", "|---|---|---|---|---|"]
+             "| change | AC row | AC − topk | AC − cosine | AC with the change − AC without | "
+             "topk with − without | cosine with − without |", "|---|---|---|---|---|---|---|"]
     for change, ac_row, topk_row, cos_row in rows:
         lines.append(f"| {change} | `{ac_row}` | {paired(ac_row, topk_row)} | {paired(ac_row, cos_row)} | "
-                     f"{'–' if ac_row == 'ac' else paired(ac_row, 'ac')} |")
+                     f"{effect(ac_row, 'ac')} | {effect(topk_row, 'topk')} | {effect(cos_row, 'cosine')} |")
+    if refs:
+        where = sorted({r["reference"].split(" at step")[0].rsplit("/runs/", 1)[0] for v in refs.values() for r in v})
+        step_of = next(r["reference"].split(" at step ", 1)[1] for v in refs.values() for r in v)
+        lines += ["", f"Rows {', '.join(f'`{k}`' for k in refs)} (the seeds not run here) are not run again: they are the validation "
+                  f"losses at step {step_of} of the longer runs of the same recipe and seeds in {', '.join(where)} "
+                  "(the learning rate is constant after warm-up, so a run's first steps do not depend on its length: "
+                  "checked bit for bit on one run, and by the base hash of every run)."]
+    return lines
+
+
+def length_lines(results: dict[str, list[dict]], parts: int = 4) -> list[str]:
+    """Markdown table: how AC − topk and AC − cosine (paired by seed, 95% CI) move with the
+    training length, from the validation curves of the same runs at 1/4, 2/4, ... of the steps."""
+    def at(rows, step):
+        out = []
+        for r in rows:
+            curve = dict(r.get("valid_curve") or [])
+            if r.get("status") == "ok" and step in curve:
+                out.append({"seed": r["seed"], "status": "ok", "loss": curve[step]})
+        return out
+
+    if not all(results.get(k) for k in ("ac", "topk")):
+        return []
+    steps = int(results["ac"][0]["train_iters"])
+    marks = [steps * i // parts for i in range(1, parts + 1)]
+    if not all(at(results["ac"], m) for m in marks):
+        return []
+    lines = ["", "## Training length (the same runs, validation loss at earlier steps; paired by seed)", "",
+             "| step | topk | cosine | ac | AC − topk | AC − cosine |", "|---|---|---|---|---|---|"]
+    for m in marks:
+        rows = {k: at(results.get(k, []), m) for k in ("topk", "cosine", "ac")}
+        mean = {k: (f"{statistics.fmean(r['loss'] for r in v):.4f}" if v else "–") for k, v in rows.items()}
+        pair = {k: (fmt_paired(*paired_diff(rows[k], rows["ac"], "loss")) if rows[k] else "–")
+                for k in ("topk", "cosine")}
+        lines.append(f"| {m} | {mean['topk']} | {mean['cosine']} | {mean['ac']} | {pair['topk']} | {pair['cosine']} |")
     return lines
 
 

@@ -271,6 +271,50 @@ def load_results(results_dir: Path, seeds: list[int], bhash: str) -> tuple[dict[
     return found, other
 
 
+def load_references(plan: Plan, reference_out: str | Path, seeds: list[int], steps: int) -> dict[str, list[dict]]:
+    """Every row of another table (``reference_out``: its results file) at this table's length
+    ``steps``, read from the validation curves of its longer runs: {row: results with
+    ``final_valid_loss`` = the run's validation loss at step ``steps``}.
+
+    A run's first ``steps`` steps equal a ``steps``-step run's only when nothing before that step
+    depends on the run length: the learning rate must be constant after warm-up (measured: a 500-step
+    run's final validation loss equals the 2000-step run's loss at step 500 bit for bit, 1 thread),
+    and both tables must share everything else (checked: the other table's runs carry the base hash
+    of this table's base recipe with their own length)."""
+    import dataclasses
+
+    from acmoe_megatron.config import load_recipe
+
+    from .rows import base_hash, merge_overrides
+
+    recipe = load_recipe(plan.config, plan.base)
+    if recipe.megatron.get("lr_decay_style") != "constant":
+        raise SystemExit(f"quality.py: --references needs a constant learning rate after warm-up (the base recipe "
+                         f"has lr_decay_style={recipe.megatron.get('lr_decay_style')!r}): a longer run's first "
+                         f"{steps} steps would not be a {steps}-step run")
+    ref_dir = Path(reference_out).with_suffix("")
+    found: dict[str, list[dict]] = {}
+    hashes: dict[int, str] = {}
+    for row in ROWS:
+        for seed in seeds:
+            p = result_path(ref_dir, row.name, seed)
+            if not p.is_file():
+                continue
+            r = json.loads(p.read_text())
+            length = int(r["train_iters"])
+            if length not in hashes:
+                longer = merge_overrides([*plan.base, f"megatron.train_iters={length}",
+                                          f"megatron.save_interval={length}"])
+                hashes[length] = base_hash(dataclasses.replace(plan, base=longer))
+            curve = dict(r.get("valid_curve") or [])
+            if r.get("status") != "ok" or r.get("base_hash") != hashes[length] or steps not in curve:
+                continue
+            found.setdefault(row.name, []).append({
+                "row": row.name, "seed": seed, "status": "ok", "final_valid_loss": curve[steps],
+                "reference": f"{_rel(p)} at step {steps} of {length}"})
+    return found
+
+
 def reextract(plan: Plan, rows: list[Row], seeds: list[int]) -> int:
     """Refresh the TensorBoard-derived fields of stored results from their run directories (after
     the extraction gained a field); training and losses are untouched. Returns how many."""

@@ -193,9 +193,45 @@ def test_ablation_table_pairs_each_change_with_its_references():
     assert "| none (the base recipe) | `ac` | -0.1000 ± 0.0000 (2 seeds" in table
     assert "| aux balance loss 0.01 on every MoE layer | `ac-balance` | -0.0750 ± 0.0354 (2 seeds" in table
     assert "| – | +0.0750" in table  # no cosine-balance runs; ac-balance − ac
+    balance = next(ln for ln in lines if "aux balance" in ln).split("|")
+    assert balance[6].strip().startswith("+0.0500 ± 0.0707 (2 seeds") and balance[7].strip() == "–"  # topk's own
     freenorm = next(ln for ln in lines if "free expert norm" in ln)
     assert "-0.0500" in freenorm.split("|")[3]  # against the base topk: the norm does not touch it
     assert report.ablation_lines({"ac": results["ac"]}) == []
+
+
+def test_training_length_table_pairs_the_curves_at_each_quarter():
+    curve = lambda *v: [[100 * (i + 1), x] for i, x in enumerate(v)]  # noqa: E731
+    results = {"topk": [_result(1, 2.0, curve(4, 3, 2.5, 2.0)), _result(2, 2.2, curve(4, 3, 2.5, 2.2))],
+               "ac": [_result(1, 1.9, curve(4.2, 3.1, 2.5, 1.9)), _result(2, 2.0, curve(4.2, 3.3, 2.5, 2.0))]}
+    for r in results["topk"] + results["ac"]:
+        r["train_iters"] = 400
+    lines = report.length_lines(results)
+    table = {ln.split("|")[1].strip(): ln.split("|") for ln in lines if ln.startswith("| ") and "step" not in ln}
+    assert list(table) == ["100", "200", "300", "400"]
+    assert table["100"][5].strip().startswith("+0.2000 ± 0.0000 (2 seeds")  # AC − topk at step 100
+    assert table["200"][5].strip().startswith("+0.2000 ± 0.1414 (2 seeds")
+    assert table["400"][5].strip().startswith("-0.1500 ± 0.0707 (2 seeds") and table["400"][2].strip() == "2.1000"
+    assert table["400"][6].strip() == "–"  # no cosine runs
+    assert report.length_lines({"ac": results["ac"]}) == []
+
+
+def test_references_are_the_longer_runs_of_the_same_recipe_at_this_length(tmp_path):
+    base = ["--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--out", str(tmp_path / "short.md"),
+            "--set", "megatron.lr_decay_style=constant", "--set", "megatron.lr_warmup_iters=1"]
+    short = rows.build_plan(cli.parse_args([*base, "--steps", "4"]))
+    longer = rows.build_plan(cli.parse_args([*base, "--steps", "8", "--out", str(tmp_path / "long.md")]))
+    other = rows.build_plan(cli.parse_args([*base, "--steps", "8", "--set", "megatron.lr=1e-3"]))
+    for seed, plan in ((1, longer), (2, longer), (3, other)):
+        runner._write_json(runner.result_path(tmp_path / "long", "topk", seed), {
+            "row": "topk", "seed": seed, "status": "ok", "train_iters": 8, "base_hash": rows.base_hash(plan),
+            "valid_curve": [[4, 3.0 + seed], [8, 2.0]], "final_valid_loss": 2.0})
+    refs = runner.load_references(short, tmp_path / "long.md", [1, 2, 3], 4)
+    assert [(r["seed"], r["final_valid_loss"]) for r in refs["topk"]] == [(1, 4.0), (2, 5.0)]  # not seed 3: lr
+    assert "at step 4 of 8" in refs["topk"][0]["reference"]
+    decaying = rows.build_plan(cli.parse_args([*base[:4], "--steps", "4"]))  # tiny_cpu's cosine decay
+    with pytest.raises(SystemExit, match="constant learning rate after warm-up"):
+        runner.load_references(decaying, tmp_path / "long.md", [1], 4)
 
 
 # ------------------------------------------------------------------------------------ rows, CLI
