@@ -109,6 +109,7 @@ class RunSettings:
     peak_tflops: float | None = None  # per-device peak for throughput/mfu (null: the table of known GPUs)
     per_expert_scalars_max: int = 16  # per-expert load scalars only up to this many experts (histograms always)
     image_interval: int = 100  # expert-load heatmap + AC weight distribution images every N steps (0: none)
+    trace_samples: bool = False  # the sample ids of every training micro-batch: dir/sample_trace/ (sample_trace.py)
 
     def __post_init__(self):
         check_types(self, "run")
@@ -161,7 +162,7 @@ class Recipe:
 HASH_OMITS_AT_DEFAULT: dict[str, tuple[str, ...]] = {"acmoe": ("compile", "expert_norm"),
                                                       "data": ("shuffle_window", "blend", "cache_dir"),
                                                       "run": ("peak_tflops", "per_expert_scalars_max",
-                                                              "image_interval")}
+                                                              "image_interval", "trace_samples")}
 
 
 def _suggest(key: str, known) -> str:

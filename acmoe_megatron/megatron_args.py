@@ -135,6 +135,14 @@ def validate_args(args, recipe, host_checks: bool = True) -> None:
     what depends on the machine it runs on (CUDA present, FP8 capability): a SLURM job is planned
     on a login node but runs elsewhere."""
     check_settings(args, recipe.acmoe, recipe.elliptical, host_checks=host_checks)
+    if recipe.run.trace_samples:
+        from acmoe_megatron.config import ConfigError
+        from acmoe_megatron.data.megatron_indexed import uses_megatron_data
+
+        if recipe.data.blend or uses_megatron_data(recipe.megatron):
+            raise ConfigError("run.trace_samples=true records the sample ids of data.path's shards; megatron's "
+                              "indexed data and data.blend go through megatron's datasets, which do not carry "
+                              "them: train from data.path, or leave run.trace_samples off")
 
 
 def check_settings(args, acmoe, elliptical=None, host_checks: bool = True) -> None:

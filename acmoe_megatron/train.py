@@ -109,19 +109,27 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def make_forward_step(recipe):
+    from acmoe_megatron.sample_trace import MegatronSampleTrace
+
+    trace = MegatronSampleTrace(recipe.run.dir) if recipe.run.trace_samples else None
+
     def step(data_iterator, model):
         if recipe.run.log_router_grad_norms:
             run_hooks.log_router_grad_norms(model, Path(recipe.run.dir))
-        return forward_step(data_iterator, model)
+        return forward_step(data_iterator, model, trace)
 
     return step
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, trace=None):
     """One micro-batch: GPT forward on this rank's batch (every pipeline stage reads its own copy,
     so routers that route by token id find the ids on every stage). The per-micro-batch protocol
-    of our cross-layer state runs in the model's hooks (plugin.attach)."""
+    of our cross-layer state runs in the model's hooks (plugin.attach). ``trace``: records the
+    batch's sample ids (``run.trace_samples``, sample_trace.py)."""
     batch = next(data_iterator)
+    sample_ids = batch.pop("sample_ids", None)
+    if trace is not None:
+        trace(model, sample_ids)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)

@@ -2,7 +2,9 @@
 
 ``TokenBatches`` reads one split of a directory written by ``prepare`` and yields Megatron GPT
 micro-batches: ``tokens``, ``labels`` (LongTensor [b, s]), ``loss_mask`` (float [b, s]) and
-``position_ids`` (LongTensor [b, s]). Use it with ``--dataloader-type external``.
+``position_ids`` (LongTensor [b, s]), and ``sample_ids`` (LongTensor [b]: each row's split-level
+sample index, -1 for a padding row; what ``run.trace_samples`` records). Use it with
+``--dataloader-type external``.
 
 How samples are assigned (sample-level, not shard-level, splitting):
 - The split's N samples form an infinite stream of epochs. Epoch e is a permutation of 0..N-1,
@@ -256,6 +258,7 @@ class TokenBatches(Iterator[dict[str, torch.Tensor]]):
             "labels": labels,
             "loss_mask": loss_mask,
             "position_ids": self._positions.clone(),
+            "sample_ids": torch.from_numpy(ids),  # split-level ids, -1 = padding (sample_trace.py)
         }
 
     def __iter__(self) -> TokenBatches:

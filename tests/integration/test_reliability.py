@@ -4,10 +4,12 @@ limit), SIGTERM.
 
 Each run is Megatron's trainer through ``acmoe-pretrain`` (2-core CPU, gloo). "Bit-exact" means the
 per-step train losses in TensorBoard are equal as floats between an uninterrupted run of 2N steps
-and a run stopped after N steps and resumed. The EP=1 runs use ``acmoe.source=ema`` (running
-statistics in router buffers, which must survive the checkpoint), the EP=2 runs the paper's batch
-statistics; the uninterrupted EP=1 run also checkpoints every step with ``run.keep_last_checkpoints=2``,
-so one launch serves the resume references and the retention check.
+and a run stopped after N steps and resumed. The EP=2 runs use ``acmoe.source=ema`` (running
+statistics in router buffers, which must survive the checkpoint), the EP=1 runs the paper's batch
+statistics; the uninterrupted EP=1 run (one process) also checkpoints every step with
+``run.keep_last_checkpoints=2`` and records its sample ids (``run.trace_samples``), so one launch
+serves the resume references, the retention check and the reference of a resume on another
+number of processes.
 """
 
 import os
@@ -58,9 +60,9 @@ def data(tmp_path_factory):
     return out
 
 
-# EP=1 runs keep running AC statistics (acmoe.source=ema): a resume must restore those buffers too
-LAYOUT = {1: ["megatron.expert_model_parallel_size=1", "acmoe.source=ema"],
-          2: ["megatron.expert_model_parallel_size=2"]}
+# EP=2 runs keep running AC statistics (acmoe.source=ema): a resume must restore those buffers too
+LAYOUT = {1: ["megatron.expert_model_parallel_size=1"],
+          2: ["megatron.expert_model_parallel_size=2", "acmoe.source=ema"]}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,9 @@ def uninterrupted(data, tmp_path_factory):
     runs = {}
     for ep in (1, 2):
         run = tmp_path_factory.mktemp(f"a_ep{ep}") / "run"
-        retention = ["megatron.save_interval=1", "run.keep_last_checkpoints=2"] if ep == 1 else []
+        # the EP=1 run also records its sample ids: the reference of the resume on another process count
+        retention = ["megatron.save_interval=1", "run.keep_last_checkpoints=2", "run.trace_samples=true"] if ep == 1 \
+            else []
         rc, log = _run(run, data, ep, *LAYOUT[ep], *retention)
         assert rc == 0, log[-3000:]
         runs[ep] = _losses(run)
@@ -89,6 +93,26 @@ def test_stop_and_resume_is_bit_exact(data, uninterrupted, tmp_path, ep):
     rc, log = _run(run, data, ep, *common)
     assert rc == 0, log[-3000:]
     assert _losses(run) == uninterrupted[ep]  # float equality, step by step
+
+
+def test_resume_on_another_number_of_processes_continues_the_sample_sequence(data, uninterrupted, tmp_path):
+    """Saved by 2 data-parallel processes, resumed by 1, then by 2 again (EP=1, the same global
+    batch): every step consumes the samples of the uninterrupted run's step (the ids the processes
+    record, merged in global order: nothing seen twice or skipped) and its loss equals that run's
+    (the same micro-batches and AC statistics, another reduction order)."""
+    from acmoe_megatron.sample_trace import read_trace
+
+    run = tmp_path / "run"
+    common = ["megatron.expert_model_parallel_size=1", "run.trace_samples=true"]
+    for nproc, stop in ((2, 2), (1, 4), (2, None)):
+        rc, log = _run(run, data, nproc, *common, *([f"megatron.exit_interval={stop}"] if stop else []))
+        assert rc == (EXIT_STOPPED_EARLY if stop else 0), log[-3000:]
+        if stop:
+            assert _latest(run) == str(stop)
+    reference = read_trace(uninterrupted["dir1"])
+    assert sorted(reference) == list(range(1, 2 * N + 1)) and len(reference[1]) == 8  # global batch 8
+    assert read_trace(run) == reference
+    assert _losses(run) == pytest.approx(uninterrupted[1], rel=1e-5)
 
 
 def _lose_a_rank_mid_step(run, data, common):

@@ -97,9 +97,16 @@ def test_resume_with_a_different_config_names_the_keys(tmp_path):
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("10")
     longer = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "megatron.train_iters=800"])
-    with pytest.raises(ConfigError, match=r"decay length 400 -> 800 .*lr_decay_iters=400"):
-        check_resume_compatible(longer, run)  # megatron would refuse the longer lr schedule
-    for keep_schedule in ("megatron.lr_decay_iters=400", "megatron.override_opt_param_scheduler=true"):
+    with pytest.raises(ConfigError, match=r"train_iters 400 -> 800 .*decay length 400 -> 800 .*"
+                                          r"use_checkpoint_opt_param_scheduler=true"):
+        check_resume_compatible(longer, run)  # megatron would refuse the longer lr and weight-decay schedules
+    # a fixed lr decay length still changes megatron's weight-decay length (train_iters x global batch)
+    fixed_decay = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "megatron.train_iters=800",
+                                                        "megatron.lr_decay_iters=400"])
+    with pytest.raises(ConfigError, match=r"train_iters 400 -> 800 \(the length of megatron's weight-decay"):
+        check_resume_compatible(fixed_decay, run)
+    for keep_schedule in ("megatron.use_checkpoint_opt_param_scheduler=true",
+                          "megatron.override_opt_param_scheduler=true"):
         longer = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "megatron.train_iters=800", keep_schedule])
         check_resume_compatible(longer, run)  # allowed change
     # a run directory written before a section/key existed: the missing key counts as its default
@@ -115,10 +122,18 @@ def test_resume_with_a_different_config_names_the_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"megatron.num_layers: 4 -> 6; acmoe.scope: 'tp' -> 'local'") as err:
         check_resume_compatible(changed, run)
     assert "parallel sizes" not in str(err.value)
-    other_layout = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "megatron.expert_model_parallel_size=1"])
-    with pytest.raises(ConfigError, match=r"expert_model_parallel_size: 2 -> 1\. .*keeps the run's parallel sizes.*"
-                                          r"only the number of data-parallel processes"):
+    other_layout = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}", "megatron.tensor_model_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"tensor_model_parallel_size: 1 -> 2\. .*keeps the run's tensor/pipeline"
+                                          r"/context parallel sizes.*number of data-parallel processes"):
         check_resume_compatible(other_layout, run)
+    # expert parallel: 2 -> 4 reshards (measured: docs/reliability.md); 2 -> 1 cannot load the optimizer
+    check_resume_compatible(load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}",
+                                                                  "megatron.expert_model_parallel_size=4"]), run)
+    ep1 = [f"run.dir={run}", "megatron.expert_model_parallel_size=1"]
+    with pytest.raises(ConfigError, match=r"expert_model_parallel_size: 2 -> 1: .*cannot load one into the other.*"
+                                          r"no_load_optim=true"):
+        check_resume_compatible(load_recipe("configs/tiny_cpu.yaml", ep1), run)
+    check_resume_compatible(load_recipe("configs/tiny_cpu.yaml", [*ep1, "megatron.no_load_optim=true"]), run)
 
 
 @pytest.mark.parametrize("world, overrides, message", [

@@ -73,10 +73,11 @@ def test_batch_contents(small_shards):
     tb = TokenBatches(small_shards.path, "valid", 3, 1, 2, seed=0, shuffle=False, infinite=False)
     assert tb.sample_ids(0) == [3, 4, 5]  # step 0 = samples 0..5; replica 1 takes the 2nd half
     batch = next(tb)
-    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids"}
+    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids", "sample_ids"}
     assert batch["tokens"].dtype == batch["labels"].dtype == torch.long
     assert batch["loss_mask"].dtype == torch.float32
-    assert all(v.shape == (3, s) for v in batch.values())
+    assert all(batch[k].shape == (3, s) for k in ("tokens", "labels", "loss_mask", "position_ids"))
+    assert batch["sample_ids"].tolist() == [3, 4, 5]  # what run.trace_samples records
     np.testing.assert_array_equal(batch["tokens"][0].numpy(), samples[3, :-1])
     np.testing.assert_array_equal(batch["labels"][0].numpy(), samples[3, 1:])
     assert batch["loss_mask"].all() and (batch["position_ids"] == torch.arange(s)).all()
