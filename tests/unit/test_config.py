@@ -534,7 +534,7 @@ def test_hash_leaves_out_keys_newer_than_recorded_runs_while_at_default():
     d = recipe.to_dict()
     for key in ("compile", "expert_norm"):
         d["acmoe"].pop(key)  # what the recipe looked like to runs recorded before these keys existed
-    for key in ("peak_tflops", "per_expert_scalars_max", "image_interval"):
+    for key in ("peak_tflops", "per_expert_scalars_max", "image_interval", "trace_samples"):
         d["run"].pop(key)
     for key in ("shuffle_window", "blend", "cache_dir"):
         d["data"].pop(key)
@@ -543,4 +543,5 @@ def test_hash_leaves_out_keys_newer_than_recorded_runs_while_at_default():
     assert load_recipe(TINY, ["acmoe.expert_norm=1.5"]).hash() != legacy
     assert load_recipe(TINY, ["acmoe.compile=true"]).hash() != legacy
     assert load_recipe(TINY, ["run.per_expert_scalars_max=64"]).hash() != legacy
+    assert load_recipe(TINY, ["run.trace_samples=true"]).hash() != legacy
     assert load_recipe(TINY, ["data.shuffle_window=4096"]).hash() != legacy

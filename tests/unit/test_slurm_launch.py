@@ -534,10 +534,11 @@ def test_resolve_refuses_to_mix_checkpoints_of_another_configuration(tmp_path, c
     assert slurm_launch.main(base) == 2
     assert "iter_0000005 does not exist" in capsys.readouterr().err
     (run_dir / "checkpoints" / "iter_0000005" / "mp_rank_00").mkdir(parents=True)  # megatron's legacy layout
-    # a longer run: fine when the lr schedule's length stays (megatron refuses a changed one)
-    assert slurm_launch.main([*base, "megatron.train_iters=500", "megatron.lr_decay_iters=400"]) == 0
-    assert slurm_launch.main([*base, "megatron.train_iters=500"]) == 2
-    assert "megatron.lr_decay_iters=400 to keep the old schedule" in capsys.readouterr().err
+    # a longer run: fine when told which schedule to keep (megatron refuses a changed one; the weight-decay
+    # length train_iters x global batch changes even with a fixed lr_decay_iters)
+    assert slurm_launch.main([*base, "megatron.train_iters=500", "megatron.use_checkpoint_opt_param_scheduler=true"]) == 0
+    assert slurm_launch.main([*base, "megatron.train_iters=500", "megatron.lr_decay_iters=400"]) == 2
+    assert "use_checkpoint_opt_param_scheduler=true to keep the checkpoint's schedule" in capsys.readouterr().err
     assert slurm_launch.main([*base, "megatron.hidden_size=64"]) == 2
     assert "megatron.hidden_size: 128 -> 64" in capsys.readouterr().err
 
