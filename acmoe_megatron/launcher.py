@@ -92,7 +92,8 @@ EXPERT_PARALLEL = "expert_model_parallel_size"
 RESUMABLE_CHANGES = {
     "megatron": {"train_iters", "exit_interval", "exit_duration_in_mins", "exit_signal_handler", "exit_signal",
                  "save_interval", "eval_interval", "eval_iters", "log_interval", "lr_decay_iters",
-                 "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler", "tensorboard_dir", "load", "save", "finetune",
+                 "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler", "tensorboard_dir", "load",
+                 "save", "finetune",
                  "no_load_optim", "no_load_rng", "ckpt_step", "wandb_project", "wandb_exp_name", "wandb_save_dir",
                  "wandb_entity"},
     "run": {"dir", "name", "log_router_grad_norms", "keep_last_checkpoints", "peak_tflops", "per_expert_scalars_max",

@@ -270,7 +270,8 @@ def ablation_lines(results: dict[str, list[dict]], refs: dict[str, list[dict]] |
     if refs:
         where = sorted({r["reference"].split(" at step")[0].rsplit("/runs/", 1)[0] for v in refs.values() for r in v})
         step_of = next(r["reference"].split(" at step ", 1)[1] for v in refs.values() for r in v)
-        lines += ["", f"Rows {', '.join(f'`{k}`' for k in refs)} (the seeds not run here) are not run again: they are the validation "
+        lines += ["", f"Rows {', '.join(f'`{k}`' for k in refs)} (the seeds not run here) are not run again: "
+                  "they are the validation "
                   f"losses at step {step_of} of the longer runs of the same recipe and seeds in {', '.join(where)} "
                   "(the learning rate is constant after warm-up, so a run's first steps do not depend on its length: "
                   "checked bit for bit on one run, and by the base hash of every run)."]
