@@ -254,20 +254,24 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+def stored_runs(results_dir: Path, seeds: list[int]):
+    """(row, seed, path, result) of every stored run JSON under ``results_dir`` for ``seeds``, in ROWS order."""
+    for row in ROWS:
+        for seed in seeds:
+            p = result_path(results_dir, row.name, seed)
+            if p.is_file():
+                yield row, seed, p, json.loads(p.read_text())
+
+
 def load_results(results_dir: Path, seeds: list[int], bhash: str) -> tuple[dict[str, list[dict]], list[str]]:
     """Stored results of the table's base (same base hash) for ``seeds``, by row, in ROWS order."""
     found: dict[str, list[dict]] = {}
     other: list[str] = []
-    for row in ROWS:
-        for seed in seeds:
-            p = result_path(results_dir, row.name, seed)
-            if not p.is_file():
-                continue
-            r = json.loads(p.read_text())
-            if r.get("base_hash") != bhash:
-                other.append(f"{row.name}/seed{seed}")
-                continue
-            found.setdefault(row.name, []).append(r)
+    for row, seed, _, r in stored_runs(results_dir, seeds):
+        if r.get("base_hash") != bhash:
+            other.append(f"{row.name}/seed{seed}")
+            continue
+        found.setdefault(row.name, []).append(r)
     return found, other
 
 
@@ -295,23 +299,17 @@ def load_references(plan: Plan, reference_out: str | Path, seeds: list[int], ste
     ref_dir = Path(reference_out).with_suffix("")
     found: dict[str, list[dict]] = {}
     hashes: dict[int, str] = {}
-    for row in ROWS:
-        for seed in seeds:
-            p = result_path(ref_dir, row.name, seed)
-            if not p.is_file():
-                continue
-            r = json.loads(p.read_text())
-            length = int(r["train_iters"])
-            if length not in hashes:
-                longer = merge_overrides([*plan.base, f"megatron.train_iters={length}",
-                                          f"megatron.save_interval={length}"])
-                hashes[length] = base_hash(dataclasses.replace(plan, base=longer))
-            curve = dict(r.get("valid_curve") or [])
-            if r.get("status") != "ok" or r.get("base_hash") != hashes[length] or steps not in curve:
-                continue
-            found.setdefault(row.name, []).append({
-                "row": row.name, "seed": seed, "status": "ok", "final_valid_loss": curve[steps],
-                "reference": f"{_rel(p)} at step {steps} of {length}"})
+    for row, seed, p, r in stored_runs(ref_dir, seeds):
+        length = int(r["train_iters"])
+        if length not in hashes:
+            longer = merge_overrides([*plan.base, f"megatron.train_iters={length}", f"megatron.save_interval={length}"])
+            hashes[length] = base_hash(dataclasses.replace(plan, base=longer))
+        curve = dict(r.get("valid_curve") or [])
+        if r.get("status") != "ok" or r.get("base_hash") != hashes[length] or steps not in curve:
+            continue
+        found.setdefault(row.name, []).append({
+            "row": row.name, "seed": seed, "status": "ok", "final_valid_loss": curve[steps],
+            "reference": f"{_rel(p)} at step {steps} of {length}"})
     return found
 
 
