@@ -53,7 +53,7 @@ def calibrate(model_chunks, run_forward: Callable[[], None]) -> dict[int, dict]:
     ``run_forward`` pushes through the model (with the batch statistics), summed over every replica
     (``tp_dp_cp``): identical on every rank of a pipeline stage."""
     routers = ac_routers(model_chunks)
-    sources = {r.ac.source for r in routers}
+    sources = {r.settings.source for r in routers}
     if sources - {"batch"}:
         raise ValueError(f"calibration is for acmoe.source=batch models; this one has source {sorted(sources)} "
                          "(an ema model routes with its checkpointed running statistics)")

@@ -157,7 +157,6 @@ class ACRouter(CosineRouter):
 
     def __init__(self, *, settings: ACSettings = ACSettings(), **kw):
         super().__init__(settings=settings, **kw)
-        self.ac = settings
         self.ac_constants = settings.constants()
         # a batch-trained model's calibrated inference transform (inference_stats.install); not part
         # of megatron's checkpoint (stored beside it)
@@ -166,13 +165,13 @@ class ACRouter(CosineRouter):
 
     def inference_weights(self) -> torch.Tensor | None:
         """The batch-independent ``[K, D]`` transform used outside training, or None (batch statistics)."""
-        if self.ac.source == "ema":
+        if self.settings.source == "ema":
             return self._ema_weights()
         return self.ac_inference_w
 
     def set_inference_weights(self, w_KD: torch.Tensor | None) -> None:
         """Route with ``w_KD`` outside training (None: back to the batch statistics)."""
-        if self.ac.source == "ema":
+        if self.settings.source == "ema":
             raise ValueError("an acmoe.source=ema router routes with its own running statistics at inference")
         if w_KD is not None:
             shape = (self.num_experts, self.config.hidden_size)
@@ -184,7 +183,7 @@ class ACRouter(CosineRouter):
 
     def scope_replicas(self) -> int:
         """How many ranks of ``tp_dp_cp`` hold the same statistics (the size of the scope's group)."""
-        group = self._group(self.ac.scope)
+        group = self._group(self.settings.scope)
         return 1 if group is None else dist.get_world_size(group)
 
     def _group(self, scope: str):
@@ -199,29 +198,29 @@ class ACRouter(CosineRouter):
         c = self.ac_constants
         if not self.training and (w_KD := self.inference_weights()) is not None:
             return w_KD, labels.top1_T
-        if self.ac.source == "ema":
+        if self.settings.source == "ema":
             w_KD = self._ema_weights()
             if self.training and torch.is_grad_enabled():  # once per step, also under recompute
                 self._ema_update(x_TD, labels.top1_T)
             return w_KD, labels.top1_T
-        group = self._group(self.ac.scope)
+        group = self._group(self.settings.scope)
         all_reduce = None if group is None else (lambda t: dist.all_reduce(t, group=group))
         max_label = labels.max_label
-        if group is not None and self.ac.mode == "release":
+        if group is not None and self.settings.mode == "release":
             max_label = max_label.clone()
             dist.all_reduce(max_label, op=dist.ReduceOp.MAX, group=group)
-        kw = dict(eps=c["eps"], clip=c["clip"], norm=c["norm"], mode=self.ac.mode, max_label=max_label,
-                  min_cluster_size=self.ac.min_cluster_size)
+        kw = dict(eps=c["eps"], clip=c["clip"], norm=c["norm"], mode=self.settings.mode, max_label=max_label,
+                  min_cluster_size=self.settings.min_cluster_size)
         if group is None:  # statistics and weights in one function: one compile unit
-            local_weights = ac_stats.compiled(ac_stats.local_weights, self.ac.compile)
+            local_weights = ac_stats.compiled(ac_stats.local_weights, self.settings.compile)
             w_KD, stats = local_weights(x_TD, labels.top1_T, self.num_experts, **kw)
         else:
             stats = ac_stats.cluster_stats(x_TD, labels.top1_T, self.num_experts, all_reduce)
-            w_KD = ac_stats.compiled(ac_stats.weights_from_stats, self.ac.compile)(stats.mad_KD, stats.counts_K, **kw)
+            w_KD = ac_stats.compiled(ac_stats.weights_from_stats, self.settings.compile)(stats.mad_KD, stats.counts_K, **kw)
         if self.calibration is not None:
             self.calibration.add(w_KD, stats.counts_K)
         if self._recording():
-            rows_K = ac_stats.cluster_rows(stats.counts_K, self.ac.mode, max_label, self.ac.min_cluster_size)
+            rows_K = ac_stats.cluster_rows(stats.counts_K, self.settings.mode, max_label, self.settings.min_cluster_size)
             state.metrics.record_ac(self.layer_number, stats.counts_K, stats.mean_KD, stats.mad_KD, w_KD,
                                    rows_K, c["eps"], c["clip"])
         return w_KD, labels.top1_T
@@ -231,8 +230,8 @@ class ACRouter(CosineRouter):
         c = self.ac_constants
         seen_K = self.ac_ema_count > 0
         w_KD = ac_stats.weights_from_stats(
-            self.ac_ema_mad, seen_K.float() * float(self.ac.min_cluster_size), eps=c["eps"],
-            clip=c["clip"], norm=c["norm"], mode="clean", min_cluster_size=self.ac.min_cluster_size,
+            self.ac_ema_mad, seen_K.float() * float(self.settings.min_cluster_size), eps=c["eps"],
+            clip=c["clip"], norm=c["norm"], mode="clean", min_cluster_size=self.settings.min_cluster_size,
         )
         return w_KD  # clusters never seen keep M = I
 
@@ -244,7 +243,7 @@ class ACRouter(CosineRouter):
         stats = ac_stats.cluster_stats(x_TD, labels_T, self.num_experts, all_reduce)
         present_K1 = (stats.counts_K > 0).unsqueeze(1)
         first_K1 = (self.ac_ema_count == 0).unsqueeze(1)
-        d = self.ac.ema_decay
+        d = self.settings.ema_decay
         blended_KD = torch.where(first_K1, stats.mad_KD, d * self.ac_ema_mad + (1 - d) * stats.mad_KD)
         self.ac_ema_mad.copy_(torch.where(present_K1, blended_KD, self.ac_ema_mad))
         self.ac_ema_count.add_(stats.counts_K)

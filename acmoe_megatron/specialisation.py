@@ -190,8 +190,7 @@ def separation_of(n_K: torch.Tensor, sum_KD: torch.Tensor, mad_K: torch.Tensor) 
 
 def ac_weights_for(router, stats: ac_stats.ClusterStats, prev: LayerLabels) -> tuple[torch.Tensor, str]:
     """(the AC table ``[K, D]`` the router routes with, ``"inference"`` | ``"batch"``)."""
-    method = getattr(router, "inference_weights", None)
-    w_KD = method() if callable(method) else None
+    w_KD = router.inference_weights()
     if w_KD is not None:
         return w_KD.float(), "inference"
     c, s = router.ac_constants, router.settings

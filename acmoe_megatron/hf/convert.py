@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from acmoe_megatron.config import Recipe
 from acmoe_megatron.settings import ACSettings, EllipticalSettings
 
 HF_DIR = Path(__file__).resolve().parent
@@ -512,9 +513,11 @@ def export(model, recipe_or_settings, out_dir, *, megatron_args=None, tokenizer=
             raise ValueError(f"export one model chunk (no virtual pipeline), got {len(model)}")
         model = model[0]
     gpt = unwrap_chunk(model)
-    settings = getattr(recipe_or_settings, "acmoe", recipe_or_settings)
-    elliptical = getattr(recipe_or_settings, "elliptical", None)
-    if not isinstance(settings, ACSettings):
+    if isinstance(recipe_or_settings, Recipe):
+        settings, elliptical = recipe_or_settings.acmoe, recipe_or_settings.elliptical
+    elif isinstance(recipe_or_settings, ACSettings):
+        settings, elliptical = recipe_or_settings, None
+    else:
         raise TypeError(f"recipe_or_settings: a Recipe or ACSettings, got {type(recipe_or_settings).__name__}")
     config = gpt.config
     sizes = {k: getattr(config, k, 1) or 1 for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size",

@@ -88,18 +88,18 @@ def test_router_losses_reach_megatrons_moe_report(megatron_ws1, monkeypatch):
     """StableMoE's distillation loss is recorded through megatron's MoE metrics tracker, whose
     per-step report in training_log lists fixed names: the hook adds ours, so it is logged too."""
     import megatron.training.training as training
-    from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
+    from megatron.core.transformer.moe import moe_logging
 
     from acmoe_megatron import observability
     from acmoe_megatron.baseline_routers import STABLEMOE_DISTILL_LOSS
     from acmoe_megatron.settings import router_class
 
-    tracker = MoEMetricsTracker()
-    monkeypatch.setattr(training, "get_moe_metrics_tracker", lambda: tracker)
+    monkeypatch.setattr(moe_logging, "_MOE_METRICS_TRACKER", None)  # megatron's global, restored after
     observability.report_extra_moe_losses(router_class("stablemoe").reported_losses)
     assert router_class("ac").reported_losses == () and router_class("stablemoe").reported_losses == (
         STABLEMOE_DISTILL_LOSS,)
     t = training.get_moe_metrics_tracker()  # what training_log calls
+    assert t is moe_logging.get_moe_metrics_tracker()  # what the routers record into
     t.record("load_balancing_loss", torch.tensor(0.5), layer_number=1, num_layers=2)
     t.record(STABLEMOE_DISTILL_LOSS, torch.tensor(0.3), layer_number=1, num_layers=2)
     t.record(STABLEMOE_DISTILL_LOSS, torch.tensor(0.1), layer_number=2, num_layers=2)
