@@ -29,7 +29,6 @@ console line) exactly like megatron's load-balancing loss, reduced the same way.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 
@@ -114,34 +113,15 @@ def _memory_gib() -> float:
 def report_extra_moe_losses(names: tuple[str, ...]) -> None:
     """Make megatron's per-step MoE report include ``names`` (recorded with the tracker's
     ``record``, e.g. by ``attach_and_log_load_balancing_loss``). Every rank must pass the same names:
-    the report all-reduces each name's per-layer values. Installs a ``RouterLossTracker`` as
+    the report all-reduces each name's per-layer values. Installs a ``router_loss_tracker.RouterLossTracker`` as
     megatron's global MoE metrics tracker (``set_moe_metrics_tracker``), before anything is recorded."""
     if not names:
         return
     from megatron.core.transformer.moe import moe_logging
 
-    moe_logging.set_moe_metrics_tracker(_router_loss_tracker_class()(names))
+    from acmoe_megatron.router_loss_tracker import RouterLossTracker
 
-
-@functools.cache
-def _router_loss_tracker_class():
-    """``RouterLossTracker``: megatron's ``MoEMetricsTracker`` whose ``report`` also reports our router
-    losses when megatron's ``training_log`` asks for its fixed list of names (``track_names``). Built
-    on first use so that importing this module does not import megatron."""
-    from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
-
-    class RouterLossTracker(MoEMetricsTracker):
-        def __init__(self, extra_names: tuple[str, ...]):
-            super().__init__()
-            self.extra_names = tuple(extra_names)
-
-        def report(self, *args, track_names=None, **kwargs):
-            if track_names is not None:  # None already reports every recorded name
-                names = [track_names] if isinstance(track_names, str) else list(track_names)
-                track_names = names + [n for n in self.extra_names if n not in names]
-            return super().report(*args, track_names=track_names, **kwargs)
-
-    return RouterLossTracker
+    moe_logging.set_moe_metrics_tracker(RouterLossTracker(names))
 
 
 def install(extra_moe_losses: tuple[str, ...] = (), peak_tflops: float | None = None,
