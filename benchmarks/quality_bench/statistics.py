@@ -204,16 +204,17 @@ def verdict(aggs: dict[str, dict], results: dict[str, list[dict]]) -> list[str]:
             f"AC {fmt(ac['gap'][0])} vs {ref} {fmt(agg['gap'][0])} nats (spread {fmt(c['spread'])}) → {state}; "
             f"corrupted loss AC {fmt(ac['corrupt'][0])} vs {ref} {fmt(agg['corrupt'][0])}. "
             f"Paired gap difference (AC − {ref}): {fmt(pm)} ± {fmt(ps)} over {pn} seeds.")
-    # investigation rows: each against ac and topk, paired by seed
+    # every other row (baselines and investigation rows): against ac and topk, paired by seed
     for name, agg in aggs.items():
-        if name in DEFAULT_ROWS or not agg["n"]:
+        if name in ("ac", "topk") or not agg["n"]:
             continue
         parts = []
         for ref in ("ac", "topk"):
             if aggs.get(ref, {}).get("n"):
-                pm, ps, pn = paired_diff(results[ref], results[name], "final_valid_loss")
-                parts.append(f"{name} − {ref} = {fmt(pm)} ± {fmt(ps)} ({pn} seeds)")
-        lines.append(f"- investigation row `{name}`: validation loss {fmt(agg['loss'][0])}; paired "
+                diff = fmt_paired(*paired_diff(results[ref], results[name], "final_valid_loss"))
+                parts.append(f"{name} − {ref} = {diff}")
+        kind = "baseline row" if name in DEFAULT_ROWS else "investigation row"
+        lines.append(f"- {kind} `{name}`: validation loss {fmt(agg['loss'][0])}; paired "
                      + "; ".join(parts) + ".")
     # best row
     ranked = sorted((a["loss"][0], name) for name, a in aggs.items() if a["n"] and a["loss"][0] is not None)

@@ -133,13 +133,19 @@ def test_verdict_when_ac_does_not_win():
     assert stats.verdict({}, {}) == ["- no finished `ac` runs: nothing to judge."]
 
 
-def test_verdict_lists_investigation_rows_paired_by_seed():
+def test_verdict_lists_every_other_row_paired_by_seed():
     results = {name: [_result(i + 1, f) for i, f in enumerate(finals)]
-               for name, finals in (("topk", [2.0, 2.1]), ("ac", [1.9, 2.0]), ("ac-clean", [1.85, 1.9]))}
+               for name, finals in (("topk", [2.0, 2.1]), ("ac", [1.9, 2.0]), ("ac-clean", [1.85, 1.9]),
+                                    ("stablemoe-lite", [1.8, 1.95]))}
     aggs = {k: stats.aggregate_row(v, 2.05) for k, v in results.items()}
     text = "\n".join(stats.verdict(aggs, results))
     assert "investigation row `ac-clean`: validation loss 1.8750; paired ac-clean − ac = -0.0750" in text
-    assert "ac-clean − topk = -0.1750 ± 0.0354 (2 seeds)" in text
+    assert "ac-clean − topk = -0.1750 ± 0.0354 (2 seeds; 95% CI [-0.4927, +0.1427])" in text
+    # baselines get the same paired comparison (against ac and topk), labelled as baselines
+    assert ("baseline row `stablemoe-lite`: validation loss 1.8750; paired stablemoe-lite − ac = "
+            "-0.0750 ± 0.0354 (2 seeds; 95% CI [-0.39") in text
+    assert "stablemoe-lite − topk = -0.1750 ± 0.0354 (2 seeds; 95% CI [-0.49" in text
+    assert "row `ac`:" not in text and "row `topk`:" not in text
 
 
 def test_extract_run_windows_the_routing_statistics():
