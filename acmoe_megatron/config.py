@@ -159,7 +159,7 @@ class Recipe:
 
 
 # Keys added since recorded runs (summaries, benchmarks/results/*/runs): hashed only when set.
-HASH_OMITS_AT_DEFAULT: dict[str, tuple[str, ...]] = {"acmoe": ("compile", "expert_norm"),
+HASH_OMITS_AT_DEFAULT: dict[str, tuple[str, ...]] = {"acmoe": ("compile", "expert_norm", "lead_router"),
                                                       "data": ("shuffle_window", "blend", "cache_dir"),
                                                       "run": ("peak_tflops", "per_expert_scalars_max",
                                                               "image_interval", "trace_samples")}

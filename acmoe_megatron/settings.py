@@ -20,7 +20,8 @@ import typing
 from dataclasses import dataclass
 
 # name -> "module:Class". ac / cosine route MoE layers from ``first_ac_layer`` on (earlier MoE
-# layers get "topk", which records the labels AC needs); the others route every MoE layer.
+# layers get ``lead_router``, "topk" by default, which records the labels AC needs); the others
+# route every MoE layer.
 ROUTER_TABLE: dict[str, str] = {
     "ac": "acmoe_megatron.routers:ACRouter",
     "cosine": "acmoe_megatron.routers:CosineRouter",
@@ -42,6 +43,7 @@ def router_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
+LEAD_ROUTERS = ("topk", "cosine")  # ACSettings.lead_router
 SCOPES = ("local", "tp", "dp")
 SOURCES = ("batch", "ema")
 MODES = ("release", "clean")  # ac_stats.weights_from_stats
@@ -95,6 +97,9 @@ class ACSettings:
 
     router: str = "ac"  # ac | cosine | topk | xmoe | stablemoe | stablemoe-lite | usmoe | etr
     first_ac_layer: int = 3  # 1-based ordinal among MoE layers where AC starts (paper: 3)
+    # ac / cosine: the router of the MoE layers before first_ac_layer, whose top-1 labels AC uses:
+    # topk = megatron's linear top-k (the release), cosine = the cosine router (M = I, expert_norm)
+    lead_router: str = "topk"
     preset: str = "lm"  # lm | swin | softmoe: eps/clip/norm of that code base (spec §3.4)
     eps: float | None = None  # ε in 1 / (MAD + ε); None = the preset's
     clip: float | None = None  # clip weights at clip × mean(weights); None = the preset's
@@ -122,6 +127,11 @@ class ACSettings:
             (_is_int(self.first_ac_layer) and self.first_ac_layer >= 1,
              f"acmoe.first_ac_layer={self.first_ac_layer!r}: must be an integer >= 1 (1-based MoE layer "
              "index; the paper's medium models use 3)"),
+            (self.lead_router in LEAD_ROUTERS,
+             f"acmoe.lead_router={self.lead_router!r}: choose one of {LEAD_ROUTERS}"),
+            (self.lead_router == "topk" or self.router in ("ac", "cosine"),
+             f"acmoe.lead_router={self.lead_router!r} applies to the ac and cosine routers (the MoE layers "
+             f"before first_ac_layer); acmoe.router={self.router!r} routes every MoE layer itself: remove it"),
             (self.preset in PRESETS, f"acmoe.preset={self.preset!r}: choose one of {tuple(PRESETS)}"),
             (self.mode in MODES, f"acmoe.mode={self.mode!r}: choose one of {MODES}"),
             (self.norm is None or self.norm in NORMS, f"acmoe.norm={self.norm!r}: choose one of {NORMS}"),

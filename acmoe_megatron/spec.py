@@ -7,7 +7,8 @@ only ``MoESubmodules.router`` of each MoE layer built on this stage; everything 
 caller's:
 
   MoE layer ordinal (1-based among MoE layers)   router (settings.ROUTER_TABLE)
-  < first_ac_layer, for ac / cosine               LabelSourceRouter (megatron's linear top-k)
+  < first_ac_layer, for ac / cosine               the ``lead_router``: LabelSourceRouter (megatron's
+                                                  linear top-k, default) or CosineRouter
   otherwise                                       the class registered under ``settings.router``
 
 A router class that is ``from_first_ac_layer`` (ac, cosine) starts at ``first_ac_layer``; the
@@ -133,6 +134,7 @@ def patch_block_spec(
     moe_numbers = moe_layer_numbers(config)
     ac_numbers = set(ac_layer_numbers(config, settings))
     chosen = router_class(settings.router)
+    lead = router_class(settings.lead_router)
     layer_specs = []
     for n, layer_spec in zip(numbers, block.layer_specs):
         if n in moe_numbers:
@@ -141,7 +143,7 @@ def patch_block_spec(
                     f"layer {n} is an MoE layer by moe_layer_freq={config.moe_layer_freq!r}, but its spec "
                     f"has no megatron MoELayer MLP ({layer_spec!r}); build the spec with num_experts set"
                 )
-            cls = chosen if (n in ac_numbers or not chosen.from_first_ac_layer) else router_class("topk")
+            cls = chosen if (n in ac_numbers or not chosen.from_first_ac_layer) else lead
             builder = functools.partial(cls, **cls.spec_kwargs(settings, vocab_size=vocab_size))
             layer_spec = _with_router(layer_spec, builder)
         layer_specs.append(layer_spec)

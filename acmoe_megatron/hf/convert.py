@@ -46,7 +46,8 @@ AUTO_MAP = {
 EOD_TOKEN = "<|endoftext|>"  # the byte tokenizer's end-of-document token (id 256) in the export
 
 # acmoe.router -> the HF router of the layers it routes. ac / cosine start at acmoe.first_ac_layer
-# (earlier MoE layers: "topk"); stablemoe-lite is cosine scoring on every MoE layer.
+# (earlier MoE layers: acmoe.lead_router, topk or cosine); stablemoe-lite is cosine scoring on every
+# MoE layer.
 EXPORTABLE_ROUTERS = {"topk": "topk", "cosine": "cosine", "ac": "ac", "xmoe": "xmoe", "stablemoe-lite": "cosine"}
 NOT_EXPORTABLE = {
     "usmoe": "it selects the top-(S·k) (token, expert) pairs of each whole sequence, so a token's experts "
@@ -184,7 +185,7 @@ def router_types(config, settings: ACSettings) -> tuple[list[str], list[str | No
         if n not in moe:
             routers.append(None)
         elif from_first_ac and n not in ac:
-            routers.append("topk")
+            routers.append(settings.lead_router)
         else:
             routers.append(chosen)
     return mlp_types, routers

@@ -50,6 +50,9 @@ ROWS: tuple[Row, ...] = (
     Row("ac-first2", ("acmoe.router=ac", "acmoe.first_ac_layer=2"), False, "AC from MoE layer 2"),
     Row("ac-first4", ("acmoe.router=ac", "acmoe.first_ac_layer=4"), False, "AC on the last MoE layer only"),
     Row("ac-ema", ("acmoe.router=ac", "acmoe.source=ema"), False, "AC with running (EMA) statistics, causal-safe"),
+    # AC on top of cosine-routed lead layers: its M = I reference is stablemoe-lite (cosine on every MoE layer)
+    Row("ac-coslead", ("acmoe.router=ac", "acmoe.lead_router=cosine"), False,
+        "AC, the MoE layers before it routed by the cosine router instead of megatron's linear one"),
     Row("ac-local", ("acmoe.router=ac", "acmoe.scope=local"), False,
         "AC statistics over this rank's tokens (= tp scope with 1 process)"),
     Row("ac-mb4", ("acmoe.router=ac", "megatron.micro_batch_size=4"), False,
@@ -89,6 +92,8 @@ ABLATIONS: tuple[tuple[str, str, str | None, str | None], ...] = (
     ("half the tokens per AC statistic (micro-batch 6)", "ac-mb6", "topk-mb6", None),
     ("EMA statistics (acmoe.source=ema)", "ac-ema", "topk", "cosine"),
     ("clean mode (acmoe.mode=clean)", "ac-clean", "topk", "cosine"),
+    # cosine with cosine lead layers is cosine on every MoE layer, i.e. stablemoe-lite
+    ("cosine lead layers (acmoe.lead_router=cosine)", "ac-coslead", "topk", "stablemoe-lite"),
 )
 DEFAULT_ROWS = tuple(r.name for r in ROWS if r.default)
 

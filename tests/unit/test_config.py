@@ -207,6 +207,9 @@ def test_section_that_is_not_a_mapping_is_a_config_error(tmp_path):
         ("acmoe.first_ac_layer=0", r"acmoe.first_ac_layer=0: must be an integer >= 1"),
         ("acmoe.first_ac_layer=3.7", r"acmoe.first_ac_layer=3.7: must be an integer >= 1"),
         ("acmoe.first_ac_layer=three", r"acmoe.first_ac_layer='three': must be an integer >= 1"),
+        ("acmoe.lead_router=linear", r"acmoe.lead_router='linear': choose one of \('topk', 'cosine'\)"),
+        ("acmoe.router=xmoe acmoe.lead_router=cosine", r"acmoe.lead_router='cosine' applies to the ac and cosine "
+                                                        r"routers.*acmoe.router='xmoe' routes every MoE layer"),
         ("acmoe.compile=yes-please", r"acmoe.compile='yes-please': use true or false"),
         ("acmoe.min_cluster_size=2.5", r"acmoe.min_cluster_size=2.5: must be an integer >= 1"),
         ("acmoe.mode=all", r"acmoe.mode='all'"),
@@ -223,7 +226,7 @@ def test_section_that_is_not_a_mapping_is_a_config_error(tmp_path):
 )
 def test_acsettings_validation_errors_are_config_errors(override, match):
     with pytest.raises(ConfigError, match=match):
-        load_recipe(TINY, [override])
+        load_recipe(TINY, override.split())
 
 
 def test_acsettings_direct_validation():
@@ -532,7 +535,7 @@ def test_hash_leaves_out_keys_newer_than_recorded_runs_while_at_default():
 
     recipe = load_recipe(TINY)
     d = recipe.to_dict()
-    for key in ("compile", "expert_norm"):
+    for key in ("compile", "expert_norm", "lead_router"):
         d["acmoe"].pop(key)  # what the recipe looked like to runs recorded before these keys existed
     for key in ("peak_tflops", "per_expert_scalars_max", "image_interval", "trace_samples"):
         d["run"].pop(key)
@@ -542,6 +545,7 @@ def test_hash_leaves_out_keys_newer_than_recorded_runs_while_at_default():
     assert recipe.hash() == legacy
     assert load_recipe(TINY, ["acmoe.expert_norm=1.5"]).hash() != legacy
     assert load_recipe(TINY, ["acmoe.compile=true"]).hash() != legacy
+    assert load_recipe(TINY, ["acmoe.lead_router=cosine"]).hash() != legacy
     assert load_recipe(TINY, ["run.per_expert_scalars_max=64"]).hash() != legacy
     assert load_recipe(TINY, ["run.trace_samples=true"]).hash() != legacy
     assert load_recipe(TINY, ["data.shuffle_window=4096"]).hash() != legacy

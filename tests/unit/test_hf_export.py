@@ -46,6 +46,8 @@ CASES = {
                               moe_router_topk_scaling_factor=2.0, rotary_interleaved=True)),
     # biases on every linear layer (the AC routers' unused megatron bias is dropped), tied output layer
     "ac-bias-tied": (ACSettings(router="ac", first_ac_layer=2), dict(add_bias_linear=True)),
+    # acmoe.lead_router=cosine at the release's expert norm: MoE layer 1 the cosine router, AC from layer 2
+    "ac-cosine-lead": (ACSettings(router="ac", first_ac_layer=2, lead_router="cosine", expert_norm=1.5), {}),
     # XMoE (a baseline exportable as is): (W_p x) · e_j / ||e_j|| on every MoE layer
     "xmoe": (ACSettings(router="xmoe"), {}),
 }

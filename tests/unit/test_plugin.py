@@ -32,8 +32,8 @@ def test_flags_map_to_the_settings_the_recipes_use():
 
 def test_every_setting_has_a_flag_and_round_trips():
     """settings_argv -> flags -> settings is the identity, for a value of every key off its default."""
-    acmoe = ACSettings(router="cosine", first_ac_layer=2, preset="swin", eps=0.5, clip=3.0, norm="global_post",
-                       mode="clean", min_cluster_size=3, scope="local", source="ema", ema_decay=0.9,
+    acmoe = ACSettings(router="cosine", first_ac_layer=2, lead_router="cosine", preset="swin", eps=0.5, clip=3.0,
+                       norm="global_post", mode="clean", min_cluster_size=3, scope="local", source="ema", ema_decay=0.9,
                        compile=True, expert_norm=1.5, xmoe_dim=4, usmoe_rate=0.25, etr_trainable_affinity=True,
                        stablemoe_stage1_fraction=0.2, stablemoe_distill_dim=8, stablemoe_distill_coeff=0.1)
     elliptical = EllipticalSettings(enabled=True, first_layer=3, source="prefix", scale="none")
@@ -113,6 +113,10 @@ def test_patch_keeps_the_callers_spec_and_takes_a_single_layer_spec():
         "LabelSourceRouter", "LabelSourceRouter", "ACRouter", "ACRouter"]
     with pytest.raises(ValueError, match="pass the vp_stage / pp_rank"):
         plugin.patch_block_spec(block, ACSettings(), tiny_config(num_layers=6))
+    # acmoe.lead_router: the MoE layers before first_ac_layer get the cosine router instead
+    lead_cosine = plugin.patch_block_spec(block, ACSettings(first_ac_layer=3, lead_router="cosine"), config)
+    assert [s.submodules.mlp.keywords["submodules"].router.func.__name__ for s in lead_cosine.layer_specs] == [
+        "CosineRouter", "CosineRouter", "ACRouter", "ACRouter"]
 
 
 @pytest.mark.usefixtures("megatron_ws1")

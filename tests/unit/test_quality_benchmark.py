@@ -358,3 +358,19 @@ def test_end_to_end_two_rows(tmp_path, capsys):
     assert "AC vs topk, validation loss" in text and "AC layer 2 was checked." in text
     assert "AC rows route with AC on MoE layers [2, 3]" in text
     assert (out.with_suffix("") / "valid_loss.png").is_file() and (out.with_suffix("") / "seed1" / "loss.png").is_file()
+
+
+def test_recorded_runs_keep_their_config_hash():
+    """Every committed per-run result is found again by the cache: a settings key added without
+    ``config.HASH_OMITS_AT_DEFAULT``, or a changed recipe default, would make the benchmark re-run
+    (and the reports drop) every recorded run."""
+    from acmoe_megatron.config import load_recipe
+
+    stale, paths = [], sorted((ROOT / "benchmarks" / "results").glob("*/runs/*/seed*.json"))
+    assert paths, "no recorded runs found"
+    for path in paths:
+        result = json.loads(path.read_text())
+        if load_recipe(ROOT / result["config"], result["overrides"]).hash() != result["config_hash"]:
+            stale.append(str(path.relative_to(ROOT)))
+    assert not stale, (f"{len(stale)} recorded runs no longer match their recipe's hash, e.g. {stale[:3]}: "
+                       "list a new settings key in config.HASH_OMITS_AT_DEFAULT, or re-run those tables")
