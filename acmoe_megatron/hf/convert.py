@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from acmoe_megatron.config import Recipe
-from acmoe_megatron.settings import ACSettings, EllipticalSettings
+from acmoe_megatron.settings import ACSettings, EllipticalSettings, router_class
 
 HF_DIR = Path(__file__).resolve().parent
 REMOTE_CODE = ("configuration_acmoe.py", "modeling_acmoe.py")
@@ -178,7 +178,7 @@ def router_types(config, settings: ACSettings) -> tuple[list[str], list[str | No
     moe = set(moe_layer_numbers(config))
     ac = set(ac_layer_numbers(config, settings))
     chosen = EXPORTABLE_ROUTERS.get(settings.router, settings.router)
-    from_first_ac = settings.router in ("ac", "cosine")
+    from_first_ac = router_class(settings.router).from_first_ac_layer  # the flag patch_block_spec reads
     mlp_types, routers = [], []
     for n in range(1, config.num_layers + 1):
         mlp_types.append("moe" if n in moe else "dense")
