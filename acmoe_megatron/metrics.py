@@ -16,6 +16,8 @@ micro-batch (spec §6.4), in [0, 1]. Per AC layer (``ac/layerLL/...``): mean and
 weights, the fraction of weights at the clip, the mean per-cluster MAD, and the cluster separation
 ratio — mean between-centroid L1 distance per feature over the mean within-cluster MAD — in the raw
 and in the AC-transformed space (x ↦ x ⊙ w_c, so centroids become μ_c ⊙ w_c and MADs MAD_c ⊙ w_c).
+With running statistics (``acmoe.source=ema``) the clusters are the micro-batch's and w the running
+weights that routed it; the clip rate is that of the running MADs.
 """
 
 from __future__ import annotations
@@ -67,9 +69,13 @@ class RouterMetrics:
         acc[E + 5] += 1
 
     @torch.no_grad()
-    def record_ac(self, layer: int, counts_K, mean_KD, mad_KD, w_KD, rows_K, eps: float, clip: float) -> None:
+    def record_ac(self, layer: int, counts_K, mean_KD, mad_KD, w_KD, rows_K, eps: float, clip: float,
+                  weight_mad_KD=None) -> None:
+        """This micro-batch's clusters (counts, means, MADs) and the weights ``w_KD`` that route them;
+        ``weight_mad_KD``: the MADs ``w_KD`` was computed from, when not this micro-batch's (running
+        statistics), with ``rows_K`` the clusters of its clip mean."""
         acc = self._slot(self._ac, layer, AC_FIELDS, w_KD)
-        acc[:AC_SUMMARY_FIELDS] += ac_summary(counts_K, mean_KD, mad_KD, w_KD, rows_K, eps, clip)
+        acc[:AC_SUMMARY_FIELDS] += ac_summary(counts_K, mean_KD, mad_KD, w_KD, rows_K, eps, clip, weight_mad_KD)
         acc[AC_SUMMARY_FIELDS:] += weight_histogram(w_KD, rows_K)
 
     def reset(self) -> None:
@@ -120,13 +126,16 @@ def separation(center_KD: torch.Tensor, mad_KD: torch.Tensor, present_K: torch.T
 
 
 @torch.no_grad()
-def ac_summary(counts_K, mean_KD, mad_KD, w_KD, rows_K, eps: float, clip: float) -> torch.Tensor:
-    """[1, weight mean (per token), weight max, clip rate, MAD mean, separation raw, separation AC]."""
+def ac_summary(counts_K, mean_KD, mad_KD, w_KD, rows_K, eps: float, clip: float,
+               weight_mad_KD=None) -> torch.Tensor:
+    """[1, weight mean (per token), weight max, clip rate, MAD mean, separation raw, separation AC]
+    over the clusters present in the micro-batch; the clip rate is that of the MADs the weights were
+    computed from (``weight_mad_KD``, default this micro-batch's ``mad_KD``)."""
     present_K = counts_K > 0
     D = w_KD.shape[1]
     weight_mean = (counts_K.unsqueeze(1) * w_KD).sum() / (counts_K.sum() * D).clamp_min(1.0)
     weight_max = torch.where(present_K.unsqueeze(1), w_KD, torch.zeros_like(w_KD)).amax()
-    w0_KD = inverse_dispersion(mad_KD, eps)
+    w0_KD = inverse_dispersion(mad_KD if weight_mad_KD is None else weight_mad_KD, eps)
     threshold = clip * masked_mean(w0_KD, rows_K)
     clip_rate = ((w0_KD >= threshold) & present_K.unsqueeze(1)).float().sum() / (present_K.sum() * D).clamp_min(1)
     return torch.stack([
@@ -182,7 +191,7 @@ def flush(all_metrics: list[RouterMetrics], writer, iteration: int, per_expert_m
             scalars[f"{tag}/instability"] = float(row[E + 3]) / float(row[E + 4])
         ac = row[E + ROUTING_FIELDS:E + ROUTING_FIELDS + AC_SUMMARY_FIELDS]
         calls = float(ac[0])
-        if calls > 0:  # an AC layer (batch statistics)
+        if calls > 0:  # an AC layer
             names = ["weight_mean", "weight_max", "clip_rate", "cluster_mad_mean", "separation_raw", "separation_ac"]
             for k, name in enumerate(names, 1):
                 scalars[f"ac/layer{layer:02d}/{name}"] = float(ac[k]) / calls

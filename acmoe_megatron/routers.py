@@ -201,7 +201,11 @@ class ACRouter(CosineRouter):
         if self.settings.source == "ema":
             w_KD = self._ema_weights()
             if self.training and torch.is_grad_enabled():  # once per step, also under recompute
-                self._ema_update(x_TD, labels.top1_T)
+                stats = self._ema_batch_stats(x_TD, labels.top1_T)
+                if self._recording():  # this micro-batch's clusters under the running transform
+                    state.metrics.record_ac(self.layer_number, stats.counts_K, stats.mean_KD, stats.mad_KD, w_KD,
+                                           self.ac_ema_rows(), c["eps"], c["clip"], weight_mad_KD=self.ac_ema_mad)
+                self._ema_update(stats)
             return w_KD, labels.top1_T
         group = self._group(self.settings.scope)
         all_reduce = None if group is None else (lambda t: dist.all_reduce(t, group=group))
@@ -225,22 +229,29 @@ class ACRouter(CosineRouter):
                                    rows_K, c["eps"], c["clip"])
         return w_KD, labels.top1_T
 
+    def ac_ema_rows(self) -> torch.Tensor:
+        """The clusters the running statistics have seen: the rows of the EMA weights' means."""
+        return self.ac_ema_count > 0
+
     @torch.no_grad()
     def _ema_weights(self) -> torch.Tensor:
         c = self.ac_constants
-        seen_K = self.ac_ema_count > 0
         w_KD = ac_stats.weights_from_stats(
-            self.ac_ema_mad, seen_K.float() * float(self.settings.min_cluster_size), eps=c["eps"],
+            self.ac_ema_mad, self.ac_ema_rows().float() * float(self.settings.min_cluster_size), eps=c["eps"],
             clip=c["clip"], norm=c["norm"], mode="clean", min_cluster_size=self.settings.min_cluster_size,
         )
         return w_KD  # clusters never seen keep M = I
 
     @torch.no_grad()
-    def _ema_update(self, x_TD: torch.Tensor, labels_T: torch.Tensor) -> None:
-        """Blend in this micro-batch's global statistics (all replicas: EMA equal on every rank)."""
+    def _ema_batch_stats(self, x_TD: torch.Tensor, labels_T: torch.Tensor) -> ac_stats.ClusterStats:
+        """This micro-batch's statistics over all replicas (the EMA stays equal on every rank)."""
         group = self._group("dp")
         all_reduce = None if group is None else (lambda t: dist.all_reduce(t, group=group))
-        stats = ac_stats.cluster_stats(x_TD, labels_T, self.num_experts, all_reduce)
+        return ac_stats.cluster_stats(x_TD, labels_T, self.num_experts, all_reduce)
+
+    @torch.no_grad()
+    def _ema_update(self, stats: ac_stats.ClusterStats) -> None:
+        """Blend a micro-batch's statistics into the running ones."""
         present_K1 = (stats.counts_K > 0).unsqueeze(1)
         first_K1 = (self.ac_ema_count == 0).unsqueeze(1)
         d = self.settings.ema_decay

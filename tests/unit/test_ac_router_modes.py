@@ -82,6 +82,34 @@ def test_batch_statistics_leak_future_tokens_and_ema_does_not():
     assert not torch.allclose(ca[:, t + 1:], cb[:, t + 1:])
 
 
+def test_ema_source_logs_the_ac_internals():
+    """An ``acmoe.source=ema`` run's AC layers log weight spread, clip rate and separation like a
+    batch-statistics run: this micro-batch's clusters under the running transform that routed them
+    (before the micro-batch is blended in: M = I on the first step, the running weights after)."""
+    from acmoe_megatron.metrics import flush
+
+    model = _model(ACSettings(first_ac_layer=2, source="ema"))
+    model.train()
+    state = state_of(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    means = []
+    for step in range(2):
+        loss = _forward(model, _tokens(seed=10 + step), labels=_tokens(seed=20 + step)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        scalars = flush([state.metrics], None, iteration=step + 1)
+        ac_tags = sorted(t for t in scalars if t.startswith("ac/"))
+        assert ac_tags == sorted(f"ac/layer{layer:02d}/{name}" for layer in (2, 3, 4) for name in (
+            "weight_mean", "weight_max", "clip_rate", "cluster_mad_mean", "separation_raw", "separation_ac"))
+        means.append([scalars[f"ac/layer{layer:02d}/weight_mean"] for layer in (2, 3, 4)])
+        # the transform that routed this micro-batch: identity before any statistics were seen
+        same = [abs(scalars[f"ac/layer{layer:02d}/separation_ac"] - scalars[f"ac/layer{layer:02d}/separation_raw"])
+                < 1e-5 * scalars[f"ac/layer{layer:02d}/separation_raw"] for layer in (2, 3, 4)]
+        assert all(same) == (step == 0)
+    assert means[0] == pytest.approx([1.0] * 3) and means[1] != pytest.approx([1.0] * 3)
+
+
 def test_ema_statistics_are_in_the_state_dict():
     model = _model(ACSettings(first_ac_layer=2, source="ema"))
     keys = [k for k in model.state_dict() if "ac_ema" in k]

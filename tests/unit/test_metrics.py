@@ -43,6 +43,15 @@ def test_ac_summary_fields():
     assert math.isclose(mad_mean, (0.1 + 7 * 1.0) / 8, rel_tol=1e-6)
     # 1/(mad+eps): the empty row's 1e4 lifts the (release) mean, so nothing present reaches 2x it
     assert clip_rate == 0.0
+    # weights computed from other (running) MADs: the clip rate is theirs; 1/0.1 ≥ 2 × mean over the
+    # first two rows, at one of the 8 present entries
+    running = mad.clone()
+    running[2] = 1.0
+    rows = torch.tensor([True, True, False])
+    batch = torch.ones(3, 4)  # this micro-batch's MADs: nothing to clip
+    assert float(ac_summary(counts, mean, batch, w, rows, eps=1e-4, clip=1.5)[3]) == 0.0
+    clip_rate = ac_summary(counts, mean, batch, w, rows, eps=1e-4, clip=1.5, weight_mad_KD=running)[3]
+    assert math.isclose(float(clip_rate), 1 / 8, rel_tol=1e-6)
 
 
 def test_recording_makes_no_host_sync(monkeypatch):
