@@ -204,7 +204,7 @@ class ACRouter(CosineRouter):
                 stats = self._ema_batch_stats(x_TD, labels.top1_T)
                 if self._recording():  # this micro-batch's clusters under the running transform
                     state.metrics.record_ac(self.layer_number, stats.counts_K, stats.mean_KD, stats.mad_KD, w_KD,
-                                           self.ac_ema_rows(), c["eps"], c["clip"], weight_mad_KD=self.ac_ema_mad)
+                                           self._ema_rows(), c["eps"], c["clip"], weight_mad_KD=self.ac_ema_mad)
                 self._ema_update(stats)
             return w_KD, labels.top1_T
         group = self._group(self.settings.scope)
@@ -229,7 +229,7 @@ class ACRouter(CosineRouter):
                                    rows_K, c["eps"], c["clip"])
         return w_KD, labels.top1_T
 
-    def ac_ema_rows(self) -> torch.Tensor:
+    def _ema_rows(self) -> torch.Tensor:
         """The clusters the running statistics have seen: the rows of the EMA weights' means."""
         return self.ac_ema_count > 0
 
@@ -237,7 +237,7 @@ class ACRouter(CosineRouter):
     def _ema_weights(self) -> torch.Tensor:
         c = self.ac_constants
         w_KD = ac_stats.weights_from_stats(
-            self.ac_ema_mad, self.ac_ema_rows().float() * float(self.settings.min_cluster_size), eps=c["eps"],
+            self.ac_ema_mad, self._ema_rows().float() * float(self.settings.min_cluster_size), eps=c["eps"],
             clip=c["clip"], norm=c["norm"], mode="clean", min_cluster_size=self.settings.min_cluster_size,
         )
         return w_KD  # clusters never seen keep M = I

@@ -43,7 +43,7 @@ def test_ac_summary_fields():
     assert math.isclose(mad_mean, (0.1 + 7 * 1.0) / 8, rel_tol=1e-6)
     # 1/(mad+eps): the empty row's 1e4 lifts the (release) mean, so nothing present reaches 2x it
     assert clip_rate == 0.0
-    # weights computed from other (running) MADs: the clip rate is theirs; 1/0.1 ≥ 2 × mean over the
+    # weights computed from other (running) MADs: the clip rate is theirs; 1/0.1 ≥ 1.5 × mean over the
     # first two rows, at one of the 8 present entries
     running = mad.clone()
     running[2] = 1.0
