@@ -53,6 +53,10 @@ ROWS: tuple[Row, ...] = (
     # AC on top of cosine-routed lead layers: its M = I reference is stablemoe-lite (cosine on every MoE layer)
     Row("ac-coslead", ("acmoe.router=ac", "acmoe.lead_router=cosine"), False,
         "AC, the MoE layers before it routed by the cosine router instead of megatron's linear one"),
+    # both changes that helped AC at 2000 steps together: does M add anything over its M = I
+    # reference (stablemoe-lite) once its statistics are stable?
+    Row("ac-ema-coslead", ("acmoe.router=ac", "acmoe.source=ema", "acmoe.lead_router=cosine"), False,
+        "AC with running (EMA) statistics on cosine-routed lead layers (M = I reference: stablemoe-lite)"),
     Row("ac-local", ("acmoe.router=ac", "acmoe.scope=local"), False,
         "AC statistics over this rank's tokens (= tp scope with 1 process)"),
     Row("ac-mb4", ("acmoe.router=ac", "megatron.micro_batch_size=4"), False,
@@ -94,6 +98,7 @@ ABLATIONS: tuple[tuple[str, str, str | None, str | None], ...] = (
     ("clean mode (acmoe.mode=clean)", "ac-clean", "topk", "cosine"),
     # cosine with cosine lead layers is cosine on every MoE layer, i.e. stablemoe-lite
     ("cosine lead layers (acmoe.lead_router=cosine)", "ac-coslead", "topk", "stablemoe-lite"),
+    ("EMA statistics on cosine lead layers", "ac-ema-coslead", "topk", "stablemoe-lite"),
 )
 DEFAULT_ROWS = tuple(r.name for r in ROWS if r.default)
 
