@@ -34,7 +34,7 @@ import re
 import typing
 from collections.abc import Callable
 
-from acmoe_megatron.settings import ACSettings, EllipticalSettings
+from acmoe_megatron.core.settings import ACSettings, EllipticalSettings
 
 __all__ = ["patch_block_spec", "attach", "add_arguments", "settings_from_args", "validate_args",
            "install_expert_norm", "bridge_layer_spec", "pre_wrap_hook", "settings_argv"]
@@ -42,7 +42,7 @@ __all__ = ["patch_block_spec", "attach", "add_arguments", "settings_from_args", 
 
 def patch_block_spec(spec, settings: ACSettings, config, **kwargs):
     """See ``spec.patch_block_spec`` (imported lazily: this module is light to import)."""
-    from acmoe_megatron.spec import patch_block_spec as patch
+    from acmoe_megatron.model.spec import patch_block_spec as patch
 
     return patch(spec, settings, config, **kwargs)
 
@@ -54,7 +54,7 @@ _TRANSPORTS: dict = {}  # one pipeline transport per process and virtual-pipelin
 
 def _transport(vp_size: int | None):
     """Collective on first use (every rank attaches its chunks at the same point of start-up)."""
-    from acmoe_megatron.label_transport import LabelTransport
+    from acmoe_megatron.model.label_transport import LabelTransport
 
     if vp_size not in _TRANSPORTS:
         _TRANSPORTS[vp_size] = LabelTransport.create(vp_size)
@@ -69,10 +69,10 @@ def attach(model, *, progress: Callable[[], tuple[int, int | None]] | None = Non
     the list of chunks). ``progress``: where routers that change with training progress (StableMoE)
     read (iteration, train_iters); default: megatron.training's arguments.
     """
-    from acmoe_megatron.chunk_state import ChunkState, UsesChunkState, register, unwrap_chunk
-    from acmoe_megatron.elliptical import EllipticalAttentionMixin, value_handoff
-    from acmoe_megatron.metrics import RouterMetrics
-    from acmoe_megatron.spec import moe_layer_numbers
+    from acmoe_megatron.model.chunk_state import ChunkState, UsesChunkState, register, unwrap_chunk
+    from acmoe_megatron.model.elliptical import EllipticalAttentionMixin, value_handoff
+    from acmoe_megatron.model.spec import moe_layer_numbers
+    from acmoe_megatron.observability.metrics import RouterMetrics
 
     chunks = model if isinstance(model, (list, tuple)) else [model]
     states = []
@@ -102,8 +102,7 @@ def attach(model, *, progress: Callable[[], tuple[int, int | None]] | None = Non
 def install_expert_norm() -> None:
     """Megatron-LM scripts, before ``pretrain``: the optimizer megatron.training builds keeps the
     expert embeddings at ``expert_norm`` (run_hooks.install_expert_norm; a no-op without it)."""
-    from acmoe_megatron import run_hooks
-
+    from acmoe_megatron.runtime import hooks as run_hooks
     run_hooks.install_expert_norm()
 
 
@@ -175,7 +174,7 @@ def _add_flag(group, section: str, field: dataclasses.Field, hint) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron ``extra_args_provider``: one ``--acmoe-*`` flag per setting; returns the parser."""
     for section, (cls, _) in _SECTIONS.items():
-        group = parser.add_argument_group(f"acmoe: {section} settings (acmoe_megatron.settings.{cls.__name__})")
+        group = parser.add_argument_group(f"acmoe: {section} settings (acmoe_megatron.core.settings.{cls.__name__})")
         hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
             _add_flag(group, section, field, hints[field.name])
@@ -221,7 +220,7 @@ def settings_argv(acmoe: ACSettings, elliptical: EllipticalSettings | None = Non
 def validate_args(args) -> tuple[ACSettings, EllipticalSettings]:
     """Our checks on Megatron's parsed arguments (first AC layer within the MoE layers, options that
     defeat the router, elliptical attention's refusals); returns the settings."""
-    from acmoe_megatron.megatron_args import check_settings
+    from acmoe_megatron.runtime.megatron_args import check_settings
 
     acmoe, elliptical = settings_from_args(args)
     check_settings(args, acmoe, elliptical)

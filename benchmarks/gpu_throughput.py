@@ -56,9 +56,9 @@ def build_layer(router: str, hidden: int, ffn: int, experts: int, topk: int, pre
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from acmoe_megatron.chunk_state import ChunkState
-    from acmoe_megatron.routers import ACRouter
-    from acmoe_megatron.settings import ACSettings
+    from acmoe_megatron.core.settings import ACSettings
+    from acmoe_megatron.model.chunk_state import ChunkState
+    from acmoe_megatron.model.routers import ACRouter
 
     fp8 = {"fp8": "hybrid", "fp8_recipe": "delayed"} if precision == "fp8" else {}
     config = TransformerConfig(
@@ -243,7 +243,7 @@ def main(argv=None):
 def write_results(a, rows, gpu, peak_note):
     import megatron.core
 
-    from acmoe_megatron.precision import fused_paths
+    from acmoe_megatron.model.precision import fused_paths
 
     lines = [
         "# GPU throughput: megatron MoE layer, top-k router vs AC router",

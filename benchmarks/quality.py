@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rows, seeds = select_rows(args.rows), parse_seeds(args.seeds)
     plan = build_plan(args)
-    from acmoe_megatron.config import ConfigError, load_recipe
+    from acmoe_megatron.core.errors import ConfigError
+    from acmoe_megatron.runtime.recipe import load_recipe
 
     try:
         base_recipe = load_recipe(plan.config, plan.base)
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     failures: dict[str, str] = {}
     if not args.report_only:
         if not (Path(base_recipe.data.path) / "manifest.json").is_file():
-            from acmoe_megatron.launcher import ensure_data
+            from acmoe_megatron.cli.common import ensure_data
 
             ensure_data(base_recipe)
         if not args.skip_corrupt:

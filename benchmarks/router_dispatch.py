@@ -40,8 +40,8 @@ def build(router: str, hidden: int, experts: int, dtype, state):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from acmoe_megatron.routers import ACRouter, CosineRouter
-    from acmoe_megatron.settings import ACSettings
+    from acmoe_megatron.core.settings import ACSettings
+    from acmoe_megatron.model.routers import ACRouter, CosineRouter
     from acmoe_megatron.testing import tiny_config
 
     cfg = tiny_config(hidden_size=hidden, num_moe_experts=experts, moe_router_dtype="fp32",
@@ -137,11 +137,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(1)
 
-    from acmoe_megatron import cpu_runtime
+    from acmoe_megatron.runtime import cpu_runtime
     from acmoe_megatron.testing import init_single_process
 
     init_single_process("gloo")
-    from acmoe_megatron.chunk_state import ChunkState
+    from acmoe_megatron.model.chunk_state import ChunkState
 
     E = a.experts
     routers = a.routers.split(",")
@@ -193,7 +193,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from acmoe_megatron import cpu_runtime
-
+    from acmoe_megatron.runtime import cpu_runtime
     with cpu_runtime.device_redirect():  # CPU only: megatron's device="cuda" requests -> CPU
         main()

@@ -42,9 +42,9 @@ def main(argv=None):
     from acmoe_megatron.testing import build_gpt, init_single_process, tiny_config
 
     init_single_process("gloo")  # the CPU runtime first: the modules below import megatron's layers
-    from acmoe_megatron.elliptical import EllipticalSettings
-    from acmoe_megatron.chunk_state import reset_states
-    from acmoe_megatron.settings import ACSettings
+    from acmoe_megatron.core.settings import ACSettings
+    from acmoe_megatron.model.chunk_state import reset_states
+    from acmoe_megatron.model.elliptical import EllipticalSettings
 
     cfg = dict(num_layers=a.layers, hidden_size=a.hidden, num_attention_heads=4, ffn_hidden_size=2 * a.hidden,
                num_moe_experts=a.experts, moe_ffn_hidden_size=2 * a.hidden, moe_z_loss_coeff=1e-3)
@@ -115,7 +115,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from acmoe_megatron import cpu_runtime
-
+    from acmoe_megatron.runtime import cpu_runtime
     with cpu_runtime.device_redirect():  # CPU only: megatron's device="cuda" requests -> CPU
         main()

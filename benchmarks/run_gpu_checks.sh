@@ -21,6 +21,6 @@ else
   BENCH_ARGS=${BENCH_ARGS:-}
 fi
 echo "== throughput ($BENCH_ARGS)"; timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/gpu_throughput.py $BENCH_ARGS --out "$OUT/gpu_throughput.md" 2>&1 | grep -v Warning | tail -40 | tee "$OUT/bench.log"
-echo "== 1-GPU training run"; timeout ${TRAIN_TIMEOUT:-150} python3 -m acmoe_megatron.launcher --config configs/gpu_debug.yaml --nproc 1 run.dir=/tmp/gpu_run data.path=/tmp/gpu_data > "$OUT/train.log" 2>&1; echo "train rc=$?"
+echo "== 1-GPU training run"; timeout ${TRAIN_TIMEOUT:-150} python3 -m acmoe_megatron.cli.pretrain --config configs/gpu_debug.yaml --nproc 1 run.dir=/tmp/gpu_run data.path=/tmp/gpu_data > "$OUT/train.log" 2>&1; echo "train rc=$?"
 grep -E "iteration +[0-9]+/|validation loss|run summary|Error|error:" "$OUT/train.log" | cut -c1-330 | tail -20
 cp /tmp/gpu_run/summary.json "$OUT/train_summary.json" 2>/dev/null || true

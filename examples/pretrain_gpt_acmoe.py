@@ -30,7 +30,8 @@ from functools import partial
 
 import torch
 
-from acmoe_megatron import cpu_runtime, plugin
+from acmoe_megatron import plugin
+from acmoe_megatron.runtime import cpu_runtime
 
 
 def extra_args(parser):

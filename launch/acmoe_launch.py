@@ -1,4 +1,4 @@
-"""``acmoe-launch`` from a checkout: submit to SLURM or run locally (``acmoe_megatron.slurm_launch``).
+"""``acmoe-launch`` from a checkout: submit to SLURM or run locally (``acmoe_megatron.cli.launch``).
 
 Examples::
 
@@ -11,7 +11,7 @@ Examples::
 The installed console script ``acmoe-launch`` is the same program. See docs/slurm.md.
 """
 
-from acmoe_megatron.slurm_launch import main
+from acmoe_megatron.cli.launch import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

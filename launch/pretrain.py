@@ -1,6 +1,6 @@
 """Megatron-style training script: the ACMoE pretraining worker, for torchrun / srun.
 
-Every process runs this file; it is ``acmoe_megatron.train.main`` (see that module for details).
+Every process runs this file; it is ``acmoe_megatron.runtime.train.main`` (see that module for details).
 
 Examples::
 
@@ -16,7 +16,7 @@ The data directory named by ``data.path`` must exist (``acmoe-data prepare``), o
 ``acmoe-pretrain``, which builds the embedded corpus and starts torchrun for you.
 """
 
-from acmoe_megatron.train import main
+from acmoe_megatron.runtime.train import main
 
 if __name__ == "__main__":
     main()

@@ -16,8 +16,7 @@ def _device_redirect(request):
     if request.node.get_closest_marker("no_device_redirect"):
         yield
         return
-    from acmoe_megatron import cpu_runtime
-
+    from acmoe_megatron.runtime import cpu_runtime
     with cpu_runtime.device_redirect():
         yield
 

@@ -12,11 +12,12 @@ Modules that need optional libraries (``hf_tokenizer``: tokenizers; ``parquet_co
 import them only when used.
 """
 
+from acmoe_megatron.core.errors import ShardError
 from acmoe_megatron.data.corpus import SPLITS, Corpus, Document, FileCorpus, split_of
 from acmoe_megatron.data.corrupt import Corruption, parse_corruption
 from acmoe_megatron.data.enwik8 import Enwik8Corpus
 from acmoe_megatron.data.jsonl_corpus import JsonlCorpus
-from acmoe_megatron.data.loader import ShardError, TokenBatches, load_split_samples
+from acmoe_megatron.data.loader import TokenBatches, load_split_samples
 from acmoe_megatron.data.manifest import Manifest, ShardInfo, SplitInfo, check_manifest_matches, read_manifest
 from acmoe_megatron.data.parquet_corpus import ParquetCorpus
 from acmoe_megatron.data.shards import pack_blocks, prepare

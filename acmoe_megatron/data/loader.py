@@ -56,9 +56,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from acmoe_megatron.core.errors import ShardError
 from acmoe_megatron.data.manifest import check_manifest_matches
 from acmoe_megatron.data.sample_order import DEFAULT_WINDOW, SampleOrder
-from acmoe_megatron.data.shard_store import ShardError, ShardSamples, load_split_samples
+from acmoe_megatron.data.shard_store import ShardSamples, load_split_samples
 
 __all__ = ["ShardError", "TokenBatches", "load_split_samples"]
 

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from acmoe_megatron.data.remote import fetch_text, is_remote
+
 __all__ = [
     "check_manifest_matches",
     "FORMAT",
@@ -191,8 +193,6 @@ def check_manifest_matches(
 def read_manifest(shard_dir: str | os.PathLike) -> Manifest:
     """Read and validate ``shard_dir/manifest.json`` (``shard_dir`` may be a URL or ``pipe:`` command:
     ``remote.py``)."""
-    from acmoe_megatron.data.remote import fetch_text, is_remote
-
     if is_remote(shard_dir):
         return Manifest.from_json(fetch_text(shard_dir, MANIFEST_NAME), where=f"{shard_dir} {MANIFEST_NAME}")
     path = Path(shard_dir) / MANIFEST_NAME

@@ -31,6 +31,8 @@ import urllib.request
 from collections import OrderedDict
 from pathlib import Path
 
+from acmoe_megatron.core.errors import ShardError
+
 __all__ = ["RemoteShards", "fetch_text", "is_remote"]
 
 _SCHEMES = ("http://", "https://", "pipe:")
@@ -126,8 +128,6 @@ class RemoteShards:
                               f"{size} bytes, {sha256[:12]}...")
         except (OSError, ValueError) as exc:
             tmp.unlink(missing_ok=True)
-            from acmoe_megatron.data.shard_store import ShardError
-
             raise ShardError(
                 f"shard {name} from {self.location}: {exc}. The remote copy is damaged, incomplete or "
                 "unreachable; check the location (and re-upload the directory written by acmoe-data prepare)"

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from acmoe_megatron.core.errors import ShardError
 from acmoe_megatron.data.manifest import KEY_WIDTH, Manifest, ShardInfo, read_manifest, sample_key, sha256_file
 from acmoe_megatron.data.remote import RemoteShards, is_remote
 from acmoe_megatron.data.shard_index import ShardIndexError, read_index, scan_offsets
@@ -45,10 +46,6 @@ _TAR_BLOCK = 512  # a tar member header
 _NAME_BYTES = KEY_WIDTH + len(".tokens.npy")  # a sample's member name: manifest.sample_key + ".tokens.npy"
 _POWERS = 10 ** np.arange(KEY_WIDTH - 1, -1, -1, dtype=np.int64)
 _SUFFIX = np.frombuffer(b".tokens.npy\0", dtype=np.uint8)
-
-
-class ShardError(RuntimeError):
-    """A shard is missing, corrupt or does not match the manifest."""
 
 
 def shard_error(path: Path, problem: str) -> ShardError:

@@ -15,8 +15,7 @@ from .rows import ROWS, Plan
 def make_figures(plan: Plan, results: dict[str, list[dict]], aggs: dict[str, dict], fig_dir: Path):
     """valid_loss.png: seed-mean validation curves (± std band) of every row, from the JSONs;
     plus ``acmoe-plot`` of the first seed's run directories (when they exist) into seed<k>/."""
-    from acmoe_megatron import plot
-
+    from acmoe_megatron.cli import plot
     fig_dir.mkdir(parents=True, exist_ok=True)
     written = []
     from matplotlib.figure import Figure

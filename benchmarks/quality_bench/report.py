@@ -20,7 +20,6 @@ from .rows import ABLATIONS, ROOT, ROWS, Plan, Row, _rel
 from .runner import STATS_WINDOW, load_references, load_results
 from .statistics import aggregate_row, fmt_paired, paired_diff, verdict
 
-
 # ---------------------------------------------------------------------------------------------
 # report
 
@@ -61,14 +60,14 @@ def versions_line() -> str:
             parts.append(f"{pkg} {version(pkg)}")
         except PackageNotFoundError:
             pass
-    from acmoe_megatron.slurm_launch import _git_sha
+    from acmoe_megatron.cli.launch import _git_sha
 
     return ", ".join(parts) + f"; acmoe-megatron git {_git_sha(ROOT)}"
 
 
 def settings_lines(plan: Plan, steps: int | None, corrupt: dict | None, threads: list[int]) -> list[str]:
-    from acmoe_megatron.config import load_recipe
-    from acmoe_megatron.spec import ac_layer_numbers, moe_layer_numbers
+    from acmoe_megatron.model.spec import ac_layer_numbers, moe_layer_numbers
+    from acmoe_megatron.runtime.recipe import load_recipe
 
     r = load_recipe(plan.config, plan.base)
     mg = r.megatron
@@ -132,8 +131,8 @@ def write_report(args, plan: Plan, rows: list[Row], seeds: list[int], bhash: str
     steps = next((a["steps"] for a in aggs.values() if a["steps"]), None)
     byte_level = True
     try:
-        from acmoe_megatron.config import load_recipe
         from acmoe_megatron.data.manifest import read_manifest
+        from acmoe_megatron.runtime.recipe import load_recipe
 
         byte_level = read_manifest(load_recipe(plan.config, plan.base).data.path).tokenizer.get("name") == "bytes"
     except Exception:

@@ -187,7 +187,7 @@ def run_overrides(plan: Plan, row: Row, seed: int) -> list[str]:
 def base_hash(plan: Plan) -> str:
     """What every row of one table shares: the base recipe (rows, seeds and run dirs left out) and
     the process count."""
-    from acmoe_megatron.config import load_recipe
+    from acmoe_megatron.runtime.recipe import load_recipe
 
     d = load_recipe(plan.config, plan.base).identity_dict()  # keys newer than stored results, at default: out
     d["run"] = {}

@@ -109,7 +109,7 @@ def ensure_corrupt_data(plan: Plan, data_path: str) -> Path:
                 f"and options as the clean shards plus `--corrupt {CORRUPTION}`, e.g.\n  acmoe-data prepare "
                 f"--source <source> --out {target} --seq-length {clean.seq_length} --corrupt {CORRUPTION}\n"
                 "and pass --corrupt-data DIR (or --skip-corrupt)")
-        from acmoe_megatron.data.cli import main as data_main
+        from acmoe_megatron.cli.data import main as data_main
 
         cmd = ["prepare", "--source", "stdlib", "--out", str(target), "--seq-length", str(clean.seq_length),
                "--corrupt", CORRUPTION, "--no-progress"]
@@ -147,7 +147,7 @@ def result_path(results_dir: Path, row: str, seed: int) -> Path:
 
 
 def _launch(overrides: list[str], config: str, nproc: int, threads: int, log: Path) -> tuple[int, float, str]:
-    cmd = [sys.executable, "-m", "acmoe_megatron.launcher", "--config", config, "--nproc", str(nproc), *overrides]
+    cmd = [sys.executable, "-m", "acmoe_megatron.cli.pretrain", "--config", config, "--nproc", str(nproc), *overrides]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -178,8 +178,9 @@ def _tail(text: str, n: int = 3) -> str:
 def run_one(plan: Plan, row: Row, seed: int, bhash: str, rerun: bool, corrupt_dir: Path | None,
             lock: threading.Lock) -> dict:
     """Train (row, seed), evaluate its final checkpoint on the corrupted split, write its JSON."""
-    from acmoe_megatron.config import ConfigError, load_recipe
-    from acmoe_megatron.summary import read_scalars
+    from acmoe_megatron.core.errors import ConfigError
+    from acmoe_megatron.observability.summary import read_scalars
+    from acmoe_megatron.runtime.recipe import load_recipe
 
     overrides = run_overrides(plan, row, seed)
     out = result_path(plan.results_dir, row.name, seed)
@@ -227,7 +228,7 @@ def run_one(plan: Plan, row: Row, seed: int, bhash: str, rerun: bool, corrupt_di
         # a batch-trained AC model's batch statistics, an ema model's running statistics)
         samples = int(recipe.megatron["eval_iters"]) * int(recipe.megatron["global_batch_size"])
         eval_json = run_dir / "eval_corrupt.json"
-        cmd = ["-m", "acmoe_megatron.eval_cli", str(run_dir), "--data", str(corrupt_dir), "--split", "valid",
+        cmd = ["-m", "acmoe_megatron.cli.eval", str(run_dir), "--data", str(corrupt_dir), "--split", "valid",
                "--max-samples", str(samples), "--nproc", str(plan.nproc), "--out", str(eval_json)]
         rc, wall_eval, elog = _launch_module(cmd, plan.threads, run_dir / "eval_corrupt.log")
         result["wall_corrupt_eval_s"] = round(wall_eval, 1)
@@ -287,7 +288,7 @@ def load_references(plan: Plan, reference_out: str | Path, seeds: list[int], ste
     of this table's base recipe with their own length)."""
     import dataclasses
 
-    from acmoe_megatron.config import load_recipe
+    from acmoe_megatron.runtime.recipe import load_recipe
 
     from .rows import base_hash, merge_overrides
 
@@ -316,7 +317,7 @@ def load_references(plan: Plan, reference_out: str | Path, seeds: list[int], ste
 def reextract(plan: Plan, rows: list[Row], seeds: list[int]) -> int:
     """Refresh the TensorBoard-derived fields of stored results from their run directories (after
     the extraction gained a field); training and losses are untouched. Returns how many."""
-    from acmoe_megatron.summary import read_scalars
+    from acmoe_megatron.observability.summary import read_scalars
 
     n = 0
     for row in rows:

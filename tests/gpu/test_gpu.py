@@ -11,9 +11,9 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU on this machine: GPU tests need one (run `pytest -m gpu` on a GPU node)",
                 allow_module_level=True)
 
-from acmoe_megatron.precision import have_transformer_engine  # noqa: E402
-from acmoe_megatron.chunk_state import reset_states, state_of  # noqa: E402
-from acmoe_megatron.settings import ACSettings  # noqa: E402
+from acmoe_megatron.core.settings import ACSettings  # noqa: E402
+from acmoe_megatron.model.chunk_state import reset_states, state_of  # noqa: E402
+from acmoe_megatron.model.precision import have_transformer_engine  # noqa: E402
 from acmoe_megatron.testing import build_gpt, tiny_config  # noqa: E402
 
 VOCAB, SEQ, MBS = 256, 128, 4
@@ -86,8 +86,8 @@ def test_fp8_loss_close_to_bf16(nccl_ws1):
 def _ac_router(config, compile_=False):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from acmoe_megatron.chunk_state import ChunkState
-    from acmoe_megatron.routers import ACRouter
+    from acmoe_megatron.model.chunk_state import ChunkState
+    from acmoe_megatron.model.routers import ACRouter
 
     state = ChunkState([1, 2], [1, 2])
     torch.manual_seed(0)
@@ -158,8 +158,7 @@ def test_expert_norm_holds_on_cuda_optimizers_without_host_sync(nccl_ws1, distri
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
 
-    from acmoe_megatron import expert_norm
-
+    from acmoe_megatron.model import expert_norm
     config = _gpu_config()
     torch.manual_seed(0)
     inner = build_gpt(config, ACSettings(first_ac_layer=2, expert_norm=1.5), vocab_size=VOCAB,

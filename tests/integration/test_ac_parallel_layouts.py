@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from acmoe_megatron.summary import read_scalars
+from acmoe_megatron.observability.summary import read_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
@@ -49,7 +49,7 @@ BASE = [
 
 
 def _launch(nproc, run_dir, *overrides, timeout=600):
-    cmd = [sys.executable, "-m", "acmoe_megatron.launcher", "--config", "configs/tiny_cpu.yaml",
+    cmd = [sys.executable, "-m", "acmoe_megatron.cli.pretrain", "--config", "configs/tiny_cpu.yaml",
            "--nproc", str(nproc), *BASE, f"run.dir={run_dir}", *overrides]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
@@ -113,10 +113,10 @@ def _run_example(setup, name, nproc, *overrides):
     import os
     import socket
 
-    from acmoe_megatron.config import load_recipe
     from acmoe_megatron.data.manifest import read_manifest
-    from acmoe_megatron.megatron_args import build_argv
     from acmoe_megatron.plugin import settings_argv
+    from acmoe_megatron.runtime.megatron_args import build_argv
+    from acmoe_megatron.runtime.recipe import load_recipe
 
     run_dir = setup / name
     recipe = load_recipe(ROOT / "configs/tiny_cpu.yaml", [*BASE, f"run.dir={run_dir}", *_overrides(setup, name, *overrides)])

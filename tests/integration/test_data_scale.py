@@ -66,7 +66,7 @@ def test_two_ranks_read_a_2gib_corpus_in_the_memory_of_the_embedded_one_and_resu
 
 
 def test_training_runs_from_the_2gib_corpus(corpora, tmp_path):
-    cmd = [sys.executable, "-m", "acmoe_megatron.launcher", "--config", "configs/tiny_cpu.yaml", "--nproc", "2",
+    cmd = [sys.executable, "-m", "acmoe_megatron.cli.pretrain", "--config", "configs/tiny_cpu.yaml", "--nproc", "2",
            f"data.path={corpora / 'big'}", f"run.dir={tmp_path / 'run'}", "data.shuffle_window=65536",
            f"megatron.seq_length={SEQ}", f"megatron.max_position_embeddings={SEQ}",
            "megatron.micro_batch_size=1", "megatron.global_batch_size=2", "megatron.train_iters=3",

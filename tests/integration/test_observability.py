@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from acmoe_megatron.summary import read_scalars
+from acmoe_megatron.observability.summary import read_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,7 +20,7 @@ def pp2_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("obs")
     prepare(source="stdlib", out_dir=tmp / "data", seq_length=64, max_bytes=200_000)
-    cmd = [sys.executable, "-m", "acmoe_megatron.launcher", "--config", "configs/tiny_cpu.yaml", "--nproc", "2",
+    cmd = [sys.executable, "-m", "acmoe_megatron.cli.pretrain", "--config", "configs/tiny_cpu.yaml", "--nproc", "2",
            "megatron.pipeline_model_parallel_size=2", "megatron.expert_model_parallel_size=1",
            "megatron.train_iters=10", "megatron.lr_warmup_iters=1", "megatron.log_interval=5",
            "megatron.eval_interval=10", "megatron.eval_iters=1", "megatron.save=null",

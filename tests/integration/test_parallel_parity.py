@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 WORKER = Path(__file__).parent / "dist" / "ep_parity.py"
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from acmoe_megatron.exit_codes import EXIT_DISK_FULL, EXIT_STOPPED_EARLY
-from acmoe_megatron.summary import read_scalars
+from acmoe_megatron.core.exit_codes import EXIT_DISK_FULL, EXIT_STOPPED_EARLY
+from acmoe_megatron.observability.summary import read_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 3
@@ -33,7 +33,7 @@ BASE = ["megatron.seq_length=64", "megatron.max_position_embeddings=64", "megatr
 
 
 def _cmd(run_dir, data, nproc, *extra):
-    return [sys.executable, "-m", "acmoe_megatron.launcher", "--config", "configs/tiny_cpu.yaml", "--nproc",
+    return [sys.executable, "-m", "acmoe_megatron.cli.pretrain", "--config", "configs/tiny_cpu.yaml", "--nproc",
             str(nproc), *BASE, f"data.path={data}", f"run.dir={run_dir}", *extra]
 
 
@@ -101,7 +101,7 @@ def test_sigterm_saves_stops_and_resumes_on_another_number_of_processes(data, un
     the end. Every step consumes exactly the samples of the uninterrupted one-process run's step (the
     ids the processes record, merged in global order: nothing seen twice or skipped), and its loss
     equals that run's (the same micro-batches and AC statistics, another reduction order)."""
-    from acmoe_megatron.sample_trace import read_trace
+    from acmoe_megatron.observability.sample_trace import read_trace
 
     run = tmp_path / "run"
     common = ["megatron.expert_model_parallel_size=1", "run.trace_samples=true"]
@@ -111,9 +111,9 @@ def test_sigterm_saves_stops_and_resumes_on_another_number_of_processes(data, un
     try:
         for line in proc.stdout:
             if " iteration        1/" in line:
-                # the workers (python -u -m acmoe_megatron.train), not torchrun, whose command line
+                # the workers (python -u -m acmoe_megatron.runtime.train), not torchrun, whose command line
                 # also names the module: Megatron's handler in each worker takes the signal
-                out = subprocess.run(["pgrep", "-f", "--", f"-u -m acmoe_megatron.train --config {run}/config.yaml"],
+                out = subprocess.run(["pgrep", "-f", "--", f"-u -m acmoe_megatron.runtime.train --config {run}/config.yaml"],
                                      capture_output=True, text=True)
                 worker_pids = [int(p) for p in out.stdout.split()]
                 for pid in worker_pids:
@@ -149,7 +149,7 @@ def _lose_a_rank_mid_step(run, data, common):
     try:
         for line in proc.stdout:
             if f" iteration        {N + 1}/" in line:
-                out = subprocess.run(["pgrep", "-f", "--", f"-u -m acmoe_megatron.train --config {run}/config.yaml"],
+                out = subprocess.run(["pgrep", "-f", "--", f"-u -m acmoe_megatron.runtime.train --config {run}/config.yaml"],
                                      capture_output=True, text=True)
                 pids = sorted(int(p) for p in out.stdout.split())
                 assert len(pids) == 2, out.stdout
@@ -233,15 +233,15 @@ def test_a_damaged_checkpoint_is_refused_before_any_process_and_resume_from_pick
     and the run starts from 5."""
     import shutil
 
-    from acmoe_megatron import launcher
-    from acmoe_megatron.exit_codes import EXIT_CONFIG
+    from acmoe_megatron.cli import pretrain as launcher
+    from acmoe_megatron.core.exit_codes import EXIT_CONFIG
 
     started = []
     monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: started.append(cmd) or 0)
     retention = ["megatron.save_interval=1", "run.keep_last_checkpoints=2"]
 
     def acmoe_pretrain(run, *extra):
-        argv = _cmd(run, data, 1, *LAYOUT[1], *retention)[3:]  # less "python -m acmoe_megatron.launcher"
+        argv = _cmd(run, data, 1, *LAYOUT[1], *retention)[3:]  # less "python -m acmoe_megatron.cli.pretrain"
         return launcher.main([*extra, *argv])
 
     def fresh_copy(name):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from acmoe_megatron.summary import read_scalars
+from acmoe_megatron.observability.summary import read_scalars
 
 pytestmark = pytest.mark.slow
 
@@ -318,7 +318,7 @@ def assert_lm_loss_learned(run_dir: Path, total: int) -> dict:
 @pytest.mark.timeout(420)
 def test_two_node_run_submitted_by_acmoe_launch(cluster, corpus, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "acmoe_megatron.slurm_launch", "slurm", "--config", str(RECIPE),
+    cmd = [sys.executable, "-m", "acmoe_megatron.cli.launch", "slurm", "--config", str(RECIPE),
            "--nodes", "2", "--gpus-per-node", "0", "--time", "30", "--run-dir", str(run_dir),
            *small_run(corpus, 12)]
     out = subprocess.run(cmd, env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -346,7 +346,7 @@ def test_two_node_run_submitted_by_acmoe_launch(cluster, corpus, tmp_path):
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents*"))) == 1
 
     # the run directory: resolved recipe (+ preemption flags), git SHA, checkpoint, rendered script
-    from acmoe_megatron.config import load_recipe
+    from acmoe_megatron.runtime.recipe import load_recipe
 
     recipe = load_recipe(run_dir / "config.yaml")
     assert recipe.run.dir == str(run_dir) and recipe.data.path == str(corpus)

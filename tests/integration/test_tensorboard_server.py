@@ -80,8 +80,8 @@ def _write_images(w) -> None:
     the AC weight distribution, from real router metrics of MoE layers 1-2 (layer 2 an AC layer)."""
     import torch
 
-    from acmoe_megatron import metrics
-    from acmoe_megatron.observability import MetricWriter
+    from acmoe_megatron.observability import metrics
+    from acmoe_megatron.observability.writers import MetricWriter
 
     m = metrics.RouterMetrics(N_EXPERTS, list(MOE_LAYERS))
     logits = torch.randn(64, N_EXPERTS, generator=torch.Generator().manual_seed(0))

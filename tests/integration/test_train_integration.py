@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from acmoe_megatron.config import load_recipe
 from acmoe_megatron.data import prepare, read_manifest
-from acmoe_megatron.summary import read_scalars
+from acmoe_megatron.observability.summary import read_scalars
+from acmoe_megatron.runtime.checkpoint_check import INFERENCE_STATS_FILE
+from acmoe_megatron.runtime.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 _TINY = load_recipe(ROOT / "configs" / "tiny_cpu.yaml").megatron
@@ -47,7 +48,7 @@ def wandb_overrides(tmp: Path) -> list[str]:
 
 
 def launch(*overrides: str, nproc: int = 2, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "acmoe_megatron.launcher", "--config", "configs/tiny_cpu.yaml",
+    cmd = [sys.executable, "-m", "acmoe_megatron.cli.pretrain", "--config", "configs/tiny_cpu.yaml",
            "--nproc", str(nproc), *overrides]
     return subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
@@ -205,7 +206,7 @@ def test_wandb_gets_our_scalars(first_run, workdir):
                 "lm loss bits-per-token", "lm loss validation bits-per-token"):
         assert key in keys, f"{key!r} not in the W&B history: {sorted(keys)}"
     assert steps >= {2, 4, 6, 8, 10, 12}
-    from acmoe_megatron.summary import read_scalars
+    from acmoe_megatron.observability.summary import read_scalars
 
     ours = {t for t in read_scalars(run_dir / "tensorboard") if t.startswith(("moe/", "ac/", "throughput/"))}
     assert ours <= keys, sorted(ours - keys)  # every scalar of ours in TensorBoard is in W&B too
@@ -327,7 +328,7 @@ def test_acmoe_eval_reproduces_the_runs_validation_and_scores_a_corrupted_copy(f
     corrupt = workdir / "data_corrupt"
     prepare(source="stdlib", out_dir=corrupt, seq_length=64, max_bytes=200_000, splits=["valid"],
             corrupt="word-swap:0.2")
-    cmd = [sys.executable, "-m", "acmoe_megatron.eval_cli", str(eval_dir), "--max-samples", "16",
+    cmd = [sys.executable, "-m", "acmoe_megatron.cli.eval", str(eval_dir), "--max-samples", "16",
            "--data", str(workdir / "data"), "--corrupt", str(corrupt)]
     out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert out.returncode == 0, _tail(out)
@@ -346,8 +347,7 @@ def test_acmoe_eval_reproduces_the_runs_validation_and_scores_a_corrupted_copy(f
 
 
 def test_acmoe_eval_refuses_a_missing_split_before_starting(first_run, workdir, capsys, monkeypatch):
-    from acmoe_megatron import eval_cli
-
+    from acmoe_megatron.cli import eval as eval_cli
     _, run_dir, _ = first_run
     only_valid = workdir / "data_valid_only"
     prepare(source="stdlib", out_dir=only_valid, seq_length=64, max_bytes=50_000, splits=["valid"])
@@ -360,18 +360,20 @@ def test_calibrated_run_is_evaluated_in_another_layout_generated_from_and_export
     """--calibrate on the EP=2 run, loaded in 1 process (EP=1, resharded): the calibrated table is
     stored beside the checkpoint, labelled in eval.json, and what acmoe-eval picks from then on. The
     same start-up writes the expert-specialisation report (--report)."""
-    from acmoe_megatron import eval_cli, export_cli, generate_cli, inference_stats
-
+    from acmoe_megatron.cli import eval as eval_cli
+    from acmoe_megatron.cli import export as export_cli
+    from acmoe_megatron.cli import generate as generate_cli
+    from acmoe_megatron.inference import calibration as inference_stats
     _, run_dir, snap = first_run
     cal_dir = workdir / "calibrated"
     shutil.copytree(run_dir, cal_dir)
-    stats_file = cal_dir / "checkpoints" / "iter_0000012" / inference_stats.FILE
+    stats_file = cal_dir / "checkpoints" / "iter_0000012" / INFERENCE_STATS_FILE
     cli = eval_cli._parser().parse_intermixed_args
     assert "--statistics batch" in " ".join(eval_cli.plan(cli([str(cal_dir)]))[2])
     gen_cli = generate_cli._parser().parse_intermixed_args
     with pytest.raises(generate_cli.ConfigError, match="trained with acmoe.source=batch.*Calibrate them first"):
         generate_cli.plan(gen_cli([str(cal_dir), "--prompt", "def "]))
-    cmd = [sys.executable, "-m", "acmoe_megatron.eval_cli", str(cal_dir), "--nproc", "1", "--calibrate", "3",
+    cmd = [sys.executable, "-m", "acmoe_megatron.cli.eval", str(cal_dir), "--nproc", "1", "--calibrate", "3",
            "--max-samples", "16", "--report", "megatron.expert_model_parallel_size=1"]
     out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert out.returncode == 0, _tail(out)
@@ -400,7 +402,7 @@ def test_calibrated_run_is_evaluated_in_another_layout_generated_from_and_export
     assert result["results"]["valid"]["loss"] == pytest.approx(snap["summary"]["final_valid_loss"], rel=0.05)
     assert result["results"]["valid"]["loss"] != pytest.approx(snap["summary"]["final_valid_loss"], rel=1e-6)
     # acmoe-generate now runs (one process, KV cache): greedy is deterministic (the same prompt twice)
-    cmd = [sys.executable, "-m", "acmoe_megatron.generate_cli", str(cal_dir), "--prompt", "def ", "--prompt", "def ",
+    cmd = [sys.executable, "-m", "acmoe_megatron.cli.generate", str(cal_dir), "--prompt", "def ", "--prompt", "def ",
            "--max-new-tokens", "5", "--out", str(workdir / "generations.json")]
     out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert out.returncode == 0, _tail(out)
@@ -412,7 +414,7 @@ def test_calibrated_run_is_evaluated_in_another_layout_generated_from_and_export
         generate_cli.plan(gen_cli([str(cal_dir), "--prompt", "x" * 60, "--max-new-tokens", "5"]))
     # acmoe-export-hf: a transformers directory whose logits the worker checked against megatron's
     hf_dir = workdir / "hf_export"
-    out = subprocess.run([sys.executable, "-m", "acmoe_megatron.export_cli", str(cal_dir), str(hf_dir)], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "acmoe_megatron.cli.export", str(cal_dir), str(hf_dir)], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert out.returncode == 0, _tail(out)
     record = json.loads((hf_dir / "acmoe_export.json").read_text())

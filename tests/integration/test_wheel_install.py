@@ -41,7 +41,7 @@ def test_installed_wheel_renders_a_job_for_the_directory_it_runs_in(tmp_path):
     _run([sys.executable, "-m", "venv", str(venv)])
     _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)])
     site = next((venv / "lib").glob("python3*/site-packages"))
-    package = site / "acmoe_megatron"
+    package = site / "acmoe_megatron" / "cli"  # the SLURM templates sit beside acmoe-launch's module
     assert (package / "slurm" / "pretrain.sbatch").is_file() and (package / "slurm" / "torchrun_node.sh").is_file()
 
     project = tmp_path / "my project"  # another directory, with a space

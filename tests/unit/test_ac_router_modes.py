@@ -4,9 +4,9 @@ leak and its fix), presets, megatron router features on top of AC scores, label 
 import pytest
 import torch
 
-from acmoe_megatron.chunk_state import state_of
-from acmoe_megatron.routers import ACRouter
-from acmoe_megatron.settings import PRESETS, ACSettings
+from acmoe_megatron.core.settings import PRESETS, ACSettings
+from acmoe_megatron.model.chunk_state import state_of
+from acmoe_megatron.model.routers import ACRouter
 from acmoe_megatron.testing import build_gpt, tiny_config
 
 pytestmark = pytest.mark.usefixtures("megatron_ws1")
@@ -86,7 +86,7 @@ def test_ema_source_logs_the_ac_internals():
     """An ``acmoe.source=ema`` run's AC layers log weight spread, clip rate and separation like a
     batch-statistics run: this micro-batch's clusters under the running transform that routed them
     (before the micro-batch is blended in: M = I on the first step, the running weights after)."""
-    from acmoe_megatron.metrics import flush
+    from acmoe_megatron.observability.metrics import flush
 
     model = _model(ACSettings(first_ac_layer=2, source="ema"))
     model.train()
@@ -164,8 +164,7 @@ def test_compile_changes_nothing_but_the_kernels(router):
         grads = [p.grad.clone() for n, p in model.named_parameters() if "router" in n]
         results.append((loss.detach(), grads))
     (loss_e, grads_e), (loss_c, grads_c) = results
-    from acmoe_megatron import ac_stats
-
+    from acmoe_megatron.core import ac_stats
     assert ac_stats.scores_forward in ac_stats._COMPILED  # the compiled path really ran
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
     assert len(grads_e) == len(grads_c) > 0

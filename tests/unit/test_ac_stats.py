@@ -6,9 +6,9 @@ per-feature normalisation, m = W[c] (spec §3.1)."""
 
 import pytest
 import torch
-
-from acmoe_megatron import ac_stats
 from reference_acmoe import official_scores, official_weights
+
+from acmoe_megatron.core import ac_stats
 
 
 def _labels(T, E, k, gen, missing=()):

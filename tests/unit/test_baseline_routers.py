@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.router import TopKRouter
 
-from acmoe_megatron import baseline_routers as br
-from acmoe_megatron.routers import LabelSourceRouter
-from acmoe_megatron.settings import ACSettings, router_class
-from acmoe_megatron.chunk_state import state_of
+from acmoe_megatron.core.settings import ACSettings, router_class
+from acmoe_megatron.model import baseline_routers as br
+from acmoe_megatron.model.chunk_state import state_of
+from acmoe_megatron.model.routers import LabelSourceRouter
 from acmoe_megatron.testing import build_gpt, capture_router_outputs, tiny_config
 
 # -- maths (pure functions) -------------------------------------------------------------------

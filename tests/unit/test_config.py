@@ -12,8 +12,11 @@ import pytest
 import torch
 import yaml
 
-from acmoe_megatron import launcher
-from acmoe_megatron.config import (
+from acmoe_megatron.cli import pretrain as launcher
+from acmoe_megatron.core.settings import ACSettings
+from acmoe_megatron.data import Manifest, prepare
+from acmoe_megatron.runtime.megatron_args import build_argv, validate_args
+from acmoe_megatron.runtime.recipe import (
     SECTIONS,
     ConfigError,
     DataSettings,
@@ -25,9 +28,6 @@ from acmoe_megatron.config import (
     parse_override,
     write_resolved,
 )
-from acmoe_megatron.data import Manifest, prepare
-from acmoe_megatron.settings import ACSettings
-from acmoe_megatron.megatron_args import build_argv, validate_args
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
@@ -230,8 +230,7 @@ def test_acsettings_validation_errors_are_config_errors(override, match):
 
 
 def test_acsettings_direct_validation():
-    from acmoe_megatron import ac_stats
-
+    from acmoe_megatron.core import ac_stats
     with pytest.raises(ValueError, match="router"):
         ACSettings(router="nope")
     with pytest.raises(ValueError, match="first_ac_layer"):

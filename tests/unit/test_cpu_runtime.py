@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from acmoe_megatron import cpu_runtime
+from acmoe_megatron.runtime import cpu_runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE_SHIMS = ["streams", "device", "rng", "splits", "norm", "gloo_uneven"]
@@ -102,9 +102,9 @@ def test_cuda_rng_calls_drive_the_cpu_generator(installed):
 
 
 def test_split_sizes_become_numpy_for_gloo(installed):
-    import numpy as np
     import megatron.core.transformer.moe.moe_utils as moe_utils
     import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+    import numpy as np
 
     assert token_dispatcher.maybe_move_tensor_to_cpu is moe_utils.maybe_move_tensor_to_cpu
     sizes = moe_utils.maybe_move_tensor_to_cpu(torch.tensor([3, 1, 4]), as_numpy=True)
@@ -136,7 +136,7 @@ def test_with_cuda_install_touches_nothing():
                 ("Stream", "Event", "current_stream", "current_device", "synchronize", "get_rng_state",
                  "manual_seed")}
         torch.cuda.is_available = lambda: True  # pretend a GPU is present
-        from acmoe_megatron import cpu_runtime
+        from acmoe_megatron.runtime import cpu_runtime
         assert cpu_runtime.cpu_only() is False
         assert cpu_runtime.install() is False
         assert cpu_runtime.install_training() is False
@@ -160,7 +160,7 @@ def test_training_shims_are_idempotent_and_listed():
     out = _python(
         """
         import torch
-        from acmoe_megatron import cpu_runtime
+        from acmoe_megatron.runtime import cpu_runtime
         assert cpu_runtime.install_training() is True
         import megatron.training.training as training
         import megatron.core.optimizer.clip_grads as clip_grads
@@ -189,7 +189,7 @@ def test_training_shims_are_idempotent_and_listed():
 
 _GLOO_WORKER = """
 import os, torch, torch.distributed as dist
-from acmoe_megatron import cpu_runtime
+from acmoe_megatron.runtime import cpu_runtime
 cpu_runtime._shim_gloo_uneven()
 dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2)
 rank = dist.get_rank()
@@ -245,7 +245,7 @@ def test_every_call_site_resolves_in_installed_megatron():
         f"""
         import dataclasses
         import torch
-        from acmoe_megatron import cpu_runtime
+        from acmoe_megatron.runtime import cpu_runtime
         shims = cpu_runtime.SHIMS
         names = [s.name for s in shims]
         assert sorted(names) == sorted({CORE_SHIMS + SCOPED_SHIMS + TRAINING_SHIMS!r}), names
@@ -346,7 +346,7 @@ def test_uninstall_all_restores_the_originals_and_install_reapplies():
         original = snapshot()
         orig_move = moe_utils.maybe_move_tensor_to_cpu
 
-        from acmoe_megatron import cpu_runtime
+        from acmoe_megatron.runtime import cpu_runtime
         assert cpu_runtime.uninstall_all() == []  # nothing applied yet: a no-op
         assert cpu_runtime.install_training() is True
         applied = list(cpu_runtime.APPLIED)

@@ -11,7 +11,8 @@ import types
 import pytest
 import torch
 
-from acmoe_megatron.elliptical import (
+from acmoe_megatron.model.chunk_state import VALUES, ChunkState
+from acmoe_megatron.model.elliptical import (
     EllipticalSettings,
     check_supported,
     elliptical_core_attention,
@@ -20,7 +21,6 @@ from acmoe_megatron.elliptical import (
     scale_query,
     sequence_weights,
 )
-from acmoe_megatron.chunk_state import VALUES, ChunkState
 
 # ---------------------------------------------------------------------------------------------
 # literal re-implementation of the official code (stefvk/Elliptical-Attention, ImageNet/models.py,
@@ -164,7 +164,7 @@ def test_missing_previous_values_and_packed_sequences_are_clear_errors(megatron_
 
 
 def _gpt(elliptical=None, router="ac", **cfg):
-    from acmoe_megatron.settings import ACSettings
+    from acmoe_megatron.core.settings import ACSettings
     from acmoe_megatron.testing import build_gpt, tiny_config
 
     torch.manual_seed(0)
@@ -174,7 +174,7 @@ def _gpt(elliptical=None, router="ac", **cfg):
 def test_spec_patches_core_attention_from_the_layer_before_first_layer(megatron_ws1):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from acmoe_megatron.elliptical import EllipticalAttentionMixin
+    from acmoe_megatron.model.elliptical import EllipticalAttentionMixin
 
     plain = _gpt(num_layers=4)
     model = _gpt(EllipticalSettings(enabled=True, first_layer=3), num_layers=4)
@@ -240,7 +240,8 @@ def test_recompute_replays_read_their_micro_batch(megatron_ws1, recompute):
 
 
 def test_recipe_section_and_overrides():
-    from acmoe_megatron.config import ConfigError, load_recipe
+    from acmoe_megatron.core.errors import ConfigError
+    from acmoe_megatron.runtime.recipe import load_recipe
 
     recipe = load_recipe("configs/tiny_cpu.yaml", ["elliptical.enabled=true", "elliptical.source=prefix"])
     assert recipe.elliptical == EllipticalSettings(enabled=True, first_layer=2, source="prefix", scale="standard")
@@ -259,8 +260,8 @@ def test_recipe_section_and_overrides():
 def _validate(*overrides):
     from megatron.training.arguments import add_megatron_arguments
 
-    from acmoe_megatron.config import load_recipe, megatron_argv
-    from acmoe_megatron.megatron_args import validate_args
+    from acmoe_megatron.runtime.megatron_args import validate_args
+    from acmoe_megatron.runtime.recipe import load_recipe, megatron_argv
 
     recipe = load_recipe("configs/tiny_cpu.yaml", list(overrides))
     parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
@@ -268,7 +269,7 @@ def _validate(*overrides):
 
 
 def test_validate_args_refuses_context_parallelism_and_allows_dense_models():
-    from acmoe_megatron.config import ConfigError
+    from acmoe_megatron.core.errors import ConfigError
 
     _validate("elliptical.enabled=true")
     with pytest.raises(ConfigError, match="context_parallel_size=2"):

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from acmoe_megatron import expert_norm
-from acmoe_megatron.settings import ACSettings
-from acmoe_megatron.testing import build_gpt, cuda_type_names, init_single_process, tiny_config
 from reference_acmoe import ReleaseGate
+
+from acmoe_megatron.core.settings import ACSettings
+from acmoe_megatron.model import expert_norm
+from acmoe_megatron.testing import build_gpt, cuda_type_names, init_single_process, tiny_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -147,7 +147,7 @@ class _OneGate(torch.nn.Module):
     def __init__(self, config, state, settings):
         from megatron.core.process_groups_config import ProcessGroupCollection
 
-        from acmoe_megatron.routers import ACRouter
+        from acmoe_megatron.model.routers import ACRouter
 
         super().__init__()
         self.config = config
@@ -168,7 +168,7 @@ def test_ten_adam_steps_follow_the_release(hold):
     agree to 1e-5 relative after every step. Without the hook they part (the test sees it)."""
     import torch.nn.functional as F
 
-    from acmoe_megatron.chunk_state import ChunkState
+    from acmoe_megatron.model.chunk_state import ChunkState
 
     T, D, E, lr = 192, 32, 16, 2e-2
     config = tiny_config(num_moe_experts=E, moe_router_topk=2, hidden_size=D, num_attention_heads=4,

@@ -4,10 +4,11 @@ greedy and seeded sampling are reproducible, nucleus sampling keeps the smallest
 import pytest
 import torch
 
-from acmoe_megatron import cpu_runtime, inference_stats
-from acmoe_megatron.chunk_state import state_of
-from acmoe_megatron.generate import generate_tokens, next_token
-from acmoe_megatron.settings import ACSettings
+from acmoe_megatron.core.settings import ACSettings
+from acmoe_megatron.inference import calibration as inference_stats
+from acmoe_megatron.inference.generate import generate_tokens, next_token
+from acmoe_megatron.model.chunk_state import state_of
+from acmoe_megatron.runtime import cpu_runtime
 from acmoe_megatron.testing import build_gpt, tiny_config
 
 SEQ, VOCAB = 32, 128

@@ -1,4 +1,4 @@
-"""The Hugging Face export (acmoe_megatron/hf): a tiny megatron GPT of each exportable router,
+"""The Hugging Face export (acmoe_megatron/inference/hf): a tiny megatron GPT of each exportable router,
 converted and loaded back with ``AutoModelForCausalLM.from_pretrained(trust_remote_code=True)``.
 
 Reference: megatron's own forward of the same model (eval mode, AC routers on fixed inference
@@ -20,11 +20,11 @@ pytest.importorskip("safetensors")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 
-from acmoe_megatron import inference_stats  # noqa: E402
-from acmoe_megatron.chunk_state import state_of  # noqa: E402
+from acmoe_megatron.core.settings import ACSettings, EllipticalSettings  # noqa: E402
 from acmoe_megatron.data.tokenizer import ByteTokenizer  # noqa: E402
-from acmoe_megatron.hf import convert  # noqa: E402
-from acmoe_megatron.settings import ACSettings, EllipticalSettings  # noqa: E402
+from acmoe_megatron.inference import calibration as inference_stats  # noqa: E402
+from acmoe_megatron.inference.hf import convert  # noqa: E402
+from acmoe_megatron.model.chunk_state import state_of  # noqa: E402
 from acmoe_megatron.testing import build_gpt, tiny_config  # noqa: E402
 
 SEQ = 12
@@ -108,8 +108,7 @@ def test_hf_logits_equal_megatron_logits(case, tmp_path):
 @pytest.fixture(scope="module")
 def byte_export(tmp_path_factory, megatron_ws1):
     """An AC model on the byte tokenizer's vocabulary (257), exported with its tokenizer."""
-    from acmoe_megatron import cpu_runtime
-
+    from acmoe_megatron.runtime import cpu_runtime
     with cpu_runtime.device_redirect():
         settings = ACSettings(router="ac", first_ac_layer=2)
         model = _megatron(settings, vocab=257)

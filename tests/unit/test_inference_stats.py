@@ -4,11 +4,12 @@ running statistics, and what they buy (scores independent of the batch, causal).
 import pytest
 import torch
 
-from acmoe_megatron import inference_stats
-from acmoe_megatron.ac_stats import WeightAverage
-from acmoe_megatron.chunk_state import state_of
-from acmoe_megatron.routers import ACRouter
-from acmoe_megatron.settings import ACSettings
+from acmoe_megatron.core.ac_stats import WeightAverage
+from acmoe_megatron.core.settings import ACSettings
+from acmoe_megatron.inference import calibration as inference_stats
+from acmoe_megatron.model.chunk_state import state_of
+from acmoe_megatron.model.routers import ACRouter
+from acmoe_megatron.runtime.checkpoint_check import INFERENCE_STATS_FILE
 from acmoe_megatron.testing import build_gpt, tiny_config
 
 SEQ, VOCAB = 32, 128
@@ -119,7 +120,7 @@ def test_ema_models_route_with_their_running_statistics_and_refuse_calibration()
 
 def test_saved_tables_load_back_and_a_foreign_file_is_refused(tmp_path):
     tables = {3: {"w_KD": torch.rand(4, 8), "counts_K": torch.tensor([1.0, 2.0, 0.0, 5.0])}}
-    path = inference_stats.save(tmp_path / inference_stats.FILE, tables, {"micro_batches": 4})
+    path = inference_stats.save(tmp_path / INFERENCE_STATS_FILE, tables, {"micro_batches": 4})
     back, meta = inference_stats.load(path)
     assert meta == {"micro_batches": 4} and torch.equal(back[3]["w_KD"], tables[3]["w_KD"])
     torch.save({"something": 1}, tmp_path / "other.pt")

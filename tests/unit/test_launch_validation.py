@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from acmoe_megatron import launcher, slurm_launch
+from acmoe_megatron.cli import launch as slurm_launch
+from acmoe_megatron.cli import pretrain as launcher
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
@@ -85,7 +86,7 @@ def _overrides(case_overrides, shards, damaged, run_dir):
 def no_processes(monkeypatch):
     """Any attempt to start a process (torchrun, sbatch) fails the test. megatron runs `git` once
     when first imported (package_info): import it before the stand-in goes in."""
-    from acmoe_megatron.config import megatron_actions
+    from acmoe_megatron.runtime.recipe import megatron_actions
 
     megatron_actions()
 
@@ -145,7 +146,7 @@ def test_the_command_itself_exits_2_within_seconds(shards, tmp_path):
     """One case end to end, as a user runs it: the real command, its exit code and wall time."""
     start = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-m", "acmoe_megatron.launcher", "--config", str(TINY), "--nproc", "2",
+        [sys.executable, "-m", "acmoe_megatron.cli.pretrain", "--config", str(TINY), "--nproc", "2",
          f"data.path={shards}", "megatron.seq_length=64", f"run.dir={tmp_path / 'run'}", "megatron.hidden_size=abc"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )

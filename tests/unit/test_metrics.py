@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from acmoe_megatron.metrics import RouterMetrics, ac_summary, rand_disagreement, separation
+from acmoe_megatron.observability.metrics import RouterMetrics, ac_summary, rand_disagreement, separation
 
 
 def test_rand_disagreement_matches_brute_force():
@@ -78,7 +78,7 @@ def test_load_histogram_is_written(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
-    from acmoe_megatron.metrics import flush
+    from acmoe_megatron.observability.metrics import flush
 
     m = RouterMetrics(4, [1])
     logits = torch.randn(32, 4)
@@ -99,9 +99,9 @@ def test_router_losses_reach_megatrons_moe_report(megatron_ws1, monkeypatch):
     import megatron.training.training as training
     from megatron.core.transformer.moe import moe_logging
 
-    from acmoe_megatron import observability
-    from acmoe_megatron.baseline_routers import STABLEMOE_DISTILL_LOSS
-    from acmoe_megatron.settings import router_class
+    from acmoe_megatron.core.settings import router_class
+    from acmoe_megatron.model.baseline_routers import STABLEMOE_DISTILL_LOSS
+    from acmoe_megatron.observability import writers as observability
 
     monkeypatch.setattr(moe_logging, "_MOE_METRICS_TRACKER", None)  # megatron's global, restored after
     observability.report_extra_moe_losses(router_class("stablemoe").reported_losses)

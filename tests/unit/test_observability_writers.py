@@ -7,7 +7,8 @@ import types
 import pytest
 import torch
 
-from acmoe_megatron import metrics, observability
+from acmoe_megatron.observability import metrics
+from acmoe_megatron.observability import writers as observability
 
 
 class _Recorder:

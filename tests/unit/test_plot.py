@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from acmoe_megatron import plot
+from acmoe_megatron.cli import plot
 
 N_EXPERTS = 8
 MOE_LAYERS = (2, 4, 6, 8)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from acmoe_megatron import plugin
-from acmoe_megatron.settings import ROUTER_TABLE, ACSettings, EllipticalSettings, router_class
+from acmoe_megatron.core.settings import ROUTER_TABLE, ACSettings, EllipticalSettings, router_class
 
 # -- flags and settings (no model) ---------------------------------------------------------------
 
@@ -74,7 +74,7 @@ def test_router_table_is_the_one_registry():
 
 
 def test_validating_a_recipe_imports_no_model_code():
-    code = ("import sys; from acmoe_megatron.config import load_recipe; "
+    code = ("import sys; from acmoe_megatron.runtime.recipe import load_recipe; "
             "load_recipe('configs/tiny_cpu.yaml', ['acmoe.router=xmoe', 'elliptical.enabled=true']); "
             "bad = [m for m in sys.modules if m.startswith('acmoe_megatron.') and m.split('.')[1] in "
             "('routers', 'baseline_routers', 'elliptical', 'spec', 'chunk_state', 'ac_stats', 'plugin')]; "
@@ -125,8 +125,8 @@ def test_stock_forward_without_attach_fails_loudly():
     layer that would otherwise route without labels or without recording them."""
     from megatron.core.models.gpt import GPTModel
 
-    from acmoe_megatron.chunk_state import state_of
-    from acmoe_megatron.spec import acmoe_block_spec
+    from acmoe_megatron.model.chunk_state import state_of
+    from acmoe_megatron.model.spec import acmoe_block_spec
     from acmoe_megatron.testing import tiny_config
 
     config = tiny_config()
@@ -152,7 +152,7 @@ def test_stock_forward_without_attach_fails_loudly():
 def test_hooks_run_the_micro_batch_protocol():
     """Each forward is a new micro-batch holding its token ids; evaluation keeps only the current one;
     a backward announces its micro-batch (what recompute replays rely on)."""
-    from acmoe_megatron.chunk_state import LABELS, TOKENS, state_of
+    from acmoe_megatron.model.chunk_state import LABELS, TOKENS, state_of
     from acmoe_megatron.testing import build_gpt, tiny_config
 
     model = build_gpt(tiny_config(), ACSettings(first_ac_layer=2))
@@ -198,7 +198,7 @@ def test_bridge_layer_spec_is_called_the_way_megatron_bridge_calls_it():
     assert all(b.func.__name__ == "StableMoERouter" and b.keywords["vocab_size"] == 128 for b in builders)
     from megatron.core.models.gpt import GPTModel
 
-    from acmoe_megatron.chunk_state import state_of
+    from acmoe_megatron.model.chunk_state import state_of
 
     model = GPTModel(config=provider, transformer_layer_spec=spec, vocab_size=128, max_sequence_length=64)
     chunks = [model]

@@ -4,7 +4,7 @@ import types
 
 import pytest
 
-from acmoe_megatron.precision import check_fp8, fused_paths, have_nvidia_apex
+from acmoe_megatron.model.precision import check_fp8, fused_paths, have_nvidia_apex
 
 HOPPER, ADA, AMPERE, BLACKWELL = (9, 0), (8, 9), (8, 0), (10, 0)
 

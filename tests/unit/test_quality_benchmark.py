@@ -261,8 +261,8 @@ def test_row_table():
 
 
 def test_ac_rows_of_the_default_model_use_two_ac_layers():
-    from acmoe_megatron.config import load_recipe
-    from acmoe_megatron.spec import ac_layer_numbers, moe_layer_numbers
+    from acmoe_megatron.model.spec import ac_layer_numbers, moe_layer_numbers
+    from acmoe_megatron.runtime.recipe import load_recipe
 
     plan = rows.build_plan(cli.parse_args([]))
     recipe = load_recipe(plan.config, plan.base + ["acmoe.router=ac"])
@@ -277,9 +277,9 @@ def test_ac_rows_of_the_default_model_use_two_ac_layers():
 
 
 def test_switch_m_enwik8_recipe():
-    from acmoe_megatron.config import load_recipe, megatron_argv
-    from acmoe_megatron.run_plan import parallel_layout
-    from acmoe_megatron.spec import ac_layer_numbers, moe_layer_numbers
+    from acmoe_megatron.model.spec import ac_layer_numbers, moe_layer_numbers
+    from acmoe_megatron.runtime.recipe import load_recipe, megatron_argv
+    from acmoe_megatron.runtime.run_plan import parallel_layout
 
     recipe = load_recipe(ROOT / "configs" / "switch_m_enwik8.yaml")
     mg = recipe.megatron
@@ -296,8 +296,7 @@ def test_switch_m_enwik8_recipe():
 
 
 def test_switch_m_enwik8_renders_for_slurm(capsys):
-    from acmoe_megatron import slurm_launch
-
+    from acmoe_megatron.cli import launch as slurm_launch
     rc = slurm_launch.main(["slurm", "--config", "configs/switch_m_enwik8.yaml", "--nodes", "1",
                             "--gpus-per-node", "4", "--time", "04:00:00", "--dry-run"])
     out = capsys.readouterr().out
@@ -314,8 +313,8 @@ def test_end_to_end_two_rows(tmp_path, capsys):
     a stored result JSON with the matching config hash (the cache: it must not be trained). Checks the
     run JSON, the table with both rows, the verdict, the figures, and that hand-written investigation
     notes survive the regeneration. About 40 s (two launches, one after the other)."""
-    from acmoe_megatron.config import load_recipe
     from acmoe_megatron.data import prepare
+    from acmoe_megatron.runtime.recipe import load_recipe
 
     data = tmp_path / "data"
     prepare(source="stdlib", out_dir=data, seq_length=32, max_bytes=100_000)
@@ -364,7 +363,7 @@ def test_recorded_runs_keep_their_config_hash():
     """Every committed per-run result is found again by the cache: a settings key added without
     ``config.HASH_OMITS_AT_DEFAULT``, or a changed recipe default, would make the benchmark re-run
     (and the reports drop) every recorded run."""
-    from acmoe_megatron.config import load_recipe
+    from acmoe_megatron.runtime.recipe import load_recipe
 
     stale, paths = [], sorted((ROOT / "benchmarks" / "results").glob("*/runs/*/seed*.json"))
     assert paths, "no recorded runs found"

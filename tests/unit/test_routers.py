@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe.router import TopKRouter
 from reference_acmoe import official_scores
 
-from acmoe_megatron.chunk_state import ChunkState, state_of
-from acmoe_megatron.routers import ACRouter, CosineRouter, LabelSourceRouter
-from acmoe_megatron.settings import ACSettings
+from acmoe_megatron.core.settings import ACSettings
+from acmoe_megatron.model.chunk_state import ChunkState, state_of
+from acmoe_megatron.model.routers import ACRouter, CosineRouter, LabelSourceRouter
 from acmoe_megatron.testing import build_gpt, capture_router_outputs, tiny_config
 
 pytestmark = pytest.mark.usefixtures("megatron_ws1")

@@ -3,7 +3,7 @@ the number of data-parallel replicas; a step run again after a crash keeps its l
 
 import pytest
 
-from acmoe_megatron.sample_trace import SampleTrace, read_trace
+from acmoe_megatron.observability.sample_trace import SampleTrace, read_trace
 
 
 def _record(run_dir, dp_size, steps, micro_batches, b=2, first_step=1, rank_offset=0):

@@ -24,9 +24,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from acmoe_megatron import slurm_launch
-from acmoe_megatron.config import ConfigError, load_recipe
-from acmoe_megatron.run_plan import parallel_layout
+from acmoe_megatron.cli import launch as slurm_launch
+from acmoe_megatron.core.errors import ConfigError
+from acmoe_megatron.runtime.recipe import load_recipe
+from acmoe_megatron.runtime.run_plan import parallel_layout
 
 ROOT = Path(__file__).resolve().parents[2]
 SBATCH = ROOT / "slurm" / "pretrain.sbatch"
@@ -77,7 +78,7 @@ def test_dry_run_renders_directives_and_environment(capsys, tmp_path):
     assert f"export CONFIG={MULTINODE}" in env
     assert f"export RUN_DIR={tmp_path}/run" in env and f"export DATA={tmp_path}/shards" in env
     assert f"export ACMOE_ROOT={ROOT}" in env  # the directory acmoe-launch ran in (the tests run from the checkout)
-    assert f"export ACMOE_SCRIPTS={ROOT / 'acmoe_megatron' / 'slurm'}" in env  # the package's own helper scripts
+    assert f"export ACMOE_SCRIPTS={ROOT / 'acmoe_megatron' / 'cli' / 'slurm'}" in env  # the package's own helper scripts
     assert f"export ACMOE_PYTHON={sys.executable}" in env
     assert "export NPROC_PER_NODE=8" in env and "export LAUNCHER=torchrun" in env
     assert "export EXIT_SIGNAL=USR1" in env and "export REQUEUE=1" in env
@@ -205,8 +206,7 @@ def test_sbatch_not_found(capsys, tmp_path, monkeypatch):
 
 
 def test_local_reuses_the_launcher(monkeypatch):
-    from acmoe_megatron import launcher
-
+    from acmoe_megatron.cli import pretrain as launcher
     seen = []
     monkeypatch.setattr(launcher, "main", lambda argv: seen.append(argv) or 0)
     assert slurm_launch.main(["local", "--nproc", "2", "--config", str(TINY), "megatron.train_iters=5"]) == 0
@@ -318,7 +318,7 @@ def test_sbatch_dry_run_torchrun_per_node(fake_slurm_bin, tmp_path):
     mkdir, resolve, step = _dry_run_lines(out)
     assert mkdir == ["mkdir", "-p", f"{tmp_path}/run/slurm_logs"]
     # the recipe is resolved once, with the overrides (arguments first, then $OVERRIDES)
-    assert resolve[:3] == [sys.executable, "-m", "acmoe_megatron.slurm_launch"]
+    assert resolve[:3] == [sys.executable, "-m", "acmoe_megatron.cli.launch"]
     assert resolve[resolve.index("--world-size") + 1] == "16"
     assert resolve[resolve.index("--exit-signal") + 1] == "SIGUSR1"
     assert resolve[resolve.index("--config") + 1] == str(TINY)  # made absolute (submit dir)
@@ -333,7 +333,7 @@ def test_sbatch_dry_run_torchrun_per_node(fake_slurm_bin, tmp_path):
     for arg in ("--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint=10.9.8.17:{port}", "--rdzv-id=acmoe-123456-0", "--max-restarts=0"):
         assert arg in step, (arg, step)
-    assert step[-4:] == ["-m", "acmoe_megatron.train", "--config", f"{tmp_path}/run/config.yaml"]
+    assert step[-4:] == ["-m", "acmoe_megatron.runtime.train", "--config", f"{tmp_path}/run/config.yaml"]
     assert f"head node gpu-x17 address 10.9.8.17 port {port}" in out.stdout
     assert "world size 16, launcher torchrun" in out.stdout
 
@@ -402,13 +402,13 @@ def test_sbatch_dry_run_one_task_per_gpu_in_a_container_after_a_restart(fake_slu
                  f"--container-workdir={ROOT}"]
     # the resolve step runs once, inside the container, and re-uses the first start's config
     assert resolve[:3] == ["srun", "--nodes=1", "--ntasks=1"] and resolve[3:7] == container
-    assert resolve[7:10] == ["python", "-m", "acmoe_megatron.slurm_launch"]
+    assert resolve[7:10] == ["python", "-m", "acmoe_megatron.cli.launch"]
     assert "--reuse" in resolve and resolve[resolve.index("--exit-signal") + 1] == "SIGUSR2"
     # one task per GPU: 16 tasks, 8 per node, each mapped to RANK/LOCAL_RANK/WORLD_SIZE
     assert step[:5] == ["srun", "--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--kill-on-bad-exit=1"]
     assert step[5:9] == container
     assert step[9:11] == ["bash", str(ROOT / "slurm" / "task_env.sh")]
-    assert step[11:] == ["python", "-m", "acmoe_megatron.train", "--config", f"{tmp_path}/run/config.yaml"]
+    assert step[11:] == ["python", "-m", "acmoe_megatron.runtime.train", "--config", f"{tmp_path}/run/config.yaml"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,11 +517,8 @@ def test_resolve_writes_config_git_sha_and_run_env(tmp_path, capsys):
 
 
 def test_resolve_refuses_to_mix_checkpoints_of_another_configuration(tmp_path, capsys):
-    from acmoe_megatron import launcher
     from acmoe_megatron.data import prepare
 
-    if not hasattr(launcher, "check_resume_compatible"):
-        pytest.skip("acmoe_megatron.launcher has no check_resume_compatible")
     prepare(source="stdlib", out_dir=tmp_path / "data", seq_length=64, max_bytes=50_000)
     run_dir = tmp_path / "run"
     base = ["resolve", "--config", str(TINY), "--run-dir", str(run_dir), "--data", str(tmp_path / "data"),
@@ -567,7 +564,7 @@ def test_recipes_load(name):
 def _moe_and_ac_layers(recipe):
     from types import SimpleNamespace
 
-    from acmoe_megatron.spec import ac_layer_numbers, moe_layer_numbers
+    from acmoe_megatron.model.spec import ac_layer_numbers, moe_layer_numbers
 
     mg = recipe.megatron
     shape = SimpleNamespace(num_layers=mg["num_layers"], moe_layer_freq=mg.get("moe_layer_freq", 1),
@@ -594,7 +591,7 @@ def test_paper_medium_models():
     assert glam.megatron["moe_layer_freq"] == [1, 0] * 6
     assert _moe_and_ac_layers(glam) == ([1, 3, 5, 7, 9, 11], [5, 7, 9, 11])
     assert (glam.megatron["global_batch_size"], glam.megatron["train_iters"]) == (48, 120000)
-    from acmoe_megatron.config import megatron_argv
+    from acmoe_megatron.runtime.recipe import megatron_argv
 
     argv = megatron_argv(glam.megatron)
     assert argv[argv.index("--moe-layer-freq") + 1] == "[1,0,1,0,1,0,1,0,1,0,1,0]"

@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from acmoe_megatron import ac_stats, metrics
-from acmoe_megatron.routers import ACRouter
-from acmoe_megatron.settings import ACSettings
-from acmoe_megatron.specialisation import EOD_ID, SpecialisationRecorder, router_order, write_report
+from acmoe_megatron.core import ac_stats
+from acmoe_megatron.core.settings import ACSettings
+from acmoe_megatron.inference.specialisation import EOD_ID, SpecialisationRecorder, router_order, write_report
+from acmoe_megatron.model.routers import ACRouter
+from acmoe_megatron.observability import metrics
 from acmoe_megatron.testing import build_gpt, capture_router_outputs, tiny_config
 
 pytestmark = pytest.mark.usefixtures("megatron_ws1")

@@ -5,8 +5,9 @@ import argparse
 import pytest
 import torch
 
-from acmoe_megatron.config import ConfigError, load_recipe, megatron_argv
-from acmoe_megatron.megatron_args import validate_args
+from acmoe_megatron.core.errors import ConfigError
+from acmoe_megatron.runtime.megatron_args import validate_args
+from acmoe_megatron.runtime.recipe import load_recipe, megatron_argv
 
 
 def _args(recipe_path, *overrides):
@@ -69,7 +70,7 @@ def test_bad_settings_fail_before_the_model_is_built(override, message):
 
 
 def test_fp8_te_recipe_needs_transformer_engine(fake_hopper):
-    from acmoe_megatron.precision import have_transformer_engine
+    from acmoe_megatron.model.precision import have_transformer_engine
 
     args, recipe = _args("configs/gpu_fp8_te.yaml")
     if have_transformer_engine():
@@ -88,8 +89,8 @@ def test_forced_random_routing_is_refused_with_the_ac_router():
 
 
 def test_resume_with_a_different_config_names_the_keys(tmp_path):
-    from acmoe_megatron.config import load_recipe, write_resolved
-    from acmoe_megatron.launcher import check_resume_compatible
+    from acmoe_megatron.runtime.recipe import load_recipe, write_resolved
+    from acmoe_megatron.runtime.resume import check_resume_compatible
 
     run = tmp_path / "run"
     first = load_recipe("configs/tiny_cpu.yaml", [f"run.dir={run}"])
@@ -143,8 +144,8 @@ def test_resume_with_a_different_config_names_the_keys(tmp_path):
     (4, ["megatron.pipeline_model_parallel_size=2", "megatron.expert_model_parallel_size=4"], "expert parallel 4"),
 ])
 def test_process_count_must_tile_the_parallel_sizes(world, overrides, message):
-    from acmoe_megatron.config import load_recipe
-    from acmoe_megatron.run_plan import parallel_layout
+    from acmoe_megatron.runtime.recipe import load_recipe
+    from acmoe_megatron.runtime.run_plan import parallel_layout
 
     with pytest.raises(ConfigError, match=message):
         parallel_layout(load_recipe("configs/tiny_cpu.yaml", overrides).megatron, world)

@@ -24,7 +24,7 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-from acmoe_megatron import cpu_runtime  # noqa: E402
+from acmoe_megatron.runtime import cpu_runtime  # noqa: E402
 
 cpu_runtime.install()
 
@@ -32,8 +32,8 @@ import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 
-from acmoe_megatron.chunk_state import reset_states  # noqa: E402
-from acmoe_megatron.settings import ACSettings  # noqa: E402
+from acmoe_megatron.model.chunk_state import reset_states  # noqa: E402
+from acmoe_megatron.core.settings import ACSettings  # noqa: E402
 from acmoe_megatron.testing import build_gpt, tiny_config  # noqa: E402
 
 NUM_EXPERTS, SEQ, MBS, VOCAB = 4, 32, 2, 128

@@ -12,7 +12,7 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-from acmoe_megatron import cpu_runtime  # noqa: E402
+from acmoe_megatron.runtime import cpu_runtime  # noqa: E402
 
 cpu_runtime.install()
 
@@ -20,8 +20,8 @@ import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 
-from acmoe_megatron import expert_norm  # noqa: E402
-from acmoe_megatron.settings import ACSettings  # noqa: E402
+from acmoe_megatron.model import expert_norm  # noqa: E402
+from acmoe_megatron.core.settings import ACSettings  # noqa: E402
 from acmoe_megatron.testing import build_gpt, cuda_type_names, tiny_config  # noqa: E402
 
 

@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import pretrain_gpt_acmoe as example  # noqa: E402
 
-from acmoe_megatron import run_hooks  # noqa: E402
+from acmoe_megatron.runtime import hooks as run_hooks  # noqa: E402
 
 LOG_DIR = Path(os.environ["ACMOE_GRAD_NORM_DIR"])
 plain_forward_step = example.forward_step

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from data_synthetic import synthetic_words, wikitext_file_text
 
 from acmoe_megatron.data.shards import prepare
-from data_synthetic import synthetic_words, wikitext_file_text
 
 
 class ShardDir(NamedTuple):

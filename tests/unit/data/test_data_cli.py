@@ -1,6 +1,6 @@
 """acmoe-data CLI: prepare + info on a small stdlib corpus and on text files; clear errors."""
 
-from acmoe_megatron.data.cli import main
+from acmoe_megatron.cli.data import main
 from acmoe_megatron.data.manifest import read_manifest
 
 

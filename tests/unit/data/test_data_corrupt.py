@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from acmoe_megatron.data.cli import main
+from acmoe_megatron.cli.data import main
 from acmoe_megatron.data.corrupt import Corruption, parse_corruption
 from acmoe_megatron.data.loader import load_split_samples
 from acmoe_megatron.data.manifest import read_manifest

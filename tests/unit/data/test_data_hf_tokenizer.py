@@ -10,7 +10,7 @@ pytest.importorskip("tokenizers")
 
 from data_synthetic import synthetic_words  # noqa: E402
 
-from acmoe_megatron.data.cli import main  # noqa: E402
+from acmoe_megatron.cli.data import main  # noqa: E402
 from acmoe_megatron.data.hf_tokenizer import HFTokenizer  # noqa: E402
 from acmoe_megatron.data.loader import TokenBatches, load_split_samples  # noqa: E402
 from acmoe_megatron.data.manifest import read_manifest  # noqa: E402

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from acmoe_megatron.data.loader import ShardError, TokenBatches, load_split_samples
+from acmoe_megatron.core.errors import ShardError
+from acmoe_megatron.data.loader import TokenBatches, load_split_samples
 from acmoe_megatron.data.manifest import read_manifest
 
 

@@ -14,9 +14,10 @@ import threading
 import numpy as np
 import pytest
 
+from acmoe_megatron.core.errors import ShardError
 from acmoe_megatron.data.loader import TokenBatches
 from acmoe_megatron.data.manifest import read_manifest
-from acmoe_megatron.data.shard_store import ShardError, ShardSamples
+from acmoe_megatron.data.shard_store import ShardSamples
 
 
 @pytest.fixture

@@ -12,11 +12,12 @@ import json
 import numpy as np
 import pytest
 
+from acmoe_megatron.core.errors import ShardError
 from acmoe_megatron.data.loader import TokenBatches
 from acmoe_megatron.data.manifest import read_manifest, sample_key
 from acmoe_megatron.data.sample_order import SampleOrder
 from acmoe_megatron.data.shard_index import index_path, scan_offsets
-from acmoe_megatron.data.shard_store import ShardError, ShardSamples, load_split_samples
+from acmoe_megatron.data.shard_store import ShardSamples, load_split_samples
 
 
 def test_prepare_writes_the_index_the_tar_headers_give(small_shards):
@@ -167,7 +168,7 @@ def test_manifest_inconsistent_with_its_shards_is_refused(shard_copy):
 
 
 def test_acmoe_data_index_writes_the_indexes_prepare_writes(shard_copy, small_shards):
-    from acmoe_megatron.data.cli import main
+    from acmoe_megatron.cli.data import main
 
     for index in shard_copy.glob("*.offsets.npy"):
         index.unlink()

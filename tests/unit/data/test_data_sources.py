@@ -6,6 +6,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from data_synthetic import synthetic_words
 
 from acmoe_megatron.data.corpus import SPLITS, split_of
 from acmoe_megatron.data.enwik8 import ENWIK8_SPLIT_BYTES, Enwik8Corpus
@@ -15,8 +16,6 @@ from acmoe_megatron.data.shards import prepare
 from acmoe_megatron.data.sources import detect_format, resolve_source
 from acmoe_megatron.data.tokenizer import ByteTokenizer
 from acmoe_megatron.data.wikitext import WikiTextCorpus, split_articles
-
-from data_synthetic import synthetic_words
 
 
 def split_texts(shard_dir, split, tokenizer=None):

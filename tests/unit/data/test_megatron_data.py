@@ -4,7 +4,6 @@ and the errors for bad input."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -12,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from acmoe_megatron.config import ConfigError, load_recipe
+from acmoe_megatron.cli.data import main as data_main
+from acmoe_megatron.core.errors import ConfigError
 from acmoe_megatron.data import megatron_indexed as mi
-from acmoe_megatron.data.cli import main as data_main
 from acmoe_megatron.data.manifest import read_manifest
 from acmoe_megatron.data.shard_store import ShardSamples, load_split_samples
 from acmoe_megatron.data.shards import prepare
+from acmoe_megatron.runtime.recipe import load_recipe
 
 SEQ = 16
 RECIPE = "configs/tiny_cpu.yaml"
@@ -41,8 +41,7 @@ def dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def megatron_runtime():
-    from acmoe_megatron import cpu_runtime
-
+    from acmoe_megatron.runtime import cpu_runtime
     cpu_runtime.install_wheel_fixes()  # megatron's builder imports helpers_cpp; never compile it
 
 
@@ -50,8 +49,8 @@ def _args(*overrides):
     """megatron's parsed and validated arguments for the tiny recipe with ``overrides``, and its tokenizer."""
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 
-    from acmoe_megatron.megatron_args import build_argv
-    from acmoe_megatron.run_plan import megatron_args
+    from acmoe_megatron.runtime.megatron_args import build_argv
+    from acmoe_megatron.runtime.run_plan import megatron_args
 
     recipe = load_recipe(RECIPE, [f"megatron.seq_length={SEQ}", f"megatron.max_position_embeddings={SEQ}",
                                   "megatron.eval_iters=2", "megatron.train_iters=20", *overrides])
@@ -128,7 +127,7 @@ def test_megatron_blend_of_two_prefixes_has_the_weights(dirs, megatron_runtime, 
     # the recipe wiring: megatron's samplers, the vocabulary from the sidecars
     assert argv[argv.index("--dataloader-type") + 1] == "single"
     assert argv[argv.index("--vocab-size") + 1] == "257" and args.data_path == ["0.3", pa, "0.7", pb]
-    from acmoe_megatron.train import make_datasets_provider
+    from acmoe_megatron.runtime.train import make_datasets_provider
 
     provider = make_datasets_provider(recipe)
     assert provider is mi.megatron_gpt_datasets_provider and provider.is_distributed
@@ -150,7 +149,7 @@ def test_shard_blend_of_two_directories_has_the_weights(dirs, megatron_runtime, 
     recipe, argv, args, tokenizer = _args(f"data.blend=[0.3, {a}, 0.7, {b}]")
     assert recipe.data.path == a  # the launch checks read the first directory's manifest
     assert argv[argv.index("--dataloader-type") + 1] == "single"
-    from acmoe_megatron.train import make_datasets_provider
+    from acmoe_megatron.runtime.train import make_datasets_provider
 
     provider = make_datasets_provider(recipe)
     assert provider.is_distributed
@@ -277,8 +276,8 @@ def test_seq_length_and_dataloader_type_mismatches_name_the_fix(dirs):
 def test_megatron_data_needs_no_shard_directory_at_data_path(dirs, tmp_path, megatron_runtime):
     """With megatron's data keys the launch checks, the launcher and the trainer leave data.path alone:
     no manifest is read there and no embedded corpus is built."""
-    from acmoe_megatron.launcher import ensure_data
-    from acmoe_megatron.run_plan import build_plan, megatron_data_standin
+    from acmoe_megatron.cli.common import ensure_data
+    from acmoe_megatron.runtime.run_plan import build_plan, megatron_data_standin
 
     nowhere = tmp_path / "no_shards_here"
     recipe = load_recipe(RECIPE, [f"megatron.seq_length={SEQ}", f"megatron.max_position_embeddings={SEQ}",

@@ -1,0 +1,1 @@
+"""The console commands (acmoe-pretrain, acmoe-launch, acmoe-eval, ...): parse, plan, refuse, launch."""

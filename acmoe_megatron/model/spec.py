@@ -1,0 +1,174 @@
+"""Put our routers (and elliptical core attention) into a megatron decoder block spec.
+
+``patch_block_spec(spec, settings, config)`` takes a spec the caller already built — megatron's
+``get_gpt_decoder_block_spec`` with Transformer Engine or local modules, any options (``qk_l2_norm``,
+``moe_layer_freq`` patterns, pipeline/virtual-pipeline slicing), or a customised one — and replaces
+only ``MoESubmodules.router`` of each MoE layer built on this stage; everything else stays the
+caller's:
+
+  MoE layer ordinal (1-based among MoE layers)   router (settings.ROUTER_TABLE)
+  < first_ac_layer, for ac / cosine               the ``lead_router``: LabelSourceRouter (megatron's
+                                                  linear top-k, default) or CosineRouter
+  otherwise                                       the class registered under ``settings.router``
+
+A router class that is ``from_first_ac_layer`` (ac, cosine) starts at ``first_ac_layer``; the
+baselines route every MoE layer, as in their papers. ``LabelSourceRouter`` is megatron's
+``TopKRouter`` unchanged plus label/metric recording, so every router gets the same routing
+metrics. megatron shares one MoE layer spec object across layers, so each patched layer gets its
+own shallow copy (``dataclasses.replace``). ``acmoe_block_spec`` = megatron's own GPT decoder block
+spec, patched. The per-micro-batch state the routers share is attached to the built model by
+``plugin.attach``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    _get_block_submodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from acmoe_megatron.core.settings import ACSettings, EllipticalSettings, router_class
+from acmoe_megatron.model.elliptical import elliptical_layer_specs
+
+
+def moe_layer_pattern(config) -> list[int]:
+    """1 = MoE layer, 0 = dense, per global layer (megatron's reading of ``moe_layer_freq``)."""
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
+    if isinstance(freq, (list, tuple)) and len(freq) == config.num_layers:
+        return [int(f) for f in freq]
+    raise ValueError(
+        f"moe_layer_freq={freq!r}: give an int N (an MoE layer every N layers) or a 0/1 list of "
+        f"length num_layers={config.num_layers}"
+    )
+
+
+def moe_layer_numbers(config) -> list[int]:
+    """Global 1-based layer numbers of all MoE layers."""
+    if not config.num_moe_experts:
+        return []
+    return [i + 1 for i, p in enumerate(moe_layer_pattern(config)) if p == 1]
+
+
+def ac_layer_numbers(config, settings: ACSettings) -> list[int]:
+    """Global layer numbers whose router is AC (or cosine): MoE ordinals >= first_ac_layer."""
+    if not router_class(settings.router).from_first_ac_layer:
+        return []
+    return moe_layer_numbers(config)[settings.first_ac_layer - 1 :]
+
+
+def local_layer_numbers(config, vp_stage=None, pp_rank=None) -> list[int]:
+    """Global 1-based numbers of the decoder layers built on this (virtual) pipeline stage."""
+    layout = config.pipeline_model_parallel_layout
+    if config.pipeline_model_parallel_size > 1 and layout is not None:
+        from megatron.core.transformer.enums import LayerType
+
+        ids = layout.get_layer_id_list(layer_type=LayerType.decoder, vp_stage=vp_stage, pp_rank=pp_rank)
+        return [i + 1 for i in ids]
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return list(range(offset + 1, offset + n + 1))
+
+
+def _with_router(layer_spec, router_builder):
+    """Copy of a MoE layer spec whose ``MoESubmodules.router`` is ``router_builder`` (the MLP given
+    as megatron's ``functools.partial(MoELayer, submodules=...)`` or as a ``ModuleSpec``)."""
+    mlp = layer_spec.submodules.mlp
+    if isinstance(mlp, functools.partial):
+        moe_submodules = dataclasses.replace(mlp.keywords["submodules"], router=router_builder)
+        new_mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": moe_submodules})
+    else:
+        new_mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, router=router_builder))
+    return dataclasses.replace(
+        layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=new_mlp)
+    )
+
+
+def _moe_class(mlp) -> type | None:
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(mlp, functools.partial):
+        cls = mlp.func
+    elif isinstance(mlp, ModuleSpec):
+        cls = mlp.module
+    else:
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, MoELayer) else None
+
+
+def is_moe_layer_spec(layer_spec) -> bool:
+    submodules = layer_spec.submodules if hasattr(layer_spec, "submodules") else None
+    return submodules is not None and hasattr(submodules, "mlp") and _moe_class(submodules.mlp) is not None
+
+
+def patch_block_spec(
+    spec,
+    settings: ACSettings,
+    config,
+    *,
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
+    vocab_size: int | None = None,
+    elliptical: EllipticalSettings | None = None,
+) -> TransformerBlockSubmodules:
+    """``spec`` (a block spec, or one layer spec for all layers) with our routers in its MoE layers.
+
+    ``vp_stage`` / ``pp_rank`` as given to megatron when ``spec`` was built (the global layer
+    numbers of its layers follow from them). ``vocab_size`` (the padded vocabulary) is needed by
+    ``stablemoe`` only (its distilled router embeds token ids). ``elliptical``: Elliptical
+    Attention in the core attention of the layers from ``first_layer - 1`` on."""
+    block = _get_block_submodules(config, spec, vp_stage=vp_stage, pp_rank=pp_rank)
+    numbers = local_layer_numbers(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    if len(numbers) != len(block.layer_specs):
+        raise ValueError(
+            f"the spec has {len(block.layer_specs)} layer specs but this stage builds layers {numbers}: "
+            "pass the vp_stage / pp_rank the spec was built for"
+        )
+    moe_numbers = moe_layer_numbers(config)
+    ac_numbers = set(ac_layer_numbers(config, settings))
+    chosen = router_class(settings.router)
+    lead = router_class(settings.lead_router)
+    layer_specs = []
+    for n, layer_spec in zip(numbers, block.layer_specs):
+        if n in moe_numbers:
+            if not is_moe_layer_spec(layer_spec):
+                raise ValueError(
+                    f"layer {n} is an MoE layer by moe_layer_freq={config.moe_layer_freq!r}, but its spec "
+                    f"has no megatron MoELayer MLP ({layer_spec!r}); build the spec with num_experts set"
+                )
+            cls = chosen if (n in ac_numbers or not chosen.from_first_ac_layer) else lead
+            builder = functools.partial(cls, **cls.spec_kwargs(settings, vocab_size=vocab_size))
+            layer_spec = _with_router(layer_spec, builder)
+        layer_specs.append(layer_spec)
+    layer_specs = elliptical_layer_specs(config, elliptical, numbers, layer_specs)
+    return dataclasses.replace(block, layer_specs=layer_specs)
+
+
+def acmoe_block_spec(
+    config,
+    settings: ACSettings,
+    use_transformer_engine: bool,
+    normalization: str | None = None,
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
+    vocab_size: int | None = None,
+    elliptical: EllipticalSettings | None = None,
+    qk_l2_norm: bool = False,
+) -> TransformerBlockSubmodules:
+    """Megatron's own GPT decoder block spec (``get_gpt_decoder_block_spec``, with the options
+    megatron's ``pretrain_gpt`` passes it), patched."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=use_transformer_engine, normalization=normalization,
+        qk_l2_norm=qk_l2_norm, vp_stage=vp_stage, pp_rank=pp_rank,
+    )
+    return patch_block_spec(block, settings, config, vp_stage=vp_stage, pp_rank=pp_rank,
+                            vocab_size=vocab_size, elliptical=elliptical)

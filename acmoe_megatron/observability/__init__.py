@@ -1,0 +1,1 @@
+"""Routing metrics, TensorBoard/W&B writers, figures, the router-loss tracker, run summary and sample trace."""
