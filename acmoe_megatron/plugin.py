@@ -1,11 +1,12 @@
 """The public plugin API: the AC router (and our baselines, elliptical attention) in any Megatron script.
 
-Four calls, each a thin adapter over the modules that do the work:
+A facade: each call is the function of the module that owns it (or a thin adapter over it), so a
+script imports one module and the package keeps its layers (the facade sits above them all):
 
-* ``patch_block_spec(spec, settings, config, vp_stage=...)`` (spec.py) — takes the block spec the
+* ``patch_block_spec(spec, settings, config, vp_stage=...)`` (``model/spec.py``) — takes the block spec the
   script already built (Transformer Engine or local, any options, or customised) and swaps only the
   routers of the intended MoE layers (and, with ``elliptical``, the core attention).
-* ``attach(model_chunks)`` — gives every built model chunk its ``chunk_state.ChunkState`` (labels,
+* ``attach(model_chunks)`` (``runtime/attach.py``) — gives every built model chunk its ``chunk_state.ChunkState`` (labels,
   elliptical values, token ids, metrics, the pipeline hand-off) and registers the two forward hooks
   that run the per-micro-batch protocol, so megatron's stock forward step, pipeline schedules
   (PP, VPP) and full/selective recompute work unchanged. A model that is not attached fails at its
@@ -14,8 +15,8 @@ Four calls, each a thin adapter over the modules that do the work:
   --acmoe-first-ac-layer 3 ...`` (one flag per ``settings.ACSettings`` key, ``--acmoe-elliptical-*``
   for ``settings.EllipticalSettings``); ``settings_from_args(args)`` maps them to the same typed
   settings the YAML recipes use, and ``validate_args(args)`` runs our checks on Megatron's parsed
-  arguments before any model is built.
-* ``install_expert_norm()`` — with ``--acmoe-expert-norm`` (the release's rows held at a fixed norm):
+  arguments before any model is built (``model/checks.py``).
+* ``install_expert_norm()`` (``runtime/hooks.py``) — with ``--acmoe-expert-norm`` (the release's rows held at a fixed norm):
   the optimizer that megatron.training builds rescales them after every step (other trainers:
   ``expert_norm.install(optimizer, model_chunks)``).
 * ``bridge_layer_spec(settings)`` — a callable for Megatron-Bridge's
@@ -34,76 +35,16 @@ import re
 import typing
 from collections.abc import Callable
 
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
 from acmoe_megatron.core.settings import ACSettings, EllipticalSettings
+from acmoe_megatron.model.checks import check_settings
+from acmoe_megatron.model.spec import patch_block_spec
+from acmoe_megatron.runtime.attach import attach
+from acmoe_megatron.runtime.hooks import install_expert_norm
 
 __all__ = ["patch_block_spec", "attach", "add_arguments", "settings_from_args", "validate_args",
            "install_expert_norm", "bridge_layer_spec", "pre_wrap_hook", "settings_argv"]
-
-
-def patch_block_spec(spec, settings: ACSettings, config, **kwargs):
-    """See ``spec.patch_block_spec`` (imported lazily: this module is light to import)."""
-    from acmoe_megatron.model.spec import patch_block_spec as patch
-
-    return patch(spec, settings, config, **kwargs)
-
-
-# -- attach --------------------------------------------------------------------------------------
-
-_TRANSPORTS: dict = {}  # one pipeline transport per process and virtual-pipeline size
-
-
-def _transport(vp_size: int | None):
-    """Collective on first use (every rank attaches its chunks at the same point of start-up)."""
-    from acmoe_megatron.model.label_transport import LabelTransport
-
-    if vp_size not in _TRANSPORTS:
-        _TRANSPORTS[vp_size] = LabelTransport.create(vp_size)
-    return _TRANSPORTS[vp_size]
-
-
-def attach(model, *, progress: Callable[[], tuple[int, int | None]] | None = None) -> list:
-    """Give every model chunk (a GPTModel, possibly wrapped by megatron's DDP/Float16Module, or a
-    list of them) its cross-layer state and micro-batch hooks; returns the states, in chunk order.
-
-    Call it once per chunk on every rank, after the chunk is built (in the model provider, or on
-    the list of chunks). ``progress``: where routers that change with training progress (StableMoE)
-    read (iteration, train_iters); default: megatron.training's arguments.
-    """
-    from acmoe_megatron.model.chunk_state import ChunkState, UsesChunkState, register, unwrap_chunk
-    from acmoe_megatron.model.elliptical import EllipticalAttentionMixin, value_handoff
-    from acmoe_megatron.model.spec import moe_layer_numbers
-    from acmoe_megatron.observability.metrics import RouterMetrics
-
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    states = []
-    for chunk in chunks:
-        gpt = unwrap_chunk(chunk)
-        config = gpt.config
-        users = [m for m in gpt.modules() if isinstance(m, UsesChunkState)]
-        elliptical = [m.elliptical for m in users if isinstance(m, EllipticalAttentionMixin)]
-        moe_numbers = moe_layer_numbers(config)
-        state = ChunkState(
-            moe_numbers, [layer.layer_number for layer in gpt.decoder.layers], gpt.vp_stage,
-            metrics=RouterMetrics(config.num_moe_experts, moe_numbers) if moe_numbers else None,
-            value_handoff=value_handoff(config, elliptical[0]) if elliptical else None,
-            transport=_transport(config.virtual_pipeline_model_parallel_size),
-            progress=progress,
-            sequence_parallel_tp=config.tensor_model_parallel_size if config.sequence_parallel else 1,
-        )
-        register(gpt, state)
-        for module in users:
-            module.bind_chunk_state(state)
-        gpt.register_forward_pre_hook(state.pre_forward, with_kwargs=True)
-        gpt.register_forward_hook(state.post_forward, with_kwargs=True)
-        states.append(state)
-    return states
-
-
-def install_expert_norm() -> None:
-    """Megatron-LM scripts, before ``pretrain``: the optimizer megatron.training builds keeps the
-    expert embeddings at ``expert_norm`` (run_hooks.install_expert_norm; a no-op without it)."""
-    from acmoe_megatron.runtime import hooks as run_hooks
-    run_hooks.install_expert_norm()
 
 
 def pre_wrap_hook(progress=None) -> Callable[[list], list]:
@@ -126,8 +67,6 @@ def bridge_layer_spec(settings: ACSettings, elliptical: EllipticalSettings | Non
         if base is not None:
             block = base(provider, vp_stage=vp_stage)
         else:
-            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
             block = get_gpt_decoder_block_spec(provider, use_transformer_engine=use_transformer_engine,
                                                normalization=provider.normalization, vp_stage=vp_stage)
         return patch_block_spec(block, settings, provider, vp_stage=vp_stage, vocab_size=provider.vocab_size,
@@ -220,8 +159,6 @@ def settings_argv(acmoe: ACSettings, elliptical: EllipticalSettings | None = Non
 def validate_args(args) -> tuple[ACSettings, EllipticalSettings]:
     """Our checks on Megatron's parsed arguments (first AC layer within the MoE layers, options that
     defeat the router, elliptical attention's refusals); returns the settings."""
-    from acmoe_megatron.runtime.megatron_args import check_settings
-
     acmoe, elliptical = settings_from_args(args)
     check_settings(args, acmoe, elliptical)
     return acmoe, elliptical

@@ -14,6 +14,11 @@ import contextlib
 
 import torch
 
+from acmoe_megatron.model.chunk_state import ChunkState
+from acmoe_megatron.model.spec import acmoe_block_spec
+from acmoe_megatron.plugin import attach
+from acmoe_megatron.runtime import cpu_runtime
+
 
 def init_single_process(backend: str = "gloo", seed: int = 1234) -> None:
     """One rank: torch.distributed on a free local port, megatron's model-parallel groups, the
@@ -26,7 +31,6 @@ def init_single_process(backend: str = "gloo", seed: int = 1234) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from acmoe_megatron.runtime import cpu_runtime
     cpu_runtime.install()
     if backend == "nccl":
         torch.cuda.set_device(0)
@@ -47,7 +51,7 @@ def cuda_type_names():
 
     megatron's ``Float16OptimizerWithFloat16Params`` and ``DistributedOptimizer`` accept only
     parameters whose ``type()`` names CUDA; nothing else they do needs a GPU, so tests build and
-    step them on CPU inside this block (tests/unit/test_expert_norm.py)."""
+    step them on CPU inside this block (tests/unit/model/test_expert_norm.py)."""
     original = torch.Tensor.type
 
     def type_(self, *args, **kwargs):
@@ -87,9 +91,6 @@ def build_gpt(config, settings, vocab_size=128, max_sequence_length=64, use_te=F
               progress=None, **gpt_kw):
     from megatron.core.models.gpt import GPTModel
 
-    from acmoe_megatron.model.spec import acmoe_block_spec
-    from acmoe_megatron.plugin import attach
-
     spec = acmoe_block_spec(config, settings, use_transformer_engine=use_te, vocab_size=vocab_size,
                             elliptical=elliptical)
     model = GPTModel(
@@ -103,7 +104,6 @@ def build_gpt(config, settings, vocab_size=128, max_sequence_length=64, use_te=F
 def standalone_state(*modules, moe_layer_numbers=(1, 2), metrics=None):
     """A ``ChunkState`` for routers / attention built outside a model (unit tests, benchmarks),
     bound to ``modules``; the caller drives the micro-batch protocol (``begin_forward``)."""
-    from acmoe_megatron.model.chunk_state import ChunkState
 
     numbers = list(moe_layer_numbers)
     state = ChunkState(numbers, numbers, metrics=metrics)

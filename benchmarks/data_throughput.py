@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from acmoe_megatron.data.loader import TokenBatches
-from acmoe_megatron.data.shards import prepare
+from acmoe_megatron.data.loader.batches import TokenBatches
+from acmoe_megatron.data.shards.writer import prepare
 
 GOAL = 20e6
 CONFIGS = [(256, 8), (512, 16), (1024, 8), (2048, 8), (4096, 4)]  # (seq_length, micro_batch_size)
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         "",
         f"Slowest row: {worst / 1e6:.1f}M tokens/s, "
         f"{'meets' if worst >= GOAL else 'BELOW'} the {GOAL / 1e6:.0f}M tokens/s goal. Samples are read on demand "
-        "(one positioned read per sample at the shard index's offset, `shard_store.py`); `load` is the start-up "
+        "(one positioned read per sample at the shard index's offset, `data/shards/store.py`); `load` is the start-up "
         "cost of opening the split (with `verify_checksums=True` the sha256 of a shard is checked when it is "
         "first read, so it falls in the timed rows of DP 1); `prepare` the time to tokenize and write the shards. "
         "The machine is shared: rows vary by up to ~2x between runs.",

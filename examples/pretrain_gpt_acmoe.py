@@ -92,7 +92,7 @@ def main():
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.training import pretrain
 
-    from acmoe_megatron.data.megatron_provider import shard_datasets_provider
+    from acmoe_megatron.data.megatron.shard_provider import shard_datasets_provider
 
     args = parse_and_validate_args(extra_args_provider=extra_args)
     plugin.validate_args(args)

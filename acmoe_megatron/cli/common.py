@@ -16,9 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from acmoe_megatron.cli.data import main as data_main
 from acmoe_megatron.core.errors import ConfigError
 from acmoe_megatron.core.exit_codes import EXIT_CONFIG
-from acmoe_megatron.data.remote import is_remote
+from acmoe_megatron.data.megatron.keys import uses_megatron_data
+from acmoe_megatron.data.shards.remote import is_remote
 from acmoe_megatron.runtime.checkpoint_check import stats_path
 from acmoe_megatron.runtime.recipe import load_recipe
 
@@ -110,8 +112,6 @@ def single_process_plan(run_dir: Path, iteration: int | None, overrides: list[st
 
 def ensure_data(recipe) -> None:
     """Build the embedded default corpus if the recipe points at a missing directory."""
-    from acmoe_megatron.cli.data import main as data_main  # the data command's own output
-    from acmoe_megatron.data.megatron_indexed import uses_megatron_data  # imports megatron's datasets
 
     path = Path(recipe.data.path)
     if uses_megatron_data(recipe.megatron) or is_remote(recipe.data.path) or (path / "manifest.json").is_file():

@@ -17,7 +17,7 @@ Examples:
 
 ``--source`` is ``stdlib`` (this Python's standard-library sources, the embedded default), enwik8
 (``enwik8.zip``), a WikiText directory, JSONL or Parquet files, or plain-text files (a directory,
-file or glob); ``--format`` overrides the detection (see ``sources.py``). See docs/data.md.
+file or glob); ``--format`` overrides the detection (see ``data/corpora/sources.py``). See docs/data.md.
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from acmoe_megatron.data.corpus import SPLITS
-from acmoe_megatron.data.corrupt import parse_corruption
-from acmoe_megatron.data.manifest import Manifest, read_manifest
-from acmoe_megatron.data.shards import prepare
-from acmoe_megatron.data.sources import FORMATS, resolve_source
-from acmoe_megatron.data.tokenizer import load_tokenizer
+from acmoe_megatron.data.corpora.corpus import SPLITS
+from acmoe_megatron.data.corpora.corrupt import parse_corruption
+from acmoe_megatron.data.corpora.sources import FORMATS, resolve_source
+from acmoe_megatron.data.shards.index import ShardIndexError, scan_offsets, write_index
+from acmoe_megatron.data.shards.manifest import Manifest, read_manifest
+from acmoe_megatron.data.shards.store import npy_header
+from acmoe_megatron.data.shards.writer import prepare
+from acmoe_megatron.data.tokenizers.byte import load_tokenizer
 
 __all__ = ["main"]
 
@@ -184,7 +186,7 @@ def _quiet_megatron():
 
 def _to_megatron(args: argparse.Namespace) -> int:
     with _quiet_megatron():
-        from acmoe_megatron.data.megatron_indexed import shards_to_indexed
+        from acmoe_megatron.data.megatron.convert import shards_to_indexed
 
     start = time.perf_counter()
     prefixes = shards_to_indexed(args.shard_dir, args.out, args.splits, overwrite=args.overwrite)
@@ -196,7 +198,7 @@ def _to_megatron(args: argparse.Namespace) -> int:
 
 def _from_megatron(args: argparse.Namespace) -> int:
     with _quiet_megatron():
-        from acmoe_megatron.data.megatron_indexed import indexed_to_shards
+        from acmoe_megatron.data.megatron.convert import indexed_to_shards
 
     tokenizer = load_tokenizer(args.tokenizer, args.eod_token) if args.tokenizer is not None else None
     start = time.perf_counter()
@@ -210,9 +212,6 @@ def _from_megatron(args: argparse.Namespace) -> int:
 
 def _index(args: argparse.Namespace) -> int:
     from pathlib import Path
-
-    from acmoe_megatron.data.shard_index import ShardIndexError, scan_offsets, write_index
-    from acmoe_megatron.data.shard_store import npy_header
 
     manifest = read_manifest(args.dir)
     import numpy as np

@@ -19,7 +19,7 @@ prepare --splits valid test --corrupt ...`` (no train split) evaluates as is.
 AC statistics (``--statistics``, labelled in eval.json): an ``acmoe.source: batch`` model scores with
 each evaluation micro-batch's statistics (what the paper reports; the loss then depends on the
 micro-batch size) until ``--calibrate N`` has stored a batch-independent table beside the checkpoint
-(inference_stats.py); from then on ``auto`` uses it. ``source: ema`` models use their running
+(inference/calibration.py); from then on ``auto`` uses it. ``source: ema`` models use their running
 statistics.
 """
 
@@ -31,8 +31,10 @@ from pathlib import Path
 
 from acmoe_megatron.cli.common import check_checkpoint, checkpoint_iteration, refuse_or_launch, run_worker
 from acmoe_megatron.core.errors import ConfigError
+from acmoe_megatron.data.shards.manifest import check_manifest_matches, read_manifest
 from acmoe_megatron.runtime.checkpoint_check import stats_path
 from acmoe_megatron.runtime.recipe import load_recipe
+from acmoe_megatron.runtime.run_plan import megatron_args, parallel_layout
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +69,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_data(path: str, split: str, seq_length: int, vocab_size: int | None, what: str) -> None:
-    from acmoe_megatron.data.manifest import check_manifest_matches, read_manifest
 
     try:
         manifest = read_manifest(path)
@@ -111,9 +112,7 @@ def choose_statistics(cli, recipe, ckpt: Path, iteration: int) -> tuple[str, Pat
 
 def plan(cli) -> tuple[object, int, list[str], Path]:
     """(recipe, nproc, worker arguments, out): every check that needs no process, or ConfigError."""
-    from acmoe_megatron.data.manifest import read_manifest
     from acmoe_megatron.runtime.megatron_args import build_argv, validate_args
-    from acmoe_megatron.runtime.run_plan import megatron_args, parallel_layout
 
     run_dir = Path(cli.run_dir)
     if not (run_dir / "config.yaml").is_file():

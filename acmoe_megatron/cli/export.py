@@ -23,7 +23,9 @@ import importlib.util
 from pathlib import Path
 
 from acmoe_megatron.cli.common import refuse_or_launch, run_worker, single_process_plan
+from acmoe_megatron.core import registry
 from acmoe_megatron.core.errors import ConfigError
+from acmoe_megatron.data.shards.manifest import read_manifest
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,8 +42,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def plan(cli) -> list[str]:
     """The worker's arguments after every check that needs no process, or ConfigError."""
-    from acmoe_megatron.data.manifest import read_manifest
-    from acmoe_megatron.inference.hf.convert import NOT_EXPORTABLE
 
     missing = [m for m in ("transformers", "safetensors") if importlib.util.find_spec(m) is None]
     if missing:
@@ -51,8 +51,9 @@ def plan(cli) -> list[str]:
         raise ConfigError(f"{out} exists and is not an empty directory; choose another OUT or pass --force")
     recipe, overrides, worker = single_process_plan(Path(cli.run_dir), cli.iteration, cli.overrides,
                                                     "which an exported model cannot carry")
-    if recipe.acmoe.router in NOT_EXPORTABLE:
-        raise ConfigError(f"acmoe.router={recipe.acmoe.router!r} cannot be exported: {NOT_EXPORTABLE[recipe.acmoe.router]}")
+    refusal = registry.entry(recipe.acmoe.router).hf_refusal
+    if refusal is not None:
+        raise ConfigError(f"acmoe.router={recipe.acmoe.router!r} cannot be exported: {refusal}")
     if recipe.elliptical.enabled:
         raise ConfigError("elliptical attention cannot be exported (the HF model has megatron's dot-product attention)")
     try:

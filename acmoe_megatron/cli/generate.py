@@ -22,6 +22,8 @@ from pathlib import Path
 
 from acmoe_megatron.cli.common import refuse_or_launch, run_worker, single_process_plan
 from acmoe_megatron.core.errors import ConfigError
+from acmoe_megatron.data.shards.manifest import read_manifest
+from acmoe_megatron.data.tokenizers.byte import tokenizer_from_manifest
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,8 +44,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def plan(cli) -> tuple[object, list[str]]:
     """(recipe, worker arguments): every check that needs no process, or ConfigError."""
-    from acmoe_megatron.data.manifest import read_manifest
-    from acmoe_megatron.data.tokenizer import tokenizer_from_manifest
 
     run_dir = Path(cli.run_dir)
     recipe, overrides, worker = single_process_plan(

@@ -33,12 +33,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from acmoe_megatron.cli import pretrain as launcher
 from acmoe_megatron.cli.common import ensure_data
 from acmoe_megatron.core.errors import ConfigError
 from acmoe_megatron.core.exit_codes import EXIT_CONFIG
+from acmoe_megatron.observability.summary import code_version
+from acmoe_megatron.runtime.checkpoint_check import check_resume_checkpoint
 from acmoe_megatron.runtime.recipe import load_recipe, write_resolved
 from acmoe_megatron.runtime.resume import check_resume_compatible
-from acmoe_megatron.runtime.run_plan import parallel_layout
+from acmoe_megatron.runtime.run_plan import build_plan, parallel_layout
 
 # The job's helper scripts ship inside the package (package data; the checkout's slurm/ links here),
 # so an installed wheel finds them (ACMOE_SCRIPTS in the job). The project directory (ACMOE_ROOT,
@@ -71,25 +74,6 @@ def checkpoint_dir(recipe) -> Path:
     return Path(save).absolute()
 
 
-def _git_sha(root: Path) -> str:
-    """The code actually running: the git commit of the checkout holding ``root`` (an editable
-    install), else the installed package's version."""
-    from acmoe_megatron import __version__
-    from acmoe_megatron.observability.summary import git_sha
-
-    sha = git_sha(root)
-    if sha is None:
-        return f"acmoe-megatron {__version__} (installed package, not a git checkout)"
-    try:
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=30,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        dirty = ""
-    return f"{sha} (with uncommitted changes)" if dirty else sha
-
-
 # ---------------------------------------------------------------------------------------------
 # acmoe-launch resolve (runs inside the job, on the head node)
 
@@ -110,13 +94,11 @@ def cmd_resolve(args) -> int:
             check_resume_compatible(recipe, run_dir)
         layout = None
         ensure_data(recipe)
-        from acmoe_megatron.runtime.checkpoint_check import check_resume_checkpoint
 
         # a requeued job: the checkpoint it resumes from is complete, before any training process starts
         check_resume_checkpoint(Path(recipe.megatron.get("load") or run_dir / "checkpoints"),
                                 recipe.megatron.get("ckpt_step"))
         if args.world_size:  # the whole run plan on the head node, before any training process starts
-            from acmoe_megatron.runtime.run_plan import build_plan
 
             layout = build_plan(recipe, args.world_size).layout
     except ConfigError as err:
@@ -124,7 +106,7 @@ def cmd_resolve(args) -> int:
         return EXIT_CONFIG
     if not (args.reuse and resolved.is_file()):
         write_resolved(recipe, run_dir)
-    sha = _git_sha(Path(args.root) if args.root else PACKAGE_DIR)
+    sha = code_version(Path(args.root) if args.root else PACKAGE_DIR)
     (run_dir / "git_sha.txt").write_text(sha + "\n")
     iters = train_iters(recipe.megatron)
     env = {
@@ -286,7 +268,6 @@ def cmd_slurm(args) -> int:
                 raise ConfigError(msg)
             print(f"acmoe-launch: warning: {msg}; megatron's argument checks skipped", file=sys.stderr)
         else:  # megatron's own argument checks and ours at the job's world size, before sbatch
-            from acmoe_megatron.runtime.run_plan import build_plan
 
             planned = load_recipe(args.config, list(args.overrides) + [f"data.path={data}"])
             build_plan(planned, args.nodes * args.procs_per_node, host_checks=False)
@@ -328,7 +309,6 @@ def cmd_slurm(args) -> int:
 
 
 def cmd_local(args) -> int:
-    from acmoe_megatron.cli import pretrain as launcher
     return launcher.main(["--config", args.config, "--nproc", str(args.nproc), *args.overrides])
 
 

@@ -37,6 +37,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from acmoe_megatron.observability.summary import read_scalars
+
 DPI = 100
 # name -> (width, height) in inches; at DPI the PNG is exactly width*DPI x height*DPI pixels.
 FIGURE_SIZES: dict[str, tuple[float, float]] = {
@@ -101,7 +103,6 @@ def run_label(run_dir: Path) -> str:
 
 def load_run(run_dir: str | Path, label: str | None = None) -> Run:
     """Read every scalar series of ``run_dir``; PlotError when there is nothing to read."""
-    from acmoe_megatron.observability.summary import read_scalars
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

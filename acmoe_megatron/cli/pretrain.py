@@ -28,6 +28,14 @@ from acmoe_megatron.core.exit_codes import EXIT_CONFIG, EXIT_NONFINITE, EXIT_REA
 from acmoe_megatron.runtime.checkpoint_check import check_resume_checkpoint, resume_from
 from acmoe_megatron.runtime.recipe import load_recipe, write_resolved
 from acmoe_megatron.runtime.resume import check_resume_compatible
+from acmoe_megatron.runtime.run_plan import build_plan
+
+
+def default_nproc() -> int:
+    """One process per GPU, or 2 without a GPU (imports torch: call it after the recipe's own checks)."""
+    import torch
+
+    return torch.cuda.device_count() or 2
 
 
 def main(argv=None) -> int:
@@ -40,21 +48,15 @@ def main(argv=None) -> int:
                              "iter_*.damaged (after a damaged save; the launcher names N when it finds one)")
     parser.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides")
     cli = parser.parse_args(argv)
-    nproc = cli.nproc
-    if nproc is None:
-        import torch
-
-        nproc = torch.cuda.device_count() or 2
     try:
-        from acmoe_megatron.runtime.run_plan import build_plan
-
-        recipe = load_recipe(cli.config, cli.overrides)
+        recipe = load_recipe(cli.config, cli.overrides)  # our own keys: refused here, before torch is imported
         check_resume_compatible(recipe, Path(recipe.run.dir))
         ckpt_dir = Path(recipe.megatron.get("load") or Path(recipe.run.dir) / "checkpoints")
         if cli.resume_from is not None:
             for d in resume_from(ckpt_dir, cli.resume_from):
                 print(f"[acmoe] set aside {d} (newer than the checkpoint to resume from)", flush=True)
         check_resume_checkpoint(ckpt_dir, recipe.megatron.get("ckpt_step"))
+        nproc = cli.nproc if cli.nproc is not None else default_nproc()
         build_plan(recipe, nproc)  # megatron's own argument checks + ours, before any process starts
         ensure_data(recipe)
     except ConfigError as err:

@@ -236,7 +236,7 @@ def local_weights(
 
 class WeightAverage:
     """The token-weighted mean of the AC weights each cluster's tokens were routed with, over many
-    micro-batches: the fixed inference transform of a ``batch``-trained model (inference_stats.py).
+    micro-batches: the fixed inference transform of a ``batch``-trained model (inference/calibration.py).
 
     Row k averages the per-micro-batch rows ``w_KD[k]`` weighted by the tokens of cluster k in each
     micro-batch, i.e. the expected transform a token of cluster k met in training. The weights, not the

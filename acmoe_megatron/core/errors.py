@@ -3,7 +3,7 @@
 One module for them so that a check anywhere (recipe loading, the launchers, the data loader, the
 run plan) raises the same class without importing the module that happens to use it most, and so
 that the data package's modules need no import of one another for an exception (that was the
-manifest → remote → shard_store → manifest cycle).
+manifest → remote → store → manifest cycle of the shard modules).
 """
 
 from __future__ import annotations

@@ -1,47 +1,25 @@
-"""Typed settings of our routers and of Elliptical Attention, and the table of router names.
+"""Typed settings of our routers and of Elliptical Attention.
 
 A leaf module: it imports neither torch nor megatron nor our model code, so validating a recipe
-(config.py, the launchers, ``--acmoe-*`` flags) never builds or imports a model.
+(runtime/recipe.py, the launchers, ``--acmoe-*`` flags) never builds or imports a model.
 
 * ``ACSettings`` — YAML section ``acmoe`` and the ``--acmoe-*`` flags (plugin.py): which router,
   where AC starts, the AC constants (spec §3.4 presets), the statistics scope/source, the expert
   embedding norm, and each baseline router's own keys (prefixed by its name).
 * ``EllipticalSettings`` — YAML section ``elliptical`` (elliptical.py).
-* ``ROUTER_TABLE`` — the one table from a router name to its class, as an import path resolved only
-  when a model is built (``router_class``). Each class declares the same name (``router_name``) and
-  how it is built and what it reports; adding a router is one class and one entry here.
+
+The router names, and which router takes ``first_ac_layer``, ``lead_router`` and ``compile``, are
+the registry's (``registry.py``, one entry per router; ``router_class`` is re-exported from it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import typing
 from dataclasses import dataclass
 
-# name -> "module:Class". ac / cosine route MoE layers from ``first_ac_layer`` on (earlier MoE
-# layers get ``lead_router``, "topk" by default, which records the labels AC needs); the others
-# route every MoE layer.
-ROUTER_TABLE: dict[str, str] = {
-    "ac": "acmoe_megatron.model.routers:ACRouter",
-    "cosine": "acmoe_megatron.model.routers:CosineRouter",
-    "topk": "acmoe_megatron.model.routers:LabelSourceRouter",
-    "xmoe": "acmoe_megatron.model.baseline_routers:XMoERouter",
-    "stablemoe": "acmoe_megatron.model.baseline_routers:StableMoERouter",
-    "stablemoe-lite": "acmoe_megatron.model.baseline_routers:StableMoELiteRouter",
-    "usmoe": "acmoe_megatron.model.baseline_routers:USMoERouter",
-    "etr": "acmoe_megatron.model.baseline_routers:ETRRouter",
-}
-ROUTER_TYPES = tuple(ROUTER_TABLE)
-
-
-def router_class(name: str) -> type:
-    """The router class registered under ``name`` (imports the model code on first use)."""
-    if name not in ROUTER_TABLE:
-        raise ValueError(f"unknown router {name!r}: choose one of {ROUTER_TYPES}")
-    module, cls = ROUTER_TABLE[name].split(":")
-    return getattr(importlib.import_module(module), cls)
-
+from acmoe_megatron.core import registry
+from acmoe_megatron.core.registry import router_class as router_class  # re-exported: name -> class
 
 LEAD_ROUTERS = ("topk", "cosine")  # ACSettings.lead_router
 SCOPES = ("local", "tp", "dp")
@@ -95,7 +73,7 @@ class ACSettings:
     of ``baseline_routers.py`` (see each class for the paper's equation).
     """
 
-    router: str = "ac"  # ac | cosine | topk | xmoe | stablemoe | stablemoe-lite | usmoe | etr
+    router: str = "ac"  # a name in registry.py: ac, cosine, topk (megatron's) or a baseline
     first_ac_layer: int = 3  # 1-based ordinal among MoE layers where AC starts (paper: 3)
     # ac / cosine: the router of the MoE layers before first_ac_layer, whose top-1 labels AC uses:
     # topk = megatron's linear top-k (the release), cosine = the cosine router (M = I, expert_norm)
@@ -122,15 +100,19 @@ class ACSettings:
     stablemoe_distill_coeff: float = 0.3  # StableMoE: weight of the stage-1 distillation loss (paper: 0.3)
 
     def __post_init__(self):
+        routers = registry.names()
+        entry = registry.ROUTERS.get(self.router)
+        from_first_ac = " and ".join(n for n in routers if registry.ROUTERS[n].from_first_ac_layer)
+        compiled = " and ".join(n for n in routers if registry.ROUTERS[n].compile)
         checks = [
-            (self.router in ROUTER_TYPES, f"acmoe.router={self.router!r}: choose one of {ROUTER_TYPES}"),
+            (entry is not None, f"acmoe.router={self.router!r}: choose one of {routers}"),
             (_is_int(self.first_ac_layer) and self.first_ac_layer >= 1,
              f"acmoe.first_ac_layer={self.first_ac_layer!r}: must be an integer >= 1 (1-based MoE layer "
              "index; the paper's medium models use 3)"),
             (self.lead_router in LEAD_ROUTERS,
              f"acmoe.lead_router={self.lead_router!r}: choose one of {LEAD_ROUTERS}"),
-            (self.lead_router == "topk" or self.router in ("ac", "cosine"),
-             f"acmoe.lead_router={self.lead_router!r} applies to the ac and cosine routers (the MoE layers "
+            (self.lead_router == "topk" or entry is None or entry.from_first_ac_layer,
+             f"acmoe.lead_router={self.lead_router!r} applies to the {from_first_ac} routers (the MoE layers "
              f"before first_ac_layer); acmoe.router={self.router!r} routes every MoE layer itself: remove it"),
             (self.preset in PRESETS, f"acmoe.preset={self.preset!r}: choose one of {tuple(PRESETS)}"),
             (self.mode in MODES, f"acmoe.mode={self.mode!r}: choose one of {MODES}"),
@@ -144,8 +126,8 @@ class ACSettings:
             (_is_number(self.ema_decay) and 0.0 < self.ema_decay < 1.0,
              f"acmoe.ema_decay={self.ema_decay!r}: must be a number in (0, 1)"),
             (isinstance(self.compile, bool), f"acmoe.compile={self.compile!r}: use true or false"),
-            (not self.compile or self.router in ("ac", "cosine"),
-             f"acmoe.compile applies to the ac and cosine routers, not {self.router!r}: remove it"),
+            (not self.compile or entry is None or entry.compile,
+             f"acmoe.compile applies to the {compiled} routers, not {self.router!r}: remove it"),
             (_is_int(self.min_cluster_size) and self.min_cluster_size >= 1,
              f"acmoe.min_cluster_size={self.min_cluster_size!r}: must be an integer >= 1"),
             (self.expert_norm is None or (_is_number(self.expert_norm) and self.expert_norm > 0),

@@ -28,13 +28,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from acmoe_megatron.core.ac_stats import WeightAverage
+from acmoe_megatron.model.routers import ACRouter
+
 FORMAT = "acmoe-inference-stats"
 FORMAT_VERSION = 1
 
 
 def ac_routers(model_chunks) -> list:
     """The AC routers of a model (a chunk or a list of chunks), in layer order."""
-    from acmoe_megatron.model.routers import ACRouter
 
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, ACRouter)]
@@ -51,7 +53,6 @@ def calibrate(model_chunks, run_forward: Callable[[], None]) -> dict[int, dict]:
     if sources - {"batch"}:
         raise ValueError(f"calibration is for acmoe.source=batch models; this one has source {sorted(sources)} "
                          "(an ema model routes with its checkpointed running statistics)")
-    from acmoe_megatron.core.ac_stats import WeightAverage
 
     for r in routers:
         r.set_inference_weights(None)

@@ -9,7 +9,7 @@ deterministic pass (``TokenBatches(shuffle=False, infinite=False)``, the last mi
 with fully masked samples, so every real sample counts exactly once whatever the data-parallel
 size). The AC routers score with the statistics ``acmoe-eval`` chose (``--statistics``): the
 batch's (the paper), the checkpoint's running statistics (``source: ema``) or a calibrated table
-(inference_stats.py), computed first over training micro-batches with ``--calibrate N`` (the splits
+(inference/calibration.py), computed first over training micro-batches with ``--calibrate N`` (the splits
 are then also scored with the batch statistics first: ``batch_statistics_results`` in eval.json). The token-weighted loss is summed over micro-batches and data-parallel replicas. Rank 0
 writes ``eval.json``; megatron's TensorBoard writer (last rank) gets ``eval/<name>/loss`` etc. at
 the checkpoint's iteration. Nothing is trained and no optimizer is built.
@@ -24,13 +24,19 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from acmoe_megatron.data.loader.batches import TokenBatches
+from acmoe_megatron.data.shards.manifest import read_manifest
+from acmoe_megatron.data.tokenizers.byte import tokenizer_from_manifest
+from acmoe_megatron.inference import calibration as inference_stats
+from acmoe_megatron.inference.loader import load_trained
+from acmoe_megatron.inference.specialisation import SpecialisationRecorder, default_decode, write_report
 from acmoe_megatron.runtime import cpu_runtime
+from acmoe_megatron.runtime.forward_step import forward_step
 
 
 def parse_cli(argv=None):
@@ -66,8 +72,6 @@ def forward_only(model, args, batches, steps: int, copies) -> list:
     chunk of a virtual pipeline gets its own iterator over the same batches: ``copies()``)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from acmoe_megatron.runtime.train import forward_step
-
     model_list = model if isinstance(model, list) else [model]
     iterators = [iter(batches)] + [iter(copies()) for _ in model_list[1:]]
     return get_forward_backward_func()(
@@ -82,9 +86,6 @@ def calibrate(model, recipe, args, path: str, micro_batches: int) -> dict[int, d
     order of the run's data seed: every AC layer of every pipeline stage, on every rank."""
     from megatron.core import parallel_state
 
-    from acmoe_megatron.data.loader import TokenBatches
-    from acmoe_megatron.inference import calibration as inference_stats
-
     batches = TokenBatches(path, "train", args.micro_batch_size, parallel_state.get_data_parallel_rank(),
                            parallel_state.get_data_parallel_world_size(), seed=recipe.data.seed,
                            verify_checksums=False, seq_length=args.seq_length, cache_dir=recipe.data.cache_dir)
@@ -96,8 +97,6 @@ def calibrate(model, recipe, args, path: str, micro_batches: int) -> dict[int, d
 def score_split(model, recipe, args, path: str, split: str, max_samples: int | None) -> dict:
     """(loss sum, tokens, samples) of one split, summed over data-parallel replicas."""
     from megatron.core import parallel_state
-
-    from acmoe_megatron.data.loader import TokenBatches
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -174,11 +173,6 @@ def specialisation_report(model, recipe, args, path: str, split: str, max_sample
     slot is counted as a token."""
     from megatron.core import parallel_state
 
-    from acmoe_megatron.data.loader import TokenBatches
-    from acmoe_megatron.data.manifest import read_manifest
-    from acmoe_megatron.data.tokenizer import tokenizer_from_manifest
-    from acmoe_megatron.inference.specialisation import SpecialisationRecorder, default_decode, write_report
-
     batches = TokenBatches(path, split, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
                            parallel_state.get_data_parallel_world_size(), seed=0, shuffle=False, infinite=False,
                            verify_checksums=False, seq_length=args.seq_length, cache_dir=recipe.data.cache_dir)
@@ -219,7 +213,6 @@ def statistics_source(recipe, args, statistics: str, stats_file: str | None = No
 
 def inference_tables(model, recipe, args, cli, iteration: int, rank: int) -> dict | None:
     """Calibrate (and save) or read the calibrated tables, and install them; their metadata."""
-    from acmoe_megatron.inference import calibration as inference_stats
     if cli.statistics != "calibrated":
         return None
     if cli.calibrate:
@@ -236,44 +229,6 @@ def inference_tables(model, recipe, args, cli, iteration: int, rank: int) -> dic
         tables, meta = inference_stats.load(cli.stats_file)
     inference_stats.install(model, tables)
     return meta
-
-
-def load_trained(config: str, overrides: list[str], data: str, prog: str, stats_file: str | None = None):
-    """(recipe, megatron args, model chunks in eval mode, iteration): a trained run's checkpoint
-    loaded into this process group's layout (model weights only), megatron initialised, and with
-    ``stats_file`` its calibrated AC tables installed (inference_stats.py). Call it inside
-    ``cpu_runtime.device_redirect()``. Shared by the evaluation, generation and export workers."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    from megatron.core.enums import ModelType
-    from megatron.training import training
-    from megatron.training.arguments import parse_and_validate_args
-    from megatron.training.checkpointing import load_checkpoint
-
-    from acmoe_megatron.data.manifest import read_manifest
-    from acmoe_megatron.runtime.megatron_args import build_argv
-    from acmoe_megatron.runtime.recipe import load_recipe
-    from acmoe_megatron.runtime.run_plan import parallel_layout
-    from acmoe_megatron.runtime.train import make_model_provider
-
-    recipe = load_recipe(config, overrides)
-    for key in [k for k in recipe.megatron if k.startswith("wandb")]:
-        del recipe.megatron[key]  # using a model is not a new W&B run
-    recipe.megatron.update(no_load_optim=True, no_load_rng=True, exit_on_missing_checkpoint=True)
-    parallel_layout(recipe.megatron, int(os.environ.get("WORLD_SIZE", "1")))
-    sys.argv = [prog] + build_argv(recipe, read_manifest(data))
-    args = parse_and_validate_args()
-    training.initialize_megatron()
-    model = training.get_model(make_model_provider(recipe), ModelType.encoder_or_decoder, wrap_with_ddp=False)
-    iteration, _ = load_checkpoint(model, None, None)
-    for chunk in model:
-        chunk.eval()
-    if stats_file:
-        from acmoe_megatron.inference import calibration as inference_stats
-        inference_stats.install(model, inference_stats.load(stats_file)[0])
-    return recipe, args, model, iteration
 
 
 def main(argv=None) -> None:

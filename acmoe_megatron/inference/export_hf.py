@@ -3,7 +3,7 @@ Face ``transformers`` model directory, checked against megatron before it is dec
 
 The run's checkpoint is loaded into one process (``evaluate.load_trained``: the parallel layout it
 was saved in is resharded to TP = PP = EP = 1), a ``batch``-trained AC model gets its calibrated
-table (inference_stats.py; an ``ema`` model carries its running statistics), and
+table (inference/calibration.py; an ``ema`` model carries its running statistics), and
 ``hf.convert.export`` writes the directory. Then the export is loaded back with
 ``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`` and its logits on the first
 validation sample are compared with megatron's (max |difference| ≤ ``--tolerance``, default 1e-4):
@@ -20,6 +20,11 @@ from pathlib import Path
 
 import torch
 
+from acmoe_megatron.data.shards.manifest import read_manifest
+from acmoe_megatron.data.shards.store import ShardSamples
+from acmoe_megatron.inference.hf.convert import export
+from acmoe_megatron.inference.loader import load_trained
+from acmoe_megatron.model.chunk_state import state_of
 from acmoe_megatron.runtime import cpu_runtime
 
 
@@ -38,9 +43,6 @@ def check_sample(data: str, seq_length: int) -> torch.Tensor:
     """The first validation (else test, else train) sample's input tokens ``[1, S]``."""
     import numpy as np
 
-    from acmoe_megatron.data.manifest import read_manifest
-    from acmoe_megatron.data.shard_store import ShardSamples
-
     manifest = read_manifest(data)
     split = next(s for s in ("valid", "test", "train") if s in manifest.splits and manifest.splits[s].num_samples)
     store = ShardSamples(data, split)
@@ -53,10 +55,6 @@ def check_sample(data: str, seq_length: int) -> torch.Tensor:
 
 def main(argv=None) -> None:
     cpu_runtime.install_for_training()
-    from acmoe_megatron.data.manifest import read_manifest
-    from acmoe_megatron.inference.evaluate import load_trained
-    from acmoe_megatron.inference.hf.convert import export
-    from acmoe_megatron.model.chunk_state import state_of
 
     cli = parse_cli(argv)
     start = time.time()

@@ -5,12 +5,12 @@ The model is the trained run's (``evaluate.load_trained``: our routers, the chec
 into one process). Decoding uses megatron-core's ``StaticInferenceContext``: the prompt is one
 forward (pre-fill) that fills each attention layer's key/value cache, then every new token is a
 forward of that token alone at its position, attending to the cache. Megatron's attention, RoPE and
-MoE layers run unchanged with our routers (checked on CPU; tests/unit/test_generate.py). Why not
+MoE layers run unchanged with our routers (checked on CPU; tests/unit/inference/test_generate.py). Why not
 megatron's ``TextGenerationController``/engines: they need megatron's tokenizer objects and CUDA
 graphs/dynamic batching machinery that buy nothing for a one-process sampler of a CPU-sized model;
 the loop here is thirty lines over megatron's own KV cache.
 
-AC layers route with a fixed, batch-independent transform (inference_stats.py): an
+AC layers route with a fixed, batch-independent transform (inference/calibration.py): an
 ``acmoe.source: batch`` model's calibrated table or an ``ema`` model's running statistics. With
 the batch statistics a decoding step's single token would form clusters of one token (every AC
 weight 1: the cosine router, not the trained model), so such a model is refused until calibrated.
@@ -33,6 +33,10 @@ from pathlib import Path
 
 import torch
 
+from acmoe_megatron.data.shards.manifest import read_manifest
+from acmoe_megatron.data.tokenizers.byte import tokenizer_from_manifest
+from acmoe_megatron.inference import calibration as inference_stats
+from acmoe_megatron.inference.loader import load_trained
 from acmoe_megatron.runtime import cpu_runtime
 
 
@@ -93,10 +97,6 @@ def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, *, vocab_
 
 def main(argv=None) -> None:
     cpu_runtime.install_for_training()
-    from acmoe_megatron.data.manifest import read_manifest
-    from acmoe_megatron.data.tokenizer import tokenizer_from_manifest
-    from acmoe_megatron.inference import calibration as inference_stats
-    from acmoe_megatron.inference.evaluate import load_trained
 
     cli = parse_cli(argv)
     tokenizer = tokenizer_from_manifest(read_manifest(cli.data).tokenizer)

@@ -76,6 +76,7 @@ import torch.distributed as dist
 from acmoe_megatron.core import ac_stats
 from acmoe_megatron.core.labels import LayerLabels, labels_from_routing
 from acmoe_megatron.model.chunk_state import state_of, unwrap_chunk
+from acmoe_megatron.model.routers import ACRouter
 from acmoe_megatron.observability import metrics
 
 EOD_ID = 256  # data.tokenizer.EOD_ID
@@ -216,8 +217,6 @@ class SpecialisationRecorder:
     def __init__(self, model, *, decode: Callable = default_decode, ngram: int = 3, sample: int = 256,
                  max_keys: int = MAX_KEYS, eod_id: int = EOD_ID):
         from megatron.core.transformer.moe.router import TopKRouter
-
-        from acmoe_megatron.model.routers import ACRouter
 
         self.decode, self.ngram, self.sample, self.max_keys, self.eod_id = decode, ngram, sample, max_keys, eod_id
         self._is_ac = lambda r: isinstance(r, ACRouter)

@@ -1,7 +1,7 @@
 """Baseline routers the AC paper and our related papers compare with, as megatron ``TopKRouter``s.
 
 Same plugin contract as ``routers.ACRouter``: each subclasses ``LabelSourceRouter`` (megatron's
-``TopKRouter`` + label/metric recording), is registered in ``settings.ROUTER_TABLE``, selected by
+``TopKRouter`` + label/metric recording), is registered in ``core/registry.py``, selected by
 ``acmoe.router`` and built through ``plugin.patch_block_spec``; all route *every* MoE layer (as in
 the ACMoE repository's scripts).
 The maths lives in pure functions (``xmoe_logits``, ``usmoe_scores``, ``usmoe_select``,
@@ -53,7 +53,7 @@ from megatron.core.transformer.moe.moe_utils import (
 
 from acmoe_megatron.core.settings import ACSettings
 from acmoe_megatron.model import expert_norm as fixed_norm
-from acmoe_megatron.model.routers import CosineRouter, LabelSourceRouter, _router_dtype
+from acmoe_megatron.model.routers import CosineRouter, LabelSourceRouter, router_dtype
 
 # -- the maths ---------------------------------------------------------------------------------
 
@@ -148,8 +148,6 @@ def _capacity(router, probs: torch.Tensor, routing_map: torch.Tensor):
 class XMoERouter(LabelSourceRouter, fixed_norm.ExpertEmbeddingOwner):
     """XMoE: cosine-type routing on a low-dimensional hypersphere (see module docstring)."""
 
-    router_name: ClassVar[str] = "xmoe"
-
     def __init__(self, *, config, pg_collection=None, is_mtp_layer=False,
                  settings: ACSettings = ACSettings(router="xmoe"), **kw):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, settings=settings,
@@ -169,7 +167,7 @@ class XMoERouter(LabelSourceRouter, fixed_norm.ExpertEmbeddingOwner):
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         _to_device(self.weight, input.device)
         _to_device(self.proj, input.device)
-        dtype = _router_dtype(self.config)
+        dtype = router_dtype(self.config)
         x_TD = input.reshape(-1, input.shape[-1]).to(dtype)
         logits_TE = xmoe_logits(x_TD, self.proj.to(dtype), self.weight.to(dtype))
         return logits_TE.view(*input.shape[:-1], self.num_experts)
@@ -177,9 +175,6 @@ class XMoERouter(LabelSourceRouter, fixed_norm.ExpertEmbeddingOwner):
 
 class StableMoELiteRouter(CosineRouter):
     """The ACMoE code's StableMoE stand-in: cosine routing, e_j ``orthogonal_(gain=0.32)``."""
-
-    router_name: ClassVar[str] = "stablemoe-lite"
-    from_first_ac_layer: ClassVar[bool] = False  # routes every MoE layer, unlike CosineRouter
 
     def __init__(self, *, config, pg_collection=None, is_mtp_layer=False,
                  settings: ACSettings = ACSettings(router="stablemoe-lite"), **kw):
@@ -192,8 +187,6 @@ class StableMoELiteRouter(CosineRouter):
 
 class USMoERouter(LabelSourceRouter):
     """USMoE: unified token/expert score, per-sequence global top-(S·k) selection."""
-
-    router_name: ClassVar[str] = "usmoe"
 
     def __init__(self, *, config, pg_collection=None, is_mtp_layer=False,
                  settings: ACSettings = ACSettings(router="usmoe"), **kw):
@@ -230,8 +223,6 @@ class USMoERouter(LabelSourceRouter):
 class ETRRouter(LabelSourceRouter):
     """Expert-Token Resonance: GrAP cosine affinity, token choice then capacity-bounded expert choice."""
 
-    router_name: ClassVar[str] = "etr"
-
     def __init__(self, *, config, pg_collection=None, is_mtp_layer=False,
                  settings: ACSettings = ACSettings(router="etr"), **kw):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer, settings=settings,
@@ -258,7 +249,7 @@ class ETRRouter(LabelSourceRouter):
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         _to_device(self.weight, input.device)
-        dtype = _router_dtype(self.config)
+        dtype = router_dtype(self.config)
         x_TD = input.reshape(-1, input.shape[-1]).to(dtype)
         return etr_affinity(x_TD, self.weight.to(dtype)).view(*input.shape[:-1], self.num_experts)
 
@@ -293,7 +284,6 @@ class ETRRouter(LabelSourceRouter):
 class StableMoERouter(LabelSourceRouter):
     """StableMoE's two stages: distil a token-id router while training, then route with it frozen."""
 
-    router_name: ClassVar[str] = "stablemoe"
     reported_losses: ClassVar[tuple[str, ...]] = (STABLEMOE_DISTILL_LOSS,)
 
     @classmethod

@@ -164,7 +164,7 @@ class ChunkState:
                 f"token ids of micro-batch {self.current_mb} are not available on this model chunk: "
                 "this router routes by token id, so the model must be called with input_ids on every "
                 "pipeline stage (megatron's pretrain_gpt passes None on middle stages; pass the "
-                "micro-batch's tokens there, as acmoe_megatron.runtime.train.forward_step does)"
+                "micro-batch's tokens there, as acmoe_megatron.runtime.forward_step.forward_step does)"
             )
         return tokens
 

@@ -29,7 +29,7 @@ batch-dependent evaluation) or ``ema`` (running per-expert mean/MAD, updated aft
 global batch statistics, saved in checkpoints: causal-safe and batch-independent).
 Outside training (``eval()``) an AC router routes with a fixed transform when it has one
 (``inference_weights``): the EMA's, or a ``batch``-trained model's calibrated table
-(inference_stats.py); without one it falls back to the batch statistics, as the paper evaluates.
+(inference/calibration.py); without one it falls back to the batch statistics, as the paper evaluates.
 
 The builder signature megatron calls is ``router(config=, pg_collection=, is_mtp_layer=)``; our
 settings are bound beforehand by ``plugin.patch_block_spec`` (``spec_kwargs``): no field is added to megatron's
@@ -51,7 +51,8 @@ from acmoe_megatron.model import expert_norm
 from acmoe_megatron.model.chunk_state import UsesChunkState
 
 
-def _router_dtype(config) -> torch.dtype:
+def router_dtype(config) -> torch.dtype:
+    """The dtype of the router maths: fp64 with ``moe_router_dtype: fp64``, else fp32."""
     return torch.float64 if config.moe_router_dtype == "fp64" else torch.float32
 
 
@@ -63,17 +64,14 @@ def _fixed_norm_init(rows: int, cols: int, norm: float) -> torch.Tensor:
 class LabelSourceRouter(TopKRouter, UsesChunkState):
     """Megatron's ``TopKRouter`` that also records each token's top-1 expert for the next layer.
 
-    The base of every router of ours, and what the registry (``settings.ROUTER_TABLE``) asks of
-    each: ``router_name`` (its entry), ``reported_losses`` (losses it records through megatron's
-    MoE metrics tracker beyond megatron's own), ``from_first_ac_layer`` (True: MoE layers before
-    ``acmoe.first_ac_layer`` get this class instead, as their labels are what AC needs) and
-    ``spec_kwargs`` (what ``plugin.patch_block_spec`` binds to the builder megatron calls as
+    The base of every router of ours. Its name, the layers it routes (``from_first_ac_layer``) and
+    its HF export are its entry in ``core/registry.py``; a class gives the behaviour:
+    ``reported_losses`` (losses it records through megatron's MoE metrics tracker beyond megatron's
+    own) and ``spec_kwargs`` (what ``spec.patch_block_spec`` binds to the builder megatron calls as
     ``router(config=, pg_collection=, is_mtp_layer=)``).
     """
 
-    router_name: ClassVar[str] = "topk"
     reported_losses: ClassVar[tuple[str, ...]] = ()
-    from_first_ac_layer: ClassVar[bool] = False
 
     @classmethod
     def spec_kwargs(cls, settings: ACSettings, *, vocab_size: int | None = None) -> dict:
@@ -125,9 +123,6 @@ class LabelSourceRouter(TopKRouter, UsesChunkState):
 class CosineRouter(LabelSourceRouter, expert_norm.ExpertEmbeddingOwner):
     """Unit-norm expert embeddings on the raw token: s_ij = x_i · e_j / ||e_j|| (M = I)."""
 
-    router_name: ClassVar[str] = "cosine"
-    from_first_ac_layer: ClassVar[bool] = True
-
     def __init__(self, *, settings: ACSettings = ACSettings(router="cosine"), **kw):
         super().__init__(settings=settings, **kw)
         self.compile_scores = settings.compile  # acmoe.compile
@@ -147,15 +142,13 @@ class CosineRouter(LabelSourceRouter, expert_norm.ExpertEmbeddingOwner):
         x_TD = input.reshape(-1, input.shape[-1])  # cast inside: only the statistics keep an fp32 copy
         with ac_stats.no_autocast(x_TD.device):  # statistics in fp32 whatever the training precision
             w_KD, labels_T = self._transform(x_TD) or (None, None)
-        logits_TE = ac_stats.ac_scores(x_TD, self.weight, w_KD, labels_T, dtype=_router_dtype(self.config),
+        logits_TE = ac_stats.ac_scores(x_TD, self.weight, w_KD, labels_T, dtype=router_dtype(self.config),
                                        compile=self.compile_scores)
         return logits_TE.view(*input.shape[:-1], self.num_experts)
 
 
 class ACRouter(CosineRouter):
     """The Adaptive Clustering router: cosine scores in the space transformed by M_{c_i}."""
-
-    router_name: ClassVar[str] = "ac"
 
     def __init__(self, *, settings: ACSettings = ACSettings(), **kw):
         super().__init__(settings=settings, **kw)

@@ -6,13 +6,15 @@
 only ``MoESubmodules.router`` of each MoE layer built on this stage; everything else stays the
 caller's:
 
-  MoE layer ordinal (1-based among MoE layers)   router (settings.ROUTER_TABLE)
+  MoE layer ordinal (1-based among MoE layers)   router (core/registry.py)
   < first_ac_layer, for ac / cosine               the ``lead_router``: LabelSourceRouter (megatron's
                                                   linear top-k, default) or CosineRouter
   otherwise                                       the class registered under ``settings.router``
 
-A router class that is ``from_first_ac_layer`` (ac, cosine) starts at ``first_ac_layer``; the
-baselines route every MoE layer, as in their papers. ``LabelSourceRouter`` is megatron's
+A router whose registry entry is ``from_first_ac_layer`` (ac, cosine) starts at ``first_ac_layer``;
+the baselines route every MoE layer, as in their papers. The layer arithmetic is
+``core.layers.layer_routers`` on the config's ``num_layers`` / ``moe_layer_freq`` (the HF export
+reads the same). ``LabelSourceRouter`` is megatron's
 ``TopKRouter`` unchanged plus label/metric recording, so every router gets the same routing
 metrics. megatron shares one MoE layer spec object across layers, so each patched layer gets its
 own shallow copy (``dataclasses.replace``). ``acmoe_block_spec`` = megatron's own GPT decoder block
@@ -33,35 +35,24 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from acmoe_megatron.core.settings import ACSettings, EllipticalSettings, router_class
+from acmoe_megatron.core import layers, registry
+from acmoe_megatron.core.settings import ACSettings, EllipticalSettings
 from acmoe_megatron.model.elliptical import elliptical_layer_specs
 
 
-def moe_layer_pattern(config) -> list[int]:
-    """1 = MoE layer, 0 = dense, per global layer (megatron's reading of ``moe_layer_freq``)."""
-    freq = config.moe_layer_freq
-    if isinstance(freq, int):
-        return [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
-    if isinstance(freq, (list, tuple)) and len(freq) == config.num_layers:
-        return [int(f) for f in freq]
-    raise ValueError(
-        f"moe_layer_freq={freq!r}: give an int N (an MoE layer every N layers) or a 0/1 list of "
-        f"length num_layers={config.num_layers}"
-    )
-
-
 def moe_layer_numbers(config) -> list[int]:
-    """Global 1-based layer numbers of all MoE layers."""
+    """Global 1-based layer numbers of all MoE layers (none without ``num_moe_experts``)."""
     if not config.num_moe_experts:
         return []
-    return [i + 1 for i, p in enumerate(moe_layer_pattern(config)) if p == 1]
+    return layers.moe_layers(config.num_layers, config.moe_layer_freq)
 
 
-def ac_layer_numbers(config, settings: ACSettings) -> list[int]:
-    """Global layer numbers whose router is AC (or cosine): MoE ordinals >= first_ac_layer."""
-    if not router_class(settings.router).from_first_ac_layer:
-        return []
-    return moe_layer_numbers(config)[settings.first_ac_layer - 1 :]
+def layer_router_names(config, settings: ACSettings) -> list[str | None]:
+    """The registry name of each global layer's router (None: dense), ``layers.layer_routers``."""
+    if not config.num_moe_experts:
+        return [None] * config.num_layers
+    return layers.layer_routers(config.num_layers, config.moe_layer_freq, settings.router,
+                                settings.first_ac_layer, settings.lead_router)
 
 
 def local_layer_numbers(config, vp_stage=None, pp_rank=None) -> list[int]:
@@ -131,19 +122,16 @@ def patch_block_spec(
             f"the spec has {len(block.layer_specs)} layer specs but this stage builds layers {numbers}: "
             "pass the vp_stage / pp_rank the spec was built for"
         )
-    moe_numbers = moe_layer_numbers(config)
-    ac_numbers = set(ac_layer_numbers(config, settings))
-    chosen = router_class(settings.router)
-    lead = router_class(settings.lead_router)
+    routers = layer_router_names(config, settings)
     layer_specs = []
     for n, layer_spec in zip(numbers, block.layer_specs):
-        if n in moe_numbers:
+        if (name := routers[n - 1]) is not None:
             if not is_moe_layer_spec(layer_spec):
                 raise ValueError(
                     f"layer {n} is an MoE layer by moe_layer_freq={config.moe_layer_freq!r}, but its spec "
                     f"has no megatron MoELayer MLP ({layer_spec!r}); build the spec with num_experts set"
                 )
-            cls = chosen if (n in ac_numbers or not chosen.from_first_ac_layer) else lead
+            cls = registry.router_class(name)
             builder = functools.partial(cls, **cls.spec_kwargs(settings, vocab_size=vocab_size))
             layer_spec = _with_router(layer_spec, builder)
         layer_specs.append(layer_spec)

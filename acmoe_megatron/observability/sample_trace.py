@@ -12,7 +12,7 @@ File ``RUN_DIR/sample_trace/rank{R:05d}.tsv``, one line per training micro-batch
 ``step  slot  id,id,...  launch`` where ``step`` is megatron's 1-based iteration (the TensorBoard step)
 and ``slot = k * dp_size + dp_rank`` for the rank's k-th micro-batch of the step: the micro-batch's
 place in the step's global order (the loader deals a step's consecutive stream positions to the
-replicas in that order, ``data/loader.py``), so the merged sequence does not depend on the number
+replicas in that order, ``data/loader/``), so the merged sequence does not depend on the number
 of replicas. ``-1`` marks a padding slot. Only the ranks that own a replica's input write (tensor-
 and context-parallel rank 0, the model chunk that embeds tokens), so each micro-batch is recorded
 once. ``launch`` is the time (ns) this process started recording. A resumed run appends to the
@@ -70,7 +70,7 @@ def read_trace(run_dir: str | Path) -> dict[int, list[int]]:
 
 
 class MegatronSampleTrace:
-    """The trainer's adapter (train.forward_step): makes this rank's ``SampleTrace`` once megatron's
+    """The trainer's adapter (runtime/forward_step.py): makes this rank's ``SampleTrace`` once megatron's
     parallel state exists, and records a training micro-batch only on the ranks that own a
     replica's input (tensor- and context-parallel rank 0, the model chunk that embeds tokens)."""
 

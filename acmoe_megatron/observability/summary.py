@@ -14,6 +14,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from acmoe_megatron import __version__
+from acmoe_megatron.model.precision import fused_paths
+
 
 def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """All scalar series under ``tb_dir``: tag → [(step, value)] sorted by step."""
@@ -49,7 +52,6 @@ def _last(series, tag):
 
 def write_summary(recipe, args, manifest, wall_time_s: float, runtime_shims=(), stopped_early: bool = False,
                   nonfinite: bool = False) -> Path:
-    from acmoe_megatron.model.precision import fused_paths
 
     run_dir = Path(recipe.run.dir)
     tb_dir = Path(args.tensorboard_dir)
@@ -96,3 +98,19 @@ def write_summary(recipe, args, manifest, wall_time_s: float, runtime_shims=(), 
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(out)
     return out
+
+
+def code_version(root: Path) -> str:
+    """The code actually running: the git commit of the checkout holding ``root`` (an editable
+    install), else the installed package's version."""
+    sha = git_sha(root)
+    if sha is None:
+        return f"acmoe-megatron {__version__} (installed package, not a git checkout)"
+    try:
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        dirty = ""
+    return f"{sha} (with uncommitted changes)" if dirty else sha

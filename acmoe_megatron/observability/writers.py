@@ -2,8 +2,8 @@
 per token — written at Megatron's own log interval through Megatron's own writers: TensorBoard,
 and Weights & Biases when ``megatron.wandb_project`` is set (``MetricWriter``: one call site feeds both).
 
-``install()`` wraps functions of ``megatron.training.training`` (looked up by name in the training
-loop): ``training_log`` — after Megatron's own logging, at every ``log_interval``, every rank takes
+``runtime/hooks.install_training_metrics`` wraps functions of ``megatron.training.training``
+(through the hooks table): ``training_log`` — after Megatron's own logging, at every ``log_interval``, every rank takes
 part in one all-reduce of the routing accumulators (metrics.flush) and one MAX reduce of memory,
 and the writer rank (Megatron's: the last one) writes ``throughput/tokens_per_s``,
 ``throughput/tokens_per_s_per_device``, ``throughput/mfu``, ``memory/max_gib`` (peak allocated on
@@ -23,20 +23,16 @@ FP8 when ``megatron.fp8`` is set; no MFU without a known peak.
 
 Router losses of our own that a router records through megatron's MoE metrics tracker (StableMoE's
 distillation loss) are not in the fixed list of names megatron's ``training_log`` reports:
-``install(..., extra_moe_losses=...)`` adds them to that report, so they reach TensorBoard (and the
+``install_training_metrics(..., extra_moe_losses=...)`` adds them to that report, so they reach TensorBoard (and the
 console line) exactly like megatron's load-balancing loss, reduced the same way.
 """
 
 from __future__ import annotations
 
-import math
-import time
-
 import torch
 import torch.distributed as dist
 
-from acmoe_megatron.model.chunk_state import attached_metrics
-from acmoe_megatron.observability import metrics as router_metrics
+from acmoe_megatron.observability.router_loss_tracker import RouterLossTracker
 
 # Dense (no sparsity) peak TFLOP/s per GPU from NVIDIA's data sheets, (BF16, FP8); SXM parts.
 PEAK_TFLOPS = {
@@ -45,7 +41,6 @@ PEAK_TFLOPS = {
     "B200": (2250.0, 4500.0),
     "A100": (312.0, None),  # no FP8 on Ampere
 }
-_STATE = {"installed": False}
 
 
 def peak_flops(device_name: str | None, fp8: bool, peak_tflops: float | None = None) -> float | None:
@@ -102,7 +97,7 @@ class MetricWriter:
             self.tensorboard.flush()
 
 
-def _memory_gib() -> float:
+def memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     import psutil
@@ -119,97 +114,7 @@ def report_extra_moe_losses(names: tuple[str, ...]) -> None:
         return
     from megatron.core.transformer.moe import moe_logging
 
-    from acmoe_megatron.observability.router_loss_tracker import RouterLossTracker
-
     moe_logging.set_moe_metrics_tracker(RouterLossTracker(names))
-
-
-def install(extra_moe_losses: tuple[str, ...] = (), peak_tflops: float | None = None,
-            per_expert_max: int = router_metrics.PER_EXPERT_MAX, image_interval: int = 0) -> None:
-    """Wrap megatron's training loop functions once; the routing metrics are those of every attached
-    model chunk (``chunk_state.attached_metrics``); ``extra_moe_losses``: our routers' loss names for
-    megatron's MoE report; ``peak_tflops``: run.peak_tflops; ``per_expert_max``: the tag budget of
-    metrics.flush (run.per_expert_scalars_max); ``image_interval``: images every that many steps
-    (run.image_interval; 0: none)."""
-    if _STATE["installed"]:
-        return
-    report_extra_moe_losses(extra_moe_losses)
-    import megatron.training.training as training
-    from megatron.training import get_args
-
-    orig_log, orig_eval = training.training_log, training.evaluate
-    orig_eval_print, orig_save, orig_train = training.evaluate_and_print_results, training.save_checkpoint, training.train
-    last = {"time": None, "samples": None, "image": None}
-    spent = {"eval": 0.0, "checkpoint": 0.0}  # inside the current log interval
-
-    def train(*args, **kwargs):
-        last.update(time=time.perf_counter(), samples=get_args().consumed_train_samples)  # also after a resume
-        spent.update(eval=0.0, checkpoint=0.0)
-        return orig_train(*args, **kwargs)
-
-    def save_checkpoint(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return orig_save(*args, **kwargs)
-        finally:
-            spent["checkpoint"] += time.perf_counter() - start
-
-    def training_log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs):
-        out = orig_log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs)
-        margs = get_args()
-        if iteration % margs.log_interval:
-            return out
-        writer = MetricWriter.from_megatron()
-        images = bool(image_interval) and (last["image"] is None or iteration - last["image"] >= image_interval)
-        if images:
-            last["image"] = iteration
-        router_metrics.flush(attached_metrics(), writer, iteration, per_expert_max=per_expert_max, images=images)
-        mem = torch.tensor([_memory_gib()], device="cuda" if torch.cuda.is_available() else "cpu")
-        if dist.is_initialized():
-            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
-        now, samples = time.perf_counter(), margs.consumed_train_samples
-        if writer is not None:
-            writer.add_scalar("memory/max_gib", float(mem), iteration)
-            loss = loss_dict.get("lm loss") if loss_dict else None
-            if loss is not None:
-                writer.add_scalar("lm loss bits-per-token", float(loss) / math.log(2), iteration)
-            if last["time"] is not None:
-                train_s = now - last["time"] - spent["eval"] - spent["checkpoint"]
-                writer.add_scalar("throughput/eval_s", spent["eval"], iteration)
-                writer.add_scalar("throughput/checkpoint_s", spent["checkpoint"], iteration)
-                for tag, value in throughput(margs, samples - last["samples"], train_s, peak_tflops, training).items():
-                    writer.add_scalar(tag, value, iteration)
-            writer.commit()
-        last.update(time=now, samples=samples)
-        spent.update(eval=0.0, checkpoint=0.0)
-        return out
-
-    latest_eval: dict = {}
-
-    def evaluate(*args, **kwargs):
-        result = orig_eval(*args, **kwargs)
-        latest_eval["result"] = result
-        return result
-
-    def evaluate_and_print_results(prefix, forward_step_func, data_iterator, model, iteration, *args, **kwargs):
-        start = time.perf_counter()
-        latest_eval.clear()
-        try:
-            out = orig_eval_print(prefix, forward_step_func, data_iterator, model, iteration, *args, **kwargs)
-        finally:
-            spent["eval"] += time.perf_counter() - start
-        writer = MetricWriter.from_megatron()
-        result = latest_eval.get("result")
-        total = result[0] if isinstance(result, tuple) else None
-        if writer is not None and isinstance(total, dict) and "lm loss" in total:
-            writer.add_scalar("lm loss validation bits-per-token", float(total["lm loss"]) / math.log(2), iteration)
-            writer.commit()
-        return out
-
-    training.training_log, training.evaluate = training_log, evaluate
-    training.evaluate_and_print_results = evaluate_and_print_results
-    training.save_checkpoint, training.train = save_checkpoint, train
-    _STATE["installed"] = True
 
 
 def throughput(margs, samples: int, train_s: float, peak_tflops: float | None, training=None) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 ``build_argv`` turns a recipe's ``megatron`` section into Megatron's flags and adds the run paths
 and the data-derived flags (sequence length, tokenizer, vocabulary from the shard manifest; a
-mismatch is an error). Three data sources (``data/megatron_indexed.py``, docs/data.md): the shards
+mismatch is an error). Three data sources (``data/megatron/``, docs/data.md): the shards
 of ``data.path`` read by our iterators (``dataloader_type: external``); megatron's own indexed
 data named by megatron's keys (``data_path``, ``train/valid/test_data_path``, ...; its samplers,
 ``dataloader_type: single`` or ``cyclic``), whose vocabulary comes from the acmoe sidecars next to
@@ -16,13 +16,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from acmoe_megatron.core.errors import ConfigError
+from acmoe_megatron.data.megatron.keys import (
+    MEGATRON_DATA_KEYS,
+    check_shard_blend,
+    megatron_data_prefixes,
+    uses_megatron_data,
+)
+from acmoe_megatron.data.megatron.sidecar import read_sidecar, sidecar_tokenizer
+from acmoe_megatron.model.checks import check_settings
+from acmoe_megatron.runtime.recipe import megatron_argv
 
 
 def build_argv(recipe, manifest) -> list[str]:
     """Megatron flags for a recipe: its ``megatron`` section + run paths + data-derived flags."""
-    from acmoe_megatron.core.errors import ConfigError
-    from acmoe_megatron.runtime.recipe import megatron_argv
 
     mg = dict(recipe.megatron)
     run_dir = Path(recipe.run.dir)
@@ -51,7 +58,6 @@ def build_argv(recipe, manifest) -> list[str]:
         return megatron_argv(mg)
     where = recipe.data.path
     if source == "blend":  # the blended directories' manifests (data.path's is one of them, or another)
-        from acmoe_megatron.data.megatron_indexed import check_shard_blend
 
         try:
             manifest = check_shard_blend(recipe.data.blend[1::2])
@@ -79,8 +85,6 @@ def build_argv(recipe, manifest) -> list[str]:
 
 def _data_source(recipe, mg: dict) -> str:
     """"megatron" (megatron's own datasets), "blend" (data.blend) or "shards" (data.path)."""
-    from acmoe_megatron.core.errors import ConfigError
-    from acmoe_megatron.data.megatron_indexed import MEGATRON_DATA_KEYS, uses_megatron_data
 
     blend = recipe.data.blend
     if uses_megatron_data(mg):
@@ -95,8 +99,6 @@ def _data_source(recipe, mg: dict) -> str:
 def _megatron_data_flags(mg: dict) -> None:
     """seq_length, vocabulary and EOD for megatron's own data, from the acmoe sidecars next to its
     prefixes (``acmoe-data to-megatron`` writes them) or, without sidecars, from the recipe."""
-    from acmoe_megatron.core.errors import ConfigError
-    from acmoe_megatron.data.megatron_indexed import megatron_data_prefixes, read_sidecar, sidecar_tokenizer
 
     try:
         prefixes = [prefix for _, prefix in megatron_data_prefixes(mg)]
@@ -137,113 +139,8 @@ def validate_args(args, recipe, host_checks: bool = True) -> None:
     on a login node but runs elsewhere."""
     check_settings(args, recipe.acmoe, recipe.elliptical, host_checks=host_checks)
     if recipe.run.trace_samples:
-        from acmoe_megatron.core.errors import ConfigError
-        from acmoe_megatron.data.megatron_indexed import uses_megatron_data
 
         if recipe.data.blend or uses_megatron_data(recipe.megatron):
             raise ConfigError("run.trace_samples=true records the sample ids of data.path's shards; megatron's "
                               "indexed data and data.blend go through megatron's datasets, which do not carry "
                               "them: train from data.path, or leave run.trace_samples off")
-
-
-def check_settings(args, acmoe, elliptical=None, host_checks: bool = True) -> None:
-    """``validate_args`` on the settings themselves (also used by ``plugin.validate_args``)."""
-    from acmoe_megatron.core.errors import ConfigError
-    from acmoe_megatron.model.spec import moe_layer_numbers
-
-    if elliptical is not None and elliptical.enabled:
-        _check_elliptical(args, elliptical)
-    if not args.num_experts:
-        if elliptical is not None and elliptical.enabled and acmoe.router == "topk":
-            return _check_common(args, host_checks)  # a dense model with elliptical attention
-        raise ConfigError("megatron.num_experts is not set: ACMoE needs an MoE model (a dense model "
-                          "runs only with elliptical.enabled=true and acmoe.router=topk)")
-    if args.moe_router_topk > args.num_experts:
-        raise ConfigError(
-            f"megatron.moe_router_topk={args.moe_router_topk} > num_experts={args.num_experts}"
-        )
-    if args.num_experts % args.expert_model_parallel_size:
-        raise ConfigError(
-            f"megatron.num_experts={args.num_experts} is not divisible by "
-            f"expert_model_parallel_size={args.expert_model_parallel_size}"
-        )
-
-    class _Shape:  # what spec.moe_layer_numbers reads
-        num_layers = args.num_layers
-        moe_layer_freq = args.moe_layer_freq
-        num_moe_experts = args.num_experts
-
-    n_moe = len(moe_layer_numbers(_Shape))
-    if acmoe.router != "topk" and acmoe.first_ac_layer > n_moe:
-        raise ConfigError(
-            f"acmoe.first_ac_layer={acmoe.first_ac_layer} but the model has only {n_moe} MoE "
-            f"layers; choose 1..{n_moe} (the paper uses 3 with 6 MoE layers)"
-        )
-    if acmoe.router != "topk" and getattr(args, "moe_router_force_load_balancing", False):
-        raise ConfigError(
-            "megatron.moe_router_force_load_balancing replaces router logits by random ones, which "
-            f"makes acmoe.router={acmoe.router} meaningless; use acmoe.router=topk for that benchmark"
-        )
-    if acmoe.expert_norm is not None and getattr(args, "use_precision_aware_optimizer", False):
-        raise ConfigError(
-            "acmoe.expert_norm needs the fp32 main parameters, which megatron.use_precision_aware_optimizer "
-            "keeps inside Transformer Engine's FusedAdam: set use_precision_aware_optimizer: false, or "
-            "acmoe.expert_norm: null (free norm)"
-        )
-    _check_common(args, host_checks)
-
-
-def _check_elliptical(args, elliptical) -> None:
-    """Elliptical attention: the build-time refusals (``elliptical.check_supported``), before the build."""
-    from acmoe_megatron.core.errors import ConfigError
-    from acmoe_megatron.model.elliptical import check_supported
-
-    try:
-        check_supported(args, elliptical)  # megatron's args carry the same names as its config
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-
-
-def _check_common(args, host_checks: bool = True) -> None:
-    """Checks for every model, MoE or dense."""
-    from acmoe_megatron.core.errors import ConfigError
-
-    decay = args.lr_decay_iters or args.train_iters
-    if args.train_iters and args.lr_warmup_iters >= decay:
-        raise ConfigError(
-            f"megatron.lr_warmup_iters={args.lr_warmup_iters} must be smaller than the decay length "
-            f"{decay} (lr_decay_iters, or train_iters when unset)"
-        )
-    if not host_checks:
-        return
-    from acmoe_megatron.model.precision import check_fp8, have_nvidia_apex, have_transformer_engine
-
-    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-    try:
-        check_fp8(args.fp8, args.fp8_recipe, have_transformer_engine(), capability)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    if (
-        torch.cuda.is_available()
-        and args.transformer_impl == "local"
-        and not args.no_persist_layer_norm
-        and not have_nvidia_apex()
-    ):
-        raise ConfigError(
-            "megatron's local layers use torch's LayerNorm here (no NVIDIA Apex), which cannot "
-            "persist: set megatron.no_persist_layer_norm: true, or install Apex / use "
-            "transformer_impl: transformer_engine"
-        )
-    if not torch.cuda.is_available():
-        needs = {
-            "distributed_backend": ("gloo", args.distributed_backend),
-            "transformer_impl": ("local", args.transformer_impl),
-            "use_cpu_initialization": (True, args.use_cpu_initialization),
-            "bf16": (False, args.bf16),
-            "fp16": (False, args.fp16),
-            "fp8": (None, args.fp8),
-        }
-        wrong = {k: v for k, v in needs.items() if v[0] != v[1]}
-        if wrong:
-            fixes = ", ".join(f"megatron.{k}: {v[0]} (is {v[1]})" for k, v in wrong.items())
-            raise ConfigError(f"no CUDA GPU here, so this recipe cannot run; set {fixes}")

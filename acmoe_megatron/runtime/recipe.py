@@ -63,7 +63,7 @@ class DataSettings:
     shuffle_window: int | None = 2**20  # samples per shuffle window of a larger split (null: whole split);
     #   the default is sample_order.DEFAULT_WINDOW (not imported: recipes load without the data code)
     # [w1, dir1, w2, dir2, ...]: train on these shard directories blended by megatron's
-    # BlendedMegatronDatasetBuilder (data/megatron_indexed.py, docs/data.md) instead of path alone
+    # BlendedMegatronDatasetBuilder (data/megatron/, docs/data.md) instead of path alone
     blend: list | None = None
     cache_dir: str | None = None  # local cache of a URL / pipe: data.path's shards (default $TMPDIR/acmoe-shards/...)
 
@@ -215,15 +215,17 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     for text in overrides:
         section, key, value = parse_override(text)
         raw[section][key] = value
-    megatron = raw["megatron"]
-    check_megatron_keys(megatron)
-    return Recipe(
-        megatron=megatron,
+    # our own sections first: an error in them is refused before megatron (and torch) is imported,
+    # which the megatron keys' check needs (megatron's own argument parser)
+    ours = dict(
         acmoe=_build_dataclass(ACSettings, "acmoe", raw["acmoe"]),
         elliptical=_build_dataclass(EllipticalSettings, "elliptical", raw["elliptical"]),
         data=_build_dataclass(DataSettings, "data", raw["data"]),
         run=_build_dataclass(RunSettings, "run", raw["run"]),
     )
+    megatron = raw["megatron"]
+    check_megatron_keys(megatron)
+    return Recipe(megatron=megatron, **ours)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from acmoe_megatron.core.errors import ConfigError
+from acmoe_megatron.data.megatron.keys import megatron_data_prefixes, uses_megatron_data
+from acmoe_megatron.data.megatron.sidecar import sidecar_tokenizer
+from acmoe_megatron.data.shards.manifest import read_manifest
+from acmoe_megatron.data.shards.remote import is_remote
+from acmoe_megatron.data.tokenizers.byte import VOCAB_SIZE
 
 
 def parallel_layout(megatron: dict, world_size: int) -> dict[str, int]:
@@ -87,7 +92,6 @@ class RunPlan:
 
 def _stdlib_standin(recipe):
     """What ``ensure_data`` will build: the byte-level stdlib corpus at the recipe's seq_length."""
-    from acmoe_megatron.data.tokenizer import VOCAB_SIZE
 
     seq = recipe.megatron.get("seq_length")
     if seq is None:
@@ -98,7 +102,6 @@ def _stdlib_standin(recipe):
 def megatron_data_standin(recipe):
     """For megatron's own indexed data (no shard manifest): the tokenizer the run's summary records,
     from the acmoe sidecars next to the prefixes or from the recipe's megatron keys."""
-    from acmoe_megatron.data.megatron_indexed import megatron_data_prefixes, sidecar_tokenizer
 
     try:
         tok = sidecar_tokenizer([prefix for _, prefix in megatron_data_prefixes(recipe.megatron)])
@@ -113,9 +116,6 @@ def megatron_data_standin(recipe):
 def _read_data(recipe):
     """(manifest, ready): the shard manifest, with every shard file checked by presence and size
     (megatron's indexed data: a stand-in; megatron's builder checks its files)."""
-    from acmoe_megatron.data.manifest import read_manifest
-    from acmoe_megatron.data.megatron_indexed import uses_megatron_data
-    from acmoe_megatron.data.remote import is_remote
 
     if uses_megatron_data(recipe.megatron):
         return megatron_data_standin(recipe), True
@@ -182,7 +182,7 @@ def megatron_args(argv: list[str], world_size: int, ours=None) -> argparse.Names
     700-line argument dump is dropped); ConfigError with megatron's own message when it refuses.
     ``ours(args)`` runs between the two: our checks name the recipe key where megatron's message
     for the same problem does not."""
-    from acmoe_megatron.runtime import cpu_runtime
+    from acmoe_megatron.runtime import cpu_runtime  # torch: this module is imported by the commands
     cpu_runtime.install_for_training()  # without CUDA, megatron's validate_args asks CUDA too (device arch)
     from megatron.training.arguments import parse_args, validate_args
 

@@ -1,14 +1,15 @@
 """ACMoE pretraining through Megatron's own trainer (``megatron.training.pretrain``).
 
-This is the per-process worker that ``torchrun`` starts; ``acmoe-pretrain`` (launcher.py) and
-``launch/pretrain.py`` wrap it. It reads a YAML recipe (config.py), turns its ``megatron`` section
+This is the per-process worker that ``torchrun`` starts; ``acmoe-pretrain`` (cli/pretrain.py) and
+``launch/pretrain.py`` wrap it. It reads a YAML recipe (runtime/recipe.py), turns its ``megatron`` section
 into Megatron's flags, adds the run paths (``--tensorboard-dir``, ``--save``/``--load``) and the
 data/tokenizer flags derived from the shard manifest, and hands Megatron three functions:
 
   model_provider   megatron's GPTModel with the AC routers patched into its block spec, attached
-                   (the plugin API, plugin.py: what any Megatron script can do)
+                   (runtime/model_provider.py: what any Megatron script can do with plugin.py)
   data provider    webdataset token shards, split by megatron's data-parallel rank (data/)
   forward_step     GPT forward + the masked LM loss in Megatron's (sum, tokens, report) form
+                   (runtime/forward_step.py)
 
 Users keep every Megatron flag (``torch_dist`` checkpoints, ``--exit-signal-handler``, logging).
 
@@ -27,118 +28,45 @@ import argparse
 import os
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from acmoe_megatron.core.exit_codes import EXIT_NONFINITE
-from acmoe_megatron.runtime import cpu_runtime
+from acmoe_megatron.core.settings import router_class
+from acmoe_megatron.data.megatron.blend_provider import shard_blend_datasets_provider
+from acmoe_megatron.data.megatron.indexed_provider import megatron_gpt_datasets_provider
+from acmoe_megatron.data.megatron.keys import uses_megatron_data
+from acmoe_megatron.data.megatron.shard_provider import shard_datasets_provider
+from acmoe_megatron.data.shards.manifest import read_manifest
+from acmoe_megatron.model.precision import fused_paths
+from acmoe_megatron.observability.summary import write_summary
+from acmoe_megatron.runtime import cpu_runtime, faults
 from acmoe_megatron.runtime import hooks as run_hooks
+from acmoe_megatron.runtime.forward_step import make_forward_step
+from acmoe_megatron.runtime.log_filters import quiet_library_warnings
 from acmoe_megatron.runtime.megatron_args import build_argv, validate_args
+from acmoe_megatron.runtime.model_provider import make_model_provider
+from acmoe_megatron.runtime.recipe import load_recipe
+from acmoe_megatron.runtime.run_plan import megatron_data_standin, parallel_layout
 
 
 def _early_runtime():
     return cpu_runtime.install_for_training()
 
 
-def make_model_provider(recipe):
-    """megatron's GPTModel on megatron's own block spec with our routers patched in, attached."""
-
-    def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
-        from megatron.core.models.gpt import GPTModel
-        from megatron.training import get_args
-        from megatron.training.arguments import core_transformer_config_from_args
-
-        from acmoe_megatron import plugin
-        from acmoe_megatron.model.spec import acmoe_block_spec
-
-        args = get_args()
-        if config is None:
-            config = core_transformer_config_from_args(args)
-        spec = acmoe_block_spec(
-            config, recipe.acmoe, use_transformer_engine=args.transformer_impl == "transformer_engine",
-            normalization=args.normalization, vp_stage=vp_stage, vocab_size=args.padded_vocab_size,
-            elliptical=recipe.elliptical, qk_l2_norm=args.qk_l2_norm,
-        )
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=spec,
-            vocab_size=args.padded_vocab_size,
-            max_sequence_length=args.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=post_process,
-            fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
-            parallel_output=True,
-            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-            position_embedding_type=args.position_embedding_type,
-            rotary_percent=args.rotary_percent,
-            rotary_base=args.rotary_base,
-            vp_stage=vp_stage,
-            pg_collection=pg_collection,
-        )
-        plugin.attach(model)
-        return model
-
-    return model_provider
-
-
 def make_datasets_provider(recipe):
     """The data source megatron_args.build_argv chose: megatron's indexed data (megatron.data_path,
     train_data_path, ...: megatron's GPTDataset), data.blend (our shard directories through megatron's
     blending), else the data.path shards through our iterators."""
-    from acmoe_megatron.data import megatron_indexed
 
-    if megatron_indexed.uses_megatron_data(recipe.megatron):
-        return megatron_indexed.megatron_gpt_datasets_provider
+    if uses_megatron_data(recipe.megatron):
+        return megatron_gpt_datasets_provider
     if recipe.data.blend:
-        return megatron_indexed.shard_blend_datasets_provider(recipe.data.blend, recipe.data.seed)
-    from acmoe_megatron.data.megatron_provider import shard_datasets_provider
+        return shard_blend_datasets_provider(recipe.data.blend, recipe.data.seed)
 
     return shard_datasets_provider(recipe.data.path, recipe.data.seed, recipe.data.verify_checksums,
                                    recipe.data.shuffle_window, recipe.data.cache_dir)
-
-
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Masked token cross-entropy in Megatron's per-token form: (sum, #tokens, report)."""
-    losses = output_tensor.float().view(-1)
-    mask = loss_mask.view(-1).float()
-    loss = torch.sum(losses * mask)
-    num_tokens = mask.sum().to(torch.int)
-    report = torch.cat([loss.detach().clone().view(1), num_tokens.detach().clone().view(1).float()])
-    return loss, num_tokens, {"lm loss": report}
-
-
-def make_forward_step(recipe):
-    from acmoe_megatron.observability.sample_trace import MegatronSampleTrace
-
-    trace = MegatronSampleTrace(recipe.run.dir) if recipe.run.trace_samples else None
-
-    def step(data_iterator, model):
-        if recipe.run.log_router_grad_norms:
-            run_hooks.log_router_grad_norms(model, Path(recipe.run.dir))
-        return forward_step(data_iterator, model, trace)
-
-    return step
-
-
-def forward_step(data_iterator, model, trace=None):
-    """One micro-batch: GPT forward on this rank's batch (every pipeline stage reads its own copy,
-    so routers that route by token id find the ids on every stage). The per-micro-batch protocol
-    of our cross-layer state runs in the model's hooks (plugin.attach). ``trace``: records the
-    batch's sample ids (``run.trace_samples``, sample_trace.py)."""
-    batch = next(data_iterator)
-    sample_ids = batch.pop("sample_ids", None)
-    if trace is not None:
-        trace(model, sample_ids)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    tokens = batch["tokens"].to(device, non_blocking=True)
-    labels = batch["labels"].to(device, non_blocking=True)
-    loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-    position_ids = batch["position_ids"].to(device, non_blocking=True)
-    output = model(tokens, position_ids, None, labels=labels)
-    output = run_hooks.maybe_inject_nan(output)
-    return output, partial(loss_func, loss_mask)
 
 
 def parse_cli(argv=None):
@@ -152,27 +80,16 @@ def parse_cli(argv=None):
 
 def main(argv=None) -> None:
     fixes = _early_runtime()
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    quiet_library_warnings()
     from megatron.core.enums import ModelType
     from megatron.training import get_args
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.training import pretrain
 
-    from acmoe_megatron.data.manifest import read_manifest
-    from acmoe_megatron.model.precision import fused_paths
-    from acmoe_megatron.observability.summary import write_summary
-    from acmoe_megatron.runtime.recipe import load_recipe
-    from acmoe_megatron.runtime.run_plan import parallel_layout
-
     cli = parse_cli(argv)
     recipe = load_recipe(cli.config, cli.overrides)
     parallel_layout(recipe.megatron, int(os.environ.get("WORLD_SIZE", "1")))
-    from acmoe_megatron.data.megatron_indexed import uses_megatron_data
-    from acmoe_megatron.runtime.run_plan import megatron_data_standin
 
     manifest = megatron_data_standin(recipe) if uses_megatron_data(recipe.megatron) else read_manifest(recipe.data.path)
     sys.argv = ["acmoe-train"] + build_argv(recipe, manifest)
@@ -182,14 +99,12 @@ def main(argv=None) -> None:
     if rank == 0:
         print(f"[acmoe] router: {recipe.acmoe}", flush=True)
         print(f"[acmoe] fused paths: {fused_paths(args)}", flush=True)
-    from acmoe_megatron.core.settings import router_class
-    from acmoe_megatron.observability import writers as observability
 
-    observability.install(extra_moe_losses=router_class(recipe.acmoe.router).reported_losses,
-                          peak_tflops=recipe.run.peak_tflops, per_expert_max=recipe.run.per_expert_scalars_max,
-                          image_interval=recipe.run.image_interval)
-    run_hooks.install_fault_injection()
-    run_hooks.install_file_size_fault()
+    run_hooks.install_training_metrics(
+        extra_moe_losses=router_class(recipe.acmoe.router).reported_losses, peak_tflops=recipe.run.peak_tflops,
+        per_expert_max=recipe.run.per_expert_scalars_max, image_interval=recipe.run.image_interval)
+    faults.install_fault_injection()
+    faults.install_file_size_fault()
     run_hooks.install_checkpoint_retention(recipe.run.keep_last_checkpoints)
     run_hooks.install_disk_full_exit(Path(recipe.run.dir))
     if recipe.acmoe.expert_norm is not None:

@@ -7,7 +7,6 @@ block, which is kept when the file is regenerated (``_keep_notes``).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import os
 import platform
@@ -60,21 +59,20 @@ def versions_line() -> str:
             parts.append(f"{pkg} {version(pkg)}")
         except PackageNotFoundError:
             pass
-    from acmoe_megatron.cli.launch import _git_sha
+    from acmoe_megatron.observability.summary import code_version
 
-    return ", ".join(parts) + f"; acmoe-megatron git {_git_sha(ROOT)}"
+    return ", ".join(parts) + f"; acmoe-megatron git {code_version(ROOT)}"
 
 
 def settings_lines(plan: Plan, steps: int | None, corrupt: dict | None, threads: list[int]) -> list[str]:
-    from acmoe_megatron.model.spec import ac_layer_numbers, moe_layer_numbers
+    from acmoe_megatron.core import layers
     from acmoe_megatron.runtime.recipe import load_recipe
 
     r = load_recipe(plan.config, plan.base)
     mg = r.megatron
-    shape = type("Shape", (), dict(num_layers=mg["num_layers"], moe_layer_freq=mg.get("moe_layer_freq", 1),
-                                   num_moe_experts=mg["num_experts"]))
-    moe = moe_layer_numbers(shape)
-    ac = ac_layer_numbers(shape, dataclasses.replace(r.acmoe, router="ac"))
+    freq = mg.get("moe_layer_freq", 1)
+    moe = layers.moe_layers(mg["num_layers"], freq) if mg["num_experts"] else []
+    ac = layers.ac_layers(mg["num_layers"], freq, r.acmoe.first_ac_layer) if mg["num_experts"] else []
     g = lambda k, d="–": mg.get(k, d)  # noqa: E731
     tokens = int(g("global_batch_size", 0)) * int(g("seq_length", 0))
     lines = [
@@ -131,7 +129,7 @@ def write_report(args, plan: Plan, rows: list[Row], seeds: list[int], bhash: str
     steps = next((a["steps"] for a in aggs.values() if a["steps"]), None)
     byte_level = True
     try:
-        from acmoe_megatron.data.manifest import read_manifest
+        from acmoe_megatron.data.shards.manifest import read_manifest
         from acmoe_megatron.runtime.recipe import load_recipe
 
         byte_level = read_manifest(load_recipe(plan.config, plan.base).data.path).tokenizer.get("name") == "bytes"

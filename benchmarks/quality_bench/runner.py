@@ -97,7 +97,7 @@ def ac_internals(scalars: dict, train_iters: int) -> dict | None:
 def ensure_corrupt_data(plan: Plan, data_path: str) -> Path:
     """The word-swap copy of the validation split (built once: ``acmoe-data prepare ... --corrupt``;
     the train split in it stays byte-identical to the clean one, only valid/test are corrupted)."""
-    from acmoe_megatron.data.manifest import read_manifest
+    from acmoe_megatron.data.shards.manifest import read_manifest
 
     clean = read_manifest(data_path)
     target = plan.corrupt_data or Path(f"{data_path.rstrip('/')}_wordswap{CORRUPTION.split(':')[1]}")
@@ -136,7 +136,7 @@ def ensure_corrupt_data(plan: Plan, data_path: str) -> Path:
 def corrupt_info(path: Path | None) -> dict | None:
     if path is None:
         return None
-    from acmoe_megatron.data.manifest import read_manifest
+    from acmoe_megatron.data.shards.manifest import read_manifest
 
     m = read_manifest(path)
     return {"path": str(_rel(path)), **(m.corruption or {})}

@@ -1,5 +1,5 @@
 """Pure statistics of the router-quality benchmark (no I/O; unit-tested in
-tests/unit/test_quality_benchmark.py): mean and sample std over seeds (``mean_std``), the seed-mean
+tests/unit/benchmarks/test_quality_benchmark.py): mean and sample std over seeds (``mean_std``), the seed-mean
 validation curve and the step at which it reaches a target loss (``mean_curve``,
 ``steps_to_target``), one row's aggregate (``aggregate_row``), differences paired by seed with
 their Student-t 95 % confidence interval (``paired_diff``, ``ci95``, ``fmt_paired``), and the
@@ -17,7 +17,7 @@ STEPS_GOAL = 0.8  # AC should reach topk's final validation loss in <= 80 % of t
 
 
 # ---------------------------------------------------------------------------------------------
-# pure aggregation (unit-tested in tests/unit/test_quality_benchmark.py)
+# pure aggregation (unit-tested in tests/unit/benchmarks/test_quality_benchmark.py)
 
 
 def mean_std(values) -> tuple[float | None, float | None]:

@@ -113,7 +113,7 @@ def _run_example(setup, name, nproc, *overrides):
     import os
     import socket
 
-    from acmoe_megatron.data.manifest import read_manifest
+    from acmoe_megatron.data.shards.manifest import read_manifest
     from acmoe_megatron.plugin import settings_argv
     from acmoe_megatron.runtime.megatron_args import build_argv
     from acmoe_megatron.runtime.recipe import load_recipe
@@ -162,7 +162,7 @@ def reference(setup):
 @pytest.fixture(scope="module")
 def reference_elliptical(setup, reference):
     ref = _run(setup, "ref_elliptical", 1, ELLIPTICAL)
-    # the trainer really switched the metric on (train.make_model_provider passes recipe.elliptical)
+    # the trainer really switched the metric on (runtime/model_provider.py passes recipe.elliptical)
     assert not _close(ref[0][-1], reference[0][-1], 1e-5), (ref[0], reference[0])
     return ref
 

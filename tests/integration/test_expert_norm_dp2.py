@@ -1,6 +1,6 @@
 """``acmoe.expert_norm`` under megatron's DistributedOptimizer with DP=2 (a launched torchrun
 worker): a shard boundary inside an expert-embedding row (the maths and the other optimizers:
-tests/unit/test_expert_norm.py)."""
+tests/unit/model/test_expert_norm.py)."""
 
 import json
 import os

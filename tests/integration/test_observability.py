@@ -1,6 +1,6 @@
 """A real PP=2 run whose TensorBoard events (read with TensorBoard's own reader) hold every layer's
 routing metrics — stage 0's too — and the throughput, memory and bits-per-token scalars. The
-metrics' maths: tests/unit/test_metrics.py."""
+metrics' maths: tests/unit/observability/test_metrics.py."""
 
 import math
 import subprocess

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from acmoe_megatron import plugin
-from acmoe_megatron.core.settings import ROUTER_TABLE, ACSettings, EllipticalSettings, router_class
+from acmoe_megatron.core import registry
+from acmoe_megatron.core.settings import ACSettings, EllipticalSettings, router_class
 
 # -- flags and settings (no model) ---------------------------------------------------------------
 
@@ -63,12 +64,14 @@ def test_megatron_parser_takes_the_flags():
     assert args.num_layers == 4 and plugin.settings_from_args(args)[0] == ACSettings(router="xmoe", xmoe_dim=8)
 
 
-def test_router_table_is_the_one_registry():
-    for name in ROUTER_TABLE:
+def test_router_registry_is_the_one_table():
+    from acmoe_megatron.model.routers import LabelSourceRouter
+
+    for name in registry.names():
         cls = router_class(name)
-        assert cls.router_name == name  # each class declares the name it is registered under
+        assert issubclass(cls, LabelSourceRouter) and registry.name_of(cls) == name  # one name per class
     assert router_class("stablemoe").reported_losses == ("stablemoe_distill_loss",)
-    assert [n for n in ROUTER_TABLE if router_class(n).from_first_ac_layer] == ["ac", "cosine"]
+    assert [n for n in registry.names() if registry.entry(n).from_first_ac_layer] == ["ac", "cosine"]
     with pytest.raises(ValueError, match="unknown router 'nope'"):
         router_class("nope")
 

@@ -32,7 +32,12 @@ from pathlib import Path
 
 import torch
 
-from acmoe_megatron.core.settings import ACSettings, EllipticalSettings, router_class
+from acmoe_megatron.core import layers, registry
+from acmoe_megatron.core.settings import ACSettings, EllipticalSettings
+from acmoe_megatron.data.tokenizers.byte import EOD_ID, VOCAB_SIZE, load_tokenizer
+from acmoe_megatron.inference import calibration as inference_stats
+from acmoe_megatron.model.chunk_state import unwrap_chunk
+from acmoe_megatron.model.elliptical import EllipticalAttentionMixin
 from acmoe_megatron.runtime.recipe import Recipe
 
 HF_DIR = Path(__file__).resolve().parent
@@ -45,17 +50,16 @@ AUTO_MAP = {
 }
 EOD_TOKEN = "<|endoftext|>"  # the byte tokenizer's end-of-document token (id 256) in the export
 
-# acmoe.router -> the HF router of the layers it routes. ac / cosine start at acmoe.first_ac_layer
-# (earlier MoE layers: acmoe.lead_router, topk or cosine); stablemoe-lite is cosine scoring on every
-# MoE layer.
-EXPORTABLE_ROUTERS = {"topk": "topk", "cosine": "cosine", "ac": "ac", "xmoe": "xmoe", "stablemoe-lite": "cosine"}
-NOT_EXPORTABLE = {
-    "usmoe": "it selects the top-(S·k) (token, expert) pairs of each whole sequence, so a token's experts "
-             "depend on the other tokens, future ones included",
-    "etr": "its expert choice keeps a capacity of tokens per expert over the whole micro-batch",
-    "stablemoe": "its stage-2 router routes by token id through a frozen distilled embedding, which the "
-                 "HF model does not implement",
-}
+# What the HF model calls each router (or why it cannot compute it) is the registry's
+# (``RouterEntry.hf_router`` / ``hf_refusal``). NOT_EXPORTABLE: the refusals, read by the command's
+# early check (cli/export.py).
+NOT_EXPORTABLE = {e.name: e.hf_refusal for e in registry.ROUTERS.values() if e.hf_router is None}
+
+
+def _hf_router(name: str) -> str:
+    """The HF ``router_types`` entry of the router registered as ``name`` (itself if it has none)."""
+    entry = registry.ROUTERS.get(name)
+    return name if entry is None or entry.hf_router is None else entry.hf_router
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -127,10 +131,11 @@ def _unsupported(config, settings: ACSettings, gpt: GPTInfo, elliptical: Ellipti
     """Every reason the HF model would not compute what megatron computes."""
     get = lambda name, default=None: getattr(config, name, default)  # noqa: E731
     problems = []
-    if settings.router not in EXPORTABLE_ROUTERS:
-        why = NOT_EXPORTABLE.get(settings.router, "it is not implemented by the HF model")
-        problems.append(f"acmoe.router={settings.router!r} cannot be exported: {why} (exportable routers: "
-                        f"{', '.join(EXPORTABLE_ROUTERS)})")
+    entry = registry.entry(settings.router)
+    if entry.hf_router is None:
+        exportable = [e.name for e in registry.ROUTERS.values() if e.hf_router is not None]
+        problems.append(f"acmoe.router={settings.router!r} cannot be exported: {entry.hf_refusal} (exportable "
+                        f"routers: {', '.join(exportable)})")
     if elliptical is not None and elliptical.enabled:
         problems.append("elliptical attention (elliptical.enabled) is not implemented by the HF model")
     if get("moe_expert_capacity_factor") is not None:
@@ -172,23 +177,13 @@ def _unsupported(config, settings: ACSettings, gpt: GPTInfo, elliptical: Ellipti
 
 
 def router_types(config, settings: ACSettings) -> tuple[list[str], list[str | None]]:
-    """(``mlp_layer_types``, ``router_types``) per decoder layer, as ``spec.patch_block_spec`` builds them."""
-    from acmoe_megatron.model.spec import ac_layer_numbers, moe_layer_numbers
-
-    moe = set(moe_layer_numbers(config))
-    ac = set(ac_layer_numbers(config, settings))
-    chosen = EXPORTABLE_ROUTERS.get(settings.router, settings.router)
-    from_first_ac = router_class(settings.router).from_first_ac_layer  # the flag patch_block_spec reads
-    mlp_types, routers = [], []
-    for n in range(1, config.num_layers + 1):
-        mlp_types.append("moe" if n in moe else "dense")
-        if n not in moe:
-            routers.append(None)
-        elif from_first_ac and n not in ac:
-            routers.append(settings.lead_router)
-        else:
-            routers.append(chosen)
-    return mlp_types, routers
+    """(``mlp_layer_types``, ``router_types``) per decoder layer, as ``spec.patch_block_spec`` builds them
+    (``layers.layer_routers``), each router under its HF name."""
+    names = ([None] * config.num_layers if not config.num_moe_experts else
+             layers.layer_routers(config.num_layers, config.moe_layer_freq, settings.router, settings.first_ac_layer,
+                                  settings.lead_router))
+    return (["dense" if n is None else "moe" for n in names],
+            [None if n is None else _hf_router(n) for n in names])
 
 
 def hf_config(config, settings: ACSettings, gpt: GPTInfo, *, eos_token_id: int | None = None,
@@ -196,7 +191,7 @@ def hf_config(config, settings: ACSettings, gpt: GPTInfo, *, eos_token_id: int |
     """The ``ACMoEConfig`` of a megatron ``TransformerConfig`` + our router settings, as a dict.
 
     ``qk_norm``: the q/k norm the model was built with (``qk_norm_of``); by default the one
-    ``train.make_model_provider`` builds from the config (``qk_l2_norm``, ``qk_layernorm``).
+    ``runtime/model_provider.py`` builds from the config (``qk_l2_norm``, ``qk_layernorm``).
     Raises ValueError naming every setting the HF model would not reproduce."""
     problems = _unsupported(config, settings, gpt, elliptical)
     if problems:
@@ -407,12 +402,10 @@ def tokenizer_info(tokenizer) -> dict | None:
     if tokenizer is None:
         return None
     if isinstance(tokenizer, (str, Path)):
-        from acmoe_megatron.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
     described = tokenizer if isinstance(tokenizer, dict) else tokenizer.describe()
     if described.get("name") == "bytes":
-        from acmoe_megatron.data.tokenizer import EOD_ID, VOCAB_SIZE
 
         return {"kind": "bytes", "eod": EOD_ID, "eod_token": EOD_TOKEN, "vocab_size": VOCAB_SIZE}
     if described.get("library") == "tokenizers" and described.get("file"):
@@ -484,10 +477,10 @@ def qk_norm_of(gpt) -> str | None:
 
 
 def _routers_in_model(gpt) -> dict[int, str]:
-    """{layer number: router_name} of the model's MoE routers."""
+    """{layer number: registered router name} of the model's MoE routers ("megatron": unregistered)."""
     from megatron.core.transformer.moe.router import TopKRouter
 
-    return {m.layer_number: getattr(type(m), "router_name", "megatron") for m in gpt.modules()
+    return {m.layer_number: registry.name_of(type(m)) or "megatron" for m in gpt.modules()
             if isinstance(m, TopKRouter)}
 
 
@@ -507,7 +500,6 @@ def export(model, recipe_or_settings, out_dir, *, megatron_args=None, tokenizer=
         tokenizer: the run's tokenizer (see ``tokenizer_info``); None writes no tokenizer files.
         ac_tables: {layer number: w_KD} instead of the routers' own tables.
     """
-    from acmoe_megatron.model.chunk_state import unwrap_chunk
 
     if isinstance(model, (list, tuple)):  # megatron's get_model returns the chunks as a list
         if len(model) != 1:
@@ -526,7 +518,6 @@ def export(model, recipe_or_settings, out_dir, *, megatron_args=None, tokenizer=
                                                      "context_parallel_size")}
     if any(v != 1 for v in sizes.values()) or not (gpt.pre_process and gpt.post_process):
         raise ValueError(f"export a model built on one process (all parallel sizes 1), not {sizes}")
-    from acmoe_megatron.model.elliptical import EllipticalAttentionMixin
 
     if any(isinstance(m, EllipticalAttentionMixin) for m in gpt.modules()):
         elliptical = EllipticalSettings(enabled=True)
@@ -536,12 +527,11 @@ def export(model, recipe_or_settings, out_dir, *, megatron_args=None, tokenizer=
                     qk_norm=qk_norm_of(gpt))
     built = _routers_in_model(gpt)
     expected = {n + 1: r for n, r in enumerate(cfg["router_types"]) if r}
-    found = {n: EXPORTABLE_ROUTERS.get(r, r) for n, r in built.items()}
+    found = {n: _hf_router(r) for n, r in built.items()}
     if found != expected:
         raise ValueError(f"the model's routers {built} are not those of acmoe.router={settings.router!r}, "
                          f"first_ac_layer={settings.first_ac_layer} ({expected}): pass the run's own settings")
     if ac_tables is None and "ac" in cfg["router_types"]:
-        from acmoe_megatron.inference import calibration as inference_stats
         ac_tables = inference_stats.fixed_weights(gpt)
     state_dict = hf_state_dict(gpt.state_dict(), cfg, ac_tables)
     return save_pretrained_dir(out_dir, cfg, state_dict, tok)

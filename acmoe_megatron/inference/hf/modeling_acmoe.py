@@ -2,7 +2,7 @@
 
 Copied into every export directory and loaded with ``trust_remote_code=True``, so it imports only
 ``torch`` and ``transformers``. It computes what megatron-core 0.19 computes for the GPTModel our
-trainer builds (``acmoe_megatron.runtime.train.make_model_provider``), module by module:
+trainer builds (``acmoe_megatron.runtime.model_provider.make_model_provider``), module by module:
 
 * pre-LN decoder layers: h += attn(norm(h)); h += mlp(norm(h)) (megatron's ``TransformerLayer``;
   core megatron ignores ``apply_residual_connection_post_layernorm``), then the final norm and

@@ -3,7 +3,7 @@
 Copied into an export directory of a model trained with the byte tokenizer and loaded with
 ``AutoTokenizer.from_pretrained(OUT, trust_remote_code=True)``; imports only ``transformers``.
 Ids 0..255 are the UTF-8 bytes of the text, 256 is the end-of-document token ``<|endoftext|>``
-(eos and pad), 257 ids in all, as ``acmoe_megatron.data.tokenizer.ByteTokenizer``. No special
+(eos and pad), 257 ids in all, as ``acmoe_megatron.data.tokenizers.byte.ByteTokenizer``. No special
 tokens are added when encoding (the model was trained on raw bytes with an EOD after each
 document); invalid UTF-8 decodes to U+FFFD.
 """

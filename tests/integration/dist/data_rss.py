@@ -11,7 +11,7 @@ import hashlib
 import json
 import resource
 
-from acmoe_megatron.data.loader import TokenBatches
+from acmoe_megatron.data.loader.batches import TokenBatches
 
 
 def main():

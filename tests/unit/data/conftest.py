@@ -8,7 +8,7 @@ from typing import NamedTuple
 import pytest
 from data_synthetic import synthetic_words, wikitext_file_text
 
-from acmoe_megatron.data.shards import prepare
+from acmoe_megatron.data.shards.writer import prepare
 
 
 class ShardDir(NamedTuple):

@@ -1,7 +1,7 @@
 """acmoe-data CLI: prepare + info on a small stdlib corpus and on text files; clear errors."""
 
 from acmoe_megatron.cli.data import main
-from acmoe_megatron.data.manifest import read_manifest
+from acmoe_megatron.data.shards.manifest import read_manifest
 
 
 def test_prepare_and_info(tmp_path, capsys):

@@ -2,10 +2,10 @@
 
 import pytest
 
-from acmoe_megatron.data.corpus import SPLITS, split_of
-from acmoe_megatron.data.sources import resolve_source
-from acmoe_megatron.data.stdlib_corpus import stdlib_corpus, stdlib_documents, stdlib_files
-from acmoe_megatron.data.text_corpus import text_files_corpus
+from acmoe_megatron.data.corpora.corpus import SPLITS, split_of
+from acmoe_megatron.data.corpora.sources import resolve_source
+from acmoe_megatron.data.corpora.stdlib import stdlib_corpus, stdlib_documents, stdlib_files
+from acmoe_megatron.data.corpora.text import text_files_corpus
 
 
 def test_split_of_is_stable_and_respects_fractions():

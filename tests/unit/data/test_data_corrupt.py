@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from acmoe_megatron.cli.data import main
-from acmoe_megatron.data.corrupt import Corruption, parse_corruption
-from acmoe_megatron.data.loader import load_split_samples
-from acmoe_megatron.data.manifest import read_manifest
-from acmoe_megatron.data.shards import prepare
-from acmoe_megatron.data.tokenizer import ByteTokenizer
+from acmoe_megatron.data.corpora.corrupt import Corruption, parse_corruption
+from acmoe_megatron.data.loader.batches import load_split_samples
+from acmoe_megatron.data.shards.manifest import read_manifest
+from acmoe_megatron.data.shards.writer import prepare
+from acmoe_megatron.data.tokenizers.byte import ByteTokenizer
 
 
 def _text(shard_dir, split):

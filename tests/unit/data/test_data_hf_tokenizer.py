@@ -11,11 +11,11 @@ pytest.importorskip("tokenizers")
 from data_synthetic import synthetic_words  # noqa: E402
 
 from acmoe_megatron.cli.data import main  # noqa: E402
-from acmoe_megatron.data.hf_tokenizer import HFTokenizer  # noqa: E402
-from acmoe_megatron.data.loader import TokenBatches, load_split_samples  # noqa: E402
-from acmoe_megatron.data.manifest import read_manifest  # noqa: E402
-from acmoe_megatron.data.shards import prepare  # noqa: E402
-from acmoe_megatron.data.tokenizer import load_tokenizer  # noqa: E402
+from acmoe_megatron.data.loader.batches import TokenBatches, load_split_samples  # noqa: E402
+from acmoe_megatron.data.shards.manifest import read_manifest  # noqa: E402
+from acmoe_megatron.data.shards.writer import prepare  # noqa: E402
+from acmoe_megatron.data.tokenizers.byte import load_tokenizer  # noqa: E402
+from acmoe_megatron.data.tokenizers.hf import HFTokenizer  # noqa: E402
 
 
 def _jsonl(path, texts):

@@ -1,6 +1,6 @@
 """TokenBatches: exactly-once coverage across data-parallel replicas, exact resume, loud failures.
 
-The reference is the definition in ``loader.py``: global stream position p is sample
+The reference is the definition in ``loader/batches.py``: global stream position p is sample
 perm_epoch[p % N]; each global step of mbs * dp_size positions after ``consumed_samples`` is cut
 into dp_size contiguous slices, replica r taking slice r (Megatron's sampler convention).
 """
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from acmoe_megatron.core.errors import ShardError
-from acmoe_megatron.data.loader import TokenBatches, load_split_samples
-from acmoe_megatron.data.manifest import read_manifest
+from acmoe_megatron.data.loader.batches import TokenBatches, load_split_samples
+from acmoe_megatron.data.shards.manifest import read_manifest
 
 
 def _global_stream(shard_dir, split, mbs, dp_size, num_batches, consumed=0, **kw):
@@ -196,7 +196,7 @@ def test_replica_r_gets_micro_batch_r_of_a_single_replica_run(small_shards):
 
 
 def test_manifest_vs_model_config(small_shards):
-    from acmoe_megatron.data.manifest import check_manifest_matches
+    from acmoe_megatron.data.shards.manifest import check_manifest_matches
 
     manifest = read_manifest(small_shards.path)
     check_manifest_matches(manifest, seq_length=64, vocab_size=257, tokenizer_hash=manifest.tokenizer["hash"])
@@ -225,7 +225,7 @@ def test_truncated_tar_is_detected_by_the_reader(shard_copy):
     """Even when the size check is bypassed (manifest edited), a short tar is an error."""
     import json
 
-    from acmoe_megatron.data.manifest import sha256_file
+    from acmoe_megatron.data.shards.manifest import sha256_file
 
     shard = shard_copy / "valid-000000.tar"
     shard.write_bytes(shard.read_bytes()[: 512 * 41 + 100])  # cut inside a member's payload
@@ -245,8 +245,8 @@ def test_sample_with_wrong_dtype_is_an_error(tmp_path):
 
     import webdataset as wds
 
-    from acmoe_megatron.data.manifest import sha256_file
-    from acmoe_megatron.data.shards import prepare
+    from acmoe_megatron.data.shards.manifest import sha256_file
+    from acmoe_megatron.data.shards.writer import prepare
 
     prepare("stdlib", tmp_path, 16, 100_000, max_bytes=20_000, splits=["train"])
     manifest = json.loads((tmp_path / "manifest.json").read_text())

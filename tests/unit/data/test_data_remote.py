@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from acmoe_megatron.core.errors import ShardError
-from acmoe_megatron.data.loader import TokenBatches
-from acmoe_megatron.data.manifest import read_manifest
-from acmoe_megatron.data.shard_store import ShardSamples
+from acmoe_megatron.data.loader.batches import TokenBatches
+from acmoe_megatron.data.shards.manifest import read_manifest
+from acmoe_megatron.data.shards.store import ShardSamples
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Bounded-memory reading: the shard index, positioned reads with their checks, the two-level order.
 
-``ShardSamples`` reads samples by offset (``shard_index``); ``SampleOrder`` permutes a split in
+``ShardSamples`` reads samples by offset (``shards/index.py``); ``SampleOrder`` permutes a split in
 O(shards + window). The references: the tar headers themselves (``scan_offsets``), a whole-split
 read, and the definition of the order (a permutation of every epoch, random access = sequential).
 """
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from acmoe_megatron.core.errors import ShardError
-from acmoe_megatron.data.loader import TokenBatches
-from acmoe_megatron.data.manifest import read_manifest, sample_key
-from acmoe_megatron.data.sample_order import SampleOrder
-from acmoe_megatron.data.shard_index import index_path, scan_offsets
-from acmoe_megatron.data.shard_store import ShardSamples, load_split_samples
+from acmoe_megatron.data.loader.batches import TokenBatches
+from acmoe_megatron.data.loader.sample_order import SampleOrder
+from acmoe_megatron.data.shards.index import index_path, scan_offsets
+from acmoe_megatron.data.shards.manifest import read_manifest, sample_key
+from acmoe_megatron.data.shards.store import ShardSamples, load_split_samples
 
 
 def test_prepare_writes_the_index_the_tar_headers_give(small_shards):

@@ -6,10 +6,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from acmoe_megatron.data.manifest import read_manifest, sha256_file
-from acmoe_megatron.data.shards import pack_blocks, prepare
-from acmoe_megatron.data.stdlib_corpus import stdlib_corpus
-from acmoe_megatron.data.tokenizer import ByteTokenizer
+from acmoe_megatron.data.corpora.stdlib import stdlib_corpus
+from acmoe_megatron.data.shards.manifest import read_manifest, sha256_file
+from acmoe_megatron.data.shards.writer import pack_blocks, prepare
+from acmoe_megatron.data.tokenizers.byte import ByteTokenizer
 
 
 def test_pack_blocks_keeps_every_token():

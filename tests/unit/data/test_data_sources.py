@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from data_synthetic import synthetic_words
 
-from acmoe_megatron.data.corpus import SPLITS, split_of
-from acmoe_megatron.data.enwik8 import ENWIK8_SPLIT_BYTES, Enwik8Corpus
-from acmoe_megatron.data.jsonl_corpus import JsonlCorpus
-from acmoe_megatron.data.loader import load_split_samples
-from acmoe_megatron.data.shards import prepare
-from acmoe_megatron.data.sources import detect_format, resolve_source
-from acmoe_megatron.data.tokenizer import ByteTokenizer
-from acmoe_megatron.data.wikitext import WikiTextCorpus, split_articles
+from acmoe_megatron.data.corpora.corpus import SPLITS, split_of
+from acmoe_megatron.data.corpora.enwik8 import ENWIK8_SPLIT_BYTES, Enwik8Corpus
+from acmoe_megatron.data.corpora.jsonl import JsonlCorpus
+from acmoe_megatron.data.corpora.sources import detect_format, resolve_source
+from acmoe_megatron.data.corpora.wikitext import WikiTextCorpus, split_articles
+from acmoe_megatron.data.loader.batches import load_split_samples
+from acmoe_megatron.data.shards.writer import prepare
+from acmoe_megatron.data.tokenizers.byte import ByteTokenizer
 
 
 def split_texts(shard_dir, split, tokenizer=None):

@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from acmoe_megatron.data.tokenizer import EOD_ID, VOCAB_SIZE, ByteTokenizer
+from acmoe_megatron.data.tokenizers.byte import EOD_ID, VOCAB_SIZE, ByteTokenizer
 
 
 @pytest.mark.parametrize("text", ["", "hello world", "naïve café \u2013 日本語 🚀", "a\nb\tc\x00d"])

@@ -4,9 +4,9 @@ and reassemble into the single-worker stream; a real multi-worker DataLoader ret
 import pytest
 import torch
 
-from acmoe_megatron.data.loader import TokenBatches
-from acmoe_megatron.data.manifest import read_manifest
-from acmoe_megatron.data.worker_loader import TokenBatchDataset, make_dataloader
+from acmoe_megatron.data.loader.batches import TokenBatches
+from acmoe_megatron.data.loader.workers import TokenBatchDataset, make_dataloader
+from acmoe_megatron.data.shards.manifest import read_manifest
 
 
 def _worker_ids(shard_dir, split, mbs, dp, workers, num_batches=None, **kw):

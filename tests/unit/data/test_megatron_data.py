@@ -1,4 +1,4 @@
-"""Megatron's indexed data and blending (data/megatron_indexed.py): the converter round trip, megatron's
+"""Megatron's indexed data and blending (data/megatron/): the converter round trip, megatron's
 builder over indexed prefixes and over our shard directories (ShardGPTDataset), the recipe wiring,
 and the errors for bad input."""
 
@@ -13,10 +13,14 @@ import torch
 
 from acmoe_megatron.cli.data import main as data_main
 from acmoe_megatron.core.errors import ConfigError
-from acmoe_megatron.data import megatron_indexed as mi
-from acmoe_megatron.data.manifest import read_manifest
-from acmoe_megatron.data.shard_store import ShardSamples, load_split_samples
-from acmoe_megatron.data.shards import prepare
+from acmoe_megatron.data.megatron.blend_provider import shard_blend_datasets_provider
+from acmoe_megatron.data.megatron.convert import indexed_to_shards, shards_to_indexed
+from acmoe_megatron.data.megatron.indexed_provider import megatron_gpt_datasets_provider
+from acmoe_megatron.data.megatron.shard_dataset import ShardGPTDataset
+from acmoe_megatron.data.megatron.sidecar import read_sidecar
+from acmoe_megatron.data.shards.manifest import read_manifest
+from acmoe_megatron.data.shards.store import ShardSamples, load_split_samples
+from acmoe_megatron.data.shards.writer import prepare
 from acmoe_megatron.runtime.recipe import load_recipe
 
 SEQ = 16
@@ -34,8 +38,8 @@ def dirs(tmp_path_factory):
     a, b = root / "a", root / "b"
     prepare("stdlib", a, seq_length=SEQ, samples_per_shard=300, max_bytes=20_000, splits=["train", "valid"])
     prepare("stdlib", b, seq_length=SEQ, samples_per_shard=300, max_bytes=6_000, splits=["train", "valid"])
-    pa = mi.shards_to_indexed(a, root / "a_idx")
-    pb = mi.shards_to_indexed(b, root / "b_idx")
+    pa = shards_to_indexed(a, root / "a_idx")
+    pb = shards_to_indexed(b, root / "b_idx")
     return {"root": root, "a": a, "b": b, "pa": pa, "pb": pb}
 
 
@@ -77,7 +81,7 @@ def test_round_trip_is_byte_identical(dirs, tmp_path):
     _, samples = load_split_samples(a, "train")
     stream = np.concatenate(docs)
     assert np.array_equal(stream, samples.reshape(-1)[: manifest.splits["train"].num_tokens])
-    sidecar = mi.read_sidecar(prefix)
+    sidecar = read_sidecar(prefix)
     assert sidecar["tokenizer"] == manifest.tokenizer and sidecar["seq_length"] == SEQ and sidecar["dtype"] == "uint16"
 
     back = tmp_path / "back"
@@ -91,7 +95,7 @@ def test_round_trip_is_byte_identical(dirs, tmp_path):
 
 def test_repacking_to_another_seq_length_keeps_the_token_stream(dirs, tmp_path):
     out = tmp_path / "s40"
-    manifest = mi.indexed_to_shards(dirs["pa"]["train"], out, 40)
+    manifest = indexed_to_shards(dirs["pa"]["train"], out, 40)
     source = read_manifest(dirs["a"])
     assert manifest.seq_length == 40 and list(manifest.splits) == ["train"]
     assert manifest.splits["train"].num_tokens == source.splits["train"].num_tokens
@@ -107,9 +111,9 @@ def test_indexed_data_without_sidecar_needs_its_tokenizer(dirs, tmp_path):
     for suffix in (".bin", ".idx"):
         shutil.copy(dirs["pa"]["train"] + suffix, foreign / f"train_text_document{suffix}")
     with pytest.raises(ValueError, match=r"no acmoe sidecar.*--tokenizer bytes"):
-        mi.indexed_to_shards(foreign, tmp_path / "x", SEQ)
+        indexed_to_shards(foreign, tmp_path / "x", SEQ)
     out = tmp_path / "y"
-    manifest = mi.indexed_to_shards(foreign, out, SEQ, 300, tokenizer="bytes")
+    manifest = indexed_to_shards(foreign, out, SEQ, 300, tokenizer="bytes")
     # the shards are the same; the manifest's text description is unknown without the sidecar
     assert {k: v for k, v in _files(out).items() if k.endswith(".tar")} == \
         {k: v for k, v in _files(dirs["a"]).items() if k.startswith("train-") and k.endswith(".tar")}
@@ -130,7 +134,7 @@ def test_megatron_blend_of_two_prefixes_has_the_weights(dirs, megatron_runtime, 
     from acmoe_megatron.runtime.train import make_datasets_provider
 
     provider = make_datasets_provider(recipe)
-    assert provider is mi.megatron_gpt_datasets_provider and provider.is_distributed
+    assert provider is megatron_gpt_datasets_provider and provider.is_distributed
     train, valid, test = provider([2000, 0, 0], args=args, tokenizer=tokenizer)
     assert valid is None and test is None and len(train) >= 2000
     ids = np.array([int(train[i]["dataset_id"]) for i in range(2000)])
@@ -179,9 +183,9 @@ def test_shard_gpt_dataset_sample_is_the_stored_sample(dirs, megatron_runtime):
                               eod_mask_loss=False, create_attention_mask=False)
     store = ShardSamples(b, "train")
     n = len(store)
-    (dataset, _, _) = BlendedMegatronDatasetBuilder(mi.ShardGPTDataset, [2 * n + 3, None, None], lambda: True,
+    (dataset, _, _) = BlendedMegatronDatasetBuilder(ShardGPTDataset, [2 * n + 3, None, None], lambda: True,
                                                     config).build()
-    assert isinstance(dataset, mi.ShardGPTDataset) and len(dataset) == 3 * n  # whole epochs
+    assert isinstance(dataset, ShardGPTDataset) and len(dataset) == 3 * n  # whole epochs
     for epoch in range(3):  # each epoch is a permutation of the split, and a different one
         ids = [dataset.sample_id(epoch * n + i) for i in range(n)]
         assert sorted(ids) == list(range(n))
@@ -211,7 +215,7 @@ def test_missing_prefix_names_it_and_the_fix(dirs, tmp_path):
     with pytest.raises(ConfigError, match=r"prefix .*nowhere/train_text_document has no .*acmoe-data to-megatron"):
         _args(f"megatron.data_path=[0.5, {dirs['pa']['train']}, 0.5, {missing}]")
     with pytest.raises(FileNotFoundError, match="do not exist; give a prefix"):
-        mi.indexed_to_shards(missing, tmp_path / "out", SEQ)
+        indexed_to_shards(missing, tmp_path / "out", SEQ)
 
 
 @pytest.mark.parametrize("weights, message", [
@@ -237,7 +241,7 @@ def test_bad_blend_is_refused(dirs, blend, message):
     with pytest.raises(ConfigError, match=message):  # the recipe key, at load time
         load_recipe(RECIPE, [f"data.blend={value}"])
     with pytest.raises(ValueError, match=message):  # the provider, for plain megatron scripts
-        mi.shard_blend_datasets_provider(_yaml(value))
+        shard_blend_datasets_provider(_yaml(value))
 
 
 def _yaml(text):
@@ -255,9 +259,9 @@ def test_blend_of_directories_with_different_vocabularies_is_refused(dirs, bpe_t
     with pytest.raises(ConfigError, match=rf"data.blend: .*bpe has tokenizer hash .*{fix}"):
         _args(f"data.blend=[0.5, {dirs['a']}, 0.5, {bpe}]")
     with pytest.raises(ValueError, match="tokenizer hash"):
-        mi.shard_blend_datasets_provider([0.5, str(dirs["a"]), 0.5, str(bpe)])
+        shard_blend_datasets_provider([0.5, str(dirs["a"]), 0.5, str(bpe)])
     # the same for indexed prefixes: their sidecars disagree
-    prefixes = mi.shards_to_indexed(bpe, tmp_path / "bpe_idx")
+    prefixes = shards_to_indexed(bpe, tmp_path / "bpe_idx")
     with pytest.raises(ConfigError, match=r"tokenized with .*a blend needs one tokenizer"):
         _args(f"megatron.data_path=[0.5, {dirs['pa']['train']}, 0.5, {prefixes['train']}]")
 
