@@ -159,7 +159,7 @@ def install_expert_norm() -> None:
 
 
 def install_training_metrics(extra_moe_losses: tuple[str, ...] = (), peak_tflops: float | None = None,
-            per_expert_max: int = router_metrics.PER_EXPERT_MAX, image_interval: int = 0) -> None:
+                             per_expert_max: int = router_metrics.PER_EXPERT_MAX, image_interval: int = 0) -> None:
     """Wrap megatron's training loop functions once; the routing metrics are those of every attached
     model chunk (``chunk_state.attached_metrics``); ``extra_moe_losses``: our routers' loss names for
     megatron's MoE report; ``peak_tflops``: run.peak_tflops; ``per_expert_max``: the tag budget of
@@ -239,11 +239,17 @@ def install_training_metrics(extra_moe_losses: tuple[str, ...] = (), peak_tflops
             writer.commit()
         return out
 
+    def keeping(name, wrapper):
+        def make(original):
+            wrapped[name] = original
+            return wrapper
+
+        return make
+
     for name, wrapper in (("train", train), ("training_log", training_log), ("evaluate", evaluate),
                           ("evaluate_and_print_results", evaluate_and_print_results),
                           ("save_checkpoint", save_checkpoint)):
-        wrap(f"metrics_{name}", lambda original, name=name, wrapper=wrapper: (wrapped.__setitem__(name, original),
-                                                                              wrapper)[1])
+        wrap(f"metrics_{name}", keeping(name, wrapper))
     _STATE["installed"] = True
 
 
