@@ -67,10 +67,22 @@ def setup(tmp_path_factory):
     return tmp
 
 
+def _init(setup, overrides) -> Path:
+    """The checkpoint every run starts from. A model with running AC statistics (acmoe.source=ema)
+    has buffers a batch-statistics checkpoint lacks: it starts from its own, made the same way."""
+    if "acmoe.source=ema" not in overrides:
+        return setup / "init" / "checkpoints"
+    init = setup / "init_ema"
+    if not (init / "checkpoints").is_dir():
+        _launch(1, init, f"data.path={setup / 'data'}", "megatron.train_iters=1", "megatron.micro_batch_size=4",
+                "megatron.global_batch_size=8", "megatron.save_interval=1", "acmoe.source=ema")
+    return init / "checkpoints"
+
+
 def _overrides(setup, name, *overrides, mbs=4, gbs=8) -> list[str]:
     return [f"data.path={setup / 'data'}", f"megatron.train_iters={STEPS}",
             f"megatron.micro_batch_size={mbs}", f"megatron.global_batch_size={gbs}",
-            f"megatron.load={setup / 'init' / 'checkpoints'}", "megatron.finetune=true",
+            f"megatron.load={_init(setup, overrides)}", "megatron.finetune=true",
             "megatron.no_load_optim=true", "megatron.no_load_rng=true", "megatron.save=null",
             "run.log_router_grad_norms=true", *overrides]
 
@@ -137,6 +149,7 @@ def _run_example(setup, name, nproc, *overrides):
 
 ELLIPTICAL = "elliptical.enabled=true"
 EXPERT_NORM = "acmoe.expert_norm=1.5"
+EMA_COSLEAD = ("acmoe.source=ema", "acmoe.lead_router=cosine")
 
 
 def _close(a, b, rel):
@@ -177,7 +190,16 @@ def reference_expert_norm(setup, reference):
     return ref
 
 
+@pytest.fixture(scope="module")
+def reference_ema_coslead(setup, reference):
+    ref = _run(setup, "ref_ema_coslead", 1, *EMA_COSLEAD)
+    assert not _close(ref[0][-1], reference[0][-1], 1e-5), (ref[0], reference[0])  # the settings took effect
+    return ref
+
+
 def _reference_for(request, overrides):
+    if EMA_COSLEAD[0] in overrides:
+        return request.getfixturevalue("reference_ema_coslead")
     if EXPERT_NORM in overrides:
         return request.getfixturevalue("reference_expert_norm")
     return request.getfixturevalue("reference_elliptical" if ELLIPTICAL in overrides else "reference")
@@ -200,13 +222,30 @@ LAYOUTS = {
     "pp2_full_recompute": (2, ["megatron.pipeline_model_parallel_size=2",
                                "megatron.recompute_granularity=full", "megatron.recompute_method=uniform",
                                "megatron.recompute_num_layers=1", ELLIPTICAL]),
+    # the real-run recipes' AC (cosine lead layers, running statistics; configs/gpu_*.yaml, multinode):
+    # with one data-parallel replica every micro-batch updates the running statistics in the reference's
+    # order, so TP+SP and PP+VPP must give its numbers (with DP > 1 the update is the all-reduced
+    # statistics of all replicas' micro-batches at once, by design: another sequence of updates than one
+    # process's, so there is no single-process reference)
+    "tp2_sp_ema_coslead": (2, ["megatron.tensor_model_parallel_size=2", "megatron.sequence_parallel=true",
+                               *EMA_COSLEAD]),
+    "pp2_vpp2_ema_coslead": (2, ["megatron.pipeline_model_parallel_size=2",
+                                 "megatron.num_layers_per_virtual_pipeline_stage=1", *EMA_COSLEAD]),
 }
+
+
+# Measured (2026-12-07): TP=2+SP with running statistics gives the reference's losses within 1e-5 but
+# one lead router's gradient norm 7.6e-5 (relative) off at step 3; with cosine lead layers and batch
+# statistics the same layout is 1.1e-5 off at that step. The statistics' TP all-reduce sums in another
+# order and three steps at lr 0.01 amplify it; a wrong statistics scope or label is off by O(1).
+TOLERANCE = {"tp2_sp_ema_coslead": 1e-4}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(setup, request, name):
     nproc, overrides = LAYOUTS[name]
-    _assert_same(_shared_run(setup, name, nproc, *overrides), _reference_for(request, overrides))
+    _assert_same(_shared_run(setup, name, nproc, *overrides), _reference_for(request, overrides),
+                 rel=TOLERANCE.get(name, 1e-5))
 
 
 # The plugin API (plugin.py) in a plain Megatron script, against our own launcher on the same recipe:
