@@ -112,7 +112,6 @@ def single_process_plan(run_dir: Path, iteration: int | None, overrides: list[st
 
 def ensure_data(recipe) -> None:
     """Build the embedded default corpus if the recipe points at a missing directory."""
-
     path = Path(recipe.data.path)
     if uses_megatron_data(recipe.megatron) or is_remote(recipe.data.path) or (path / "manifest.json").is_file():
         return  # megatron's indexed data needs no shards; a remote manifest is read by the launch checks

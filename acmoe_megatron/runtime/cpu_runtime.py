@@ -499,11 +499,17 @@ def _call_site_list(shims=SHIMS) -> str:
     return "\n".join(f"  {s.name} [{s.stage}]: {', '.join((s.call_site, *s.also))}" for s in shims)
 
 
+def on_supported_line(version: str) -> bool:
+    """Whether ``version`` is on the ``SUPPORTED`` release line (a VCS suffix "0.19.2+03caca8" is fine).
+    The CPU shims and the trainer hooks (``runtime/hooks.py``) are both written against it."""
+    release = version.split("+")[0]
+    return release == SUPPORTED or release.startswith(SUPPORTED + ".")
+
+
 def check_megatron_version(version: str | None = None) -> None:
     """Raise RuntimeError unless megatron-core is on the ``SUPPORTED`` release line (0.19.x)."""
     version = megatron_version() if version is None else version
-    release = version.split("+")[0]  # a VCS suffix ("0.19.2+03caca8") is fine
-    if release == SUPPORTED or release.startswith(SUPPORTED + "."):
+    if on_supported_line(version):
         return
     raise RuntimeError(
         f"acmoe_megatron.runtime.cpu_runtime: installed megatron-core {version} is not supported; the CPU "

@@ -84,8 +84,7 @@ def check_patch_sites(patches=tuple(PATCHES.values())) -> None:
     """RuntimeError unless megatron-core is on ``cpu_runtime.SUPPORTED`` and every call site resolves."""
     version = cpu_runtime.megatron_version()
     sites = "\n".join(f"  {p.name}: {p.call_site}" for p in patches)
-    release = version.split("+")[0]
-    if not (release == cpu_runtime.SUPPORTED or release.startswith(cpu_runtime.SUPPORTED + ".")):
+    if not cpu_runtime.on_supported_line(version):
         raise RuntimeError(
             f"acmoe_megatron.runtime.hooks: installed megatron-core {version} is not supported; the trainer "
             f"hooks wrap these call sites of megatron-core {cpu_runtime.SUPPORTED}.x (pin megatron-core "
