@@ -2,6 +2,7 @@
 
   0   finished (train_iters reached)
   2   the recipe or the command line is wrong (nothing was started; the message names the fix)
+  3   the preflight ran and an item failed on the target machines (preflight.json names it)
   16  megatron's rerun state machine stopped on a reproducible NaN/Inf; the last good state is saved
   74  a checkpoint save failed for lack of space (disk full, quota, file-size limit): the previous
       checkpoint stays the latest; free space and run the same command again (EX_IOERR)
@@ -10,6 +11,7 @@
 """
 
 EXIT_CONFIG = 2
+EXIT_PREFLIGHT_FAILED = 3
 EXIT_NONFINITE = 16
 EXIT_DISK_FULL = 74
 EXIT_STOPPED_EARLY = 75

@@ -80,3 +80,36 @@ def fused_paths(args=None) -> dict[str, str]:
         "fp8": f"{getattr(args, 'fp8', None)} / {getattr(args, 'fp8_recipe', None)}" if getattr(args, "fp8", None) else "off",
     }
     return out
+
+
+def requested_fused(args, have_te: bool, have_apex: bool, cuda_capability: tuple[int, int] | None) -> list[dict]:
+    """The fused paths a recipe asks for and whether this machine has each: ``[{"path", "available",
+    "fix"}]`` (the preflight's per-node check; ``fused_paths`` says what megatron then uses)."""
+    gpu = cuda_capability is not None
+    te_fix = "use the NGC PyTorch container or `pip install -e '.[fp8]'` on the GPU nodes (see docs/gpu.md)"
+    out = []
+    if getattr(args, "transformer_impl", None) == "transformer_engine":
+        out.append({"path": "transformer_impl=transformer_engine", "available": have_te and gpu,
+                    "fix": te_fix if gpu else "Transformer Engine layers need a CUDA GPU"})
+    if getattr(args, "moe_grouped_gemm", False):
+        ok = have_te and gpu and cuda_capability >= (8, 0)
+        out.append({"path": "moe_grouped_gemm (TEGroupedMLP)", "available": ok,
+                    "fix": te_fix if gpu else "grouped GEMM experts need a CUDA GPU of compute capability >= 8.0"})
+    if getattr(args, "moe_permute_fusion", False):
+        out.append({"path": "moe_permute_fusion", "available": have_te and gpu, "fix": te_fix})
+    if getattr(args, "cross_entropy_loss_fusion", False):
+        out.append({"path": "cross_entropy_loss_fusion", "available": gpu,
+                    "fix": "the fused cross entropy runs on CUDA only: set megatron.cross_entropy_loss_fusion: false"})
+    if getattr(args, "gradient_accumulation_fusion", False):
+        out.append({"path": "gradient_accumulation_fusion", "available": gpu and (have_te or have_apex),
+                    "fix": "needs a CUDA GPU and Transformer Engine or NVIDIA Apex, or megatron."
+                           "gradient_accumulation_fusion: false"})
+    if getattr(args, "fp8", None):
+        try:
+            check_fp8(args.fp8, getattr(args, "fp8_recipe", None), have_te, cuda_capability)
+            out.append({"path": f"fp8 {args.fp8} / {getattr(args, 'fp8_recipe', None) or 'delayed'}",
+                        "available": True, "fix": ""})
+        except ValueError as err:
+            out.append({"path": f"fp8 {args.fp8} / {getattr(args, 'fp8_recipe', None) or 'delayed'}",
+                        "available": False, "fix": str(err)})
+    return out

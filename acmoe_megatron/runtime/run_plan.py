@@ -113,9 +113,10 @@ def megatron_data_standin(recipe):
     return SimpleNamespace(seq_length=recipe.megatron.get("seq_length"), tokenizer=tok, splits={})
 
 
-def _read_data(recipe):
+def _read_data(recipe, vocab_standin: int | None = None):
     """(manifest, ready): the shard manifest, with every shard file checked by presence and size
-    (megatron's indexed data: a stand-in; megatron's builder checks its files)."""
+    (megatron's indexed data: a stand-in; megatron's builder checks its files). ``vocab_standin``:
+    a data directory that is not prepared yet stands for a corpus of that vocabulary (estimates)."""
 
     if uses_megatron_data(recipe.megatron):
         return megatron_data_standin(recipe), True
@@ -127,6 +128,9 @@ def _read_data(recipe):
             raise ConfigError(f"data.path={recipe.data.path!r}: {err}") from None
     path = Path(recipe.data.path)
     if not (path / "manifest.json").is_file():
+        if vocab_standin is not None:
+            return SimpleNamespace(seq_length=int(recipe.megatron.get("seq_length") or 0),
+                                   tokenizer={"vocab_size": vocab_standin, "name": "stand-in"}), False
         if recipe.data.prepare_stdlib:
             return _stdlib_standin(recipe), False
         raise ConfigError(
@@ -177,17 +181,38 @@ def _as_world(world_size: int, argv: list[str]):
                 os.environ[key] = value
 
 
-def megatron_args(argv: list[str], world_size: int, ours=None) -> argparse.Namespace:
+@contextlib.contextmanager
+def _planned_gpu(remote: bool):
+    """A run planned here for other machines (a SLURM job from a login node without GPUs): megatron's
+    ``validate_args`` asks CUDA for the device capability (``moe_grouped_gemm``), which raises where no
+    driver is. The question is about the target nodes, so it gets Hopper's answer (9, 0) here; the
+    preflight asks the real GPUs on the nodes. Nothing changes where CUDA is present, or for a
+    local run (its CUDA-less failure is the right answer there)."""
+    import torch
+
+    if not remote or torch.cuda.is_available():
+        yield
+        return
+    saved = torch.cuda.get_device_capability
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)
+    try:
+        yield
+    finally:
+        torch.cuda.get_device_capability = saved
+
+
+def megatron_args(argv: list[str], world_size: int, ours=None, remote: bool = False) -> argparse.Namespace:
     """Megatron's ``parse_args`` + ``validate_args`` for ``world_size`` processes, quietly (its
     700-line argument dump is dropped); ConfigError with megatron's own message when it refuses.
     ``ours(args)`` runs between the two: our checks name the recipe key where megatron's message
-    for the same problem does not."""
+    for the same problem does not. ``remote``: the processes run on other machines."""
     from acmoe_megatron.runtime import cpu_runtime  # torch: this module is imported by the commands
     cpu_runtime.install_for_training()  # without CUDA, megatron's validate_args asks CUDA too (device arch)
     from megatron.training.arguments import parse_args, validate_args
 
     out, err = io.StringIO(), io.StringIO()
-    with _as_world(world_size, argv), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with (_as_world(world_size, argv), _planned_gpu(remote), contextlib.redirect_stdout(out),
+          contextlib.redirect_stderr(err)):
         try:
             args = parse_args()
         except SystemExit:
@@ -205,16 +230,18 @@ def megatron_args(argv: list[str], world_size: int, ours=None) -> argparse.Names
     return args
 
 
-def build_plan(recipe, world_size: int, host_checks: bool = True) -> RunPlan:
+def build_plan(recipe, world_size: int, host_checks: bool = True, vocab_standin: int | None = None) -> RunPlan:
     """Validate ``recipe`` for ``world_size`` processes; the plan or a ConfigError naming the fix.
     ``host_checks=False``: the run happens on other machines (SLURM), so leave out the checks that
-    depend on this one (CUDA present, FP8 capability)."""
+    depend on this one (CUDA present, FP8 capability). ``vocab_standin``: plan a recipe whose data
+    is not prepared yet as if its tokenizer had that vocabulary (the preflight's memory estimate)."""
     from acmoe_megatron.runtime.megatron_args import build_argv, validate_args
 
     layout = parallel_layout(recipe.megatron, world_size)  # our message for the layout, before megatron's
-    manifest, ready = _read_data(recipe)
+    manifest, ready = _read_data(recipe, vocab_standin)
     argv = build_argv(recipe, manifest)
-    args = megatron_args(argv, world_size, ours=lambda a: validate_args(a, recipe, host_checks=host_checks))
+    args = megatron_args(argv, world_size, ours=lambda a: validate_args(a, recipe, host_checks=host_checks),
+                         remote=not host_checks)
     if ready and manifest.splits:  # megatron's indexed data: its builder checks the split sizes
         _check_split_sizes(recipe, manifest, args)
     return RunPlan(recipe=recipe, world_size=world_size, layout=layout, argv=tuple(argv), args=args,

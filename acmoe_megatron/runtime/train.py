@@ -69,6 +69,20 @@ def make_datasets_provider(recipe):
                                    recipe.data.shuffle_window, recipe.data.cache_dir)
 
 
+def install_run_hooks(recipe) -> None:
+    """The trainer's hooks on megatron's training loop (runtime/hooks.py), as every run gets them
+    (the preflight's shrunk run included)."""
+    run_hooks.install_training_metrics(
+        extra_moe_losses=router_class(recipe.acmoe.router).reported_losses, peak_tflops=recipe.run.peak_tflops,
+        per_expert_max=recipe.run.per_expert_scalars_max, image_interval=recipe.run.image_interval)
+    faults.install_fault_injection()
+    faults.install_file_size_fault()
+    run_hooks.install_checkpoint_retention(recipe.run.keep_last_checkpoints)
+    run_hooks.install_disk_full_exit(Path(recipe.run.dir))
+    if recipe.acmoe.expert_norm is not None:
+        run_hooks.install_expert_norm()
+
+
 def parse_cli(argv=None):
     parser = argparse.ArgumentParser(
         prog="acmoe-train", description="ACMoE pretraining worker (run under torchrun)"
@@ -100,15 +114,7 @@ def main(argv=None) -> None:
         print(f"[acmoe] router: {recipe.acmoe}", flush=True)
         print(f"[acmoe] fused paths: {fused_paths(args)}", flush=True)
 
-    run_hooks.install_training_metrics(
-        extra_moe_losses=router_class(recipe.acmoe.router).reported_losses, peak_tflops=recipe.run.peak_tflops,
-        per_expert_max=recipe.run.per_expert_scalars_max, image_interval=recipe.run.image_interval)
-    faults.install_fault_injection()
-    faults.install_file_size_fault()
-    run_hooks.install_checkpoint_retention(recipe.run.keep_last_checkpoints)
-    run_hooks.install_disk_full_exit(Path(recipe.run.dir))
-    if recipe.acmoe.expert_norm is not None:
-        run_hooks.install_expert_norm()
+    install_run_hooks(recipe)
     start = time.time()
     stopped_early = False
     nonfinite_exit = None
