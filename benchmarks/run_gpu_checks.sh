@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The device checks of one GPU session, in one go (see README "GPU checks"): GPU tests, the
-# 1-GPU debug training run through Megatron's trainer, and the throughput benchmark.
+# The device checks of one GPU session, in one go (see README "GPU checks"): the preflight of the
+# debug and FP8 recipes first, then GPU tests, the 1-GPU debug training run through Megatron's
+# trainer, and the throughput benchmark.
 # Usage on a GPU machine with our wheels in .whl/ (no network):  OUT=/some/dir bash benchmarks/run_gpu_checks.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/acmoe_gpu_out}; mkdir -p "$OUT"
@@ -13,6 +14,15 @@ fi
 export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'megatron-core', m.__version__)" | tee -a "$OUT/gpu.txt"
+# First minutes of any GPU machine: the preflight verdict of the debug recipe and of the FP8 recipe
+# (environment, fused paths, FP8 GEMM error against BF16, memory against this GPU, the shrunk model's
+# steps, checkpoint and TensorBoard round trips); each report lands in $OUT/preflight_*/.
+echo "== preflight configs/gpu_debug.yaml"
+timeout ${PREFLIGHT_TIMEOUT:-240} python3 -m acmoe_megatron.cli.preflight --config configs/gpu_debug.yaml --nproc 1 \
+  --out "$OUT/preflight_gpu_debug" --timeout 200 run.dir=/tmp/pf_gpu_debug data.path=/tmp/gpu_data 2>&1 | tail -20
+echo "== preflight configs/gpu_fp8_te.yaml"
+timeout ${PREFLIGHT_TIMEOUT:-240} python3 -m acmoe_megatron.cli.preflight --config configs/gpu_fp8_te.yaml --nproc 1 \
+  --out "$OUT/preflight_gpu_fp8_te" --timeout 200 run.dir=/tmp/pf_gpu_fp8 data.path=/tmp/gpu_data 2>&1 | tail -20
 echo "== GPU tests"; timeout 150 python3 -m pytest tests/gpu -m gpu -q -ra -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
 # With Transformer Engine (benchmarks/gpu_te_setup.sh): grouped-GEMM experts, BF16 and FP8.
 if python3 -c "import transformer_engine.pytorch" 2>/dev/null; then

@@ -3,10 +3,13 @@
 Subcommands::
 
     acmoe-launch slurm --config C --nodes N --gpus-per-node G [--partition P] [--time T]
-                       [--account A] [--dry-run] [SECTION.KEY=VALUE ...]
+                       [--account A] [--dry-run] [--preflight [--then-submit]] [SECTION.KEY=VALUE ...]
         validate the recipe (strict keys, parallel sizes against N x G processes), render
         ``slurm/pretrain.sbatch`` with these directives and settings, write the rendered script to
-        ``<run.dir>/slurm_logs/`` and ``sbatch`` it (``--dry-run``: print it, submit nothing)
+        ``<run.dir>/slurm_logs/`` and ``sbatch`` it (``--dry-run``: print it, submit nothing).
+        ``--preflight``: first submit the preflight (acmoe-preflight) on the same nodes, GPUs,
+        container and launcher with a short time limit, wait for it and print its verdict;
+        ``--then-submit``: submit the real job only if it passed (exit 3, nothing submitted, if not)
     acmoe-launch local --nproc P --config C [SECTION.KEY=VALUE ...]
         the same recipe on one machine: torchrun with P processes (``acmoe-pretrain``)
     acmoe-launch resolve ...
@@ -31,14 +34,17 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from acmoe_megatron.cli import pretrain as launcher
 from acmoe_megatron.cli.common import ensure_data
+from acmoe_megatron.cli.preflight import finish, prepare
 from acmoe_megatron.core.errors import ConfigError
-from acmoe_megatron.core.exit_codes import EXIT_CONFIG
+from acmoe_megatron.core.exit_codes import EXIT_CONFIG, EXIT_PREFLIGHT_FAILED
 from acmoe_megatron.observability.summary import code_version
 from acmoe_megatron.runtime.checkpoint_check import check_resume_checkpoint
+from acmoe_megatron.runtime.preflight.plan import PLAN_FILE
 from acmoe_megatron.runtime.recipe import load_recipe, write_resolved
 from acmoe_megatron.runtime.resume import check_resume_compatible
 from acmoe_megatron.runtime.run_plan import build_plan, parallel_layout
@@ -242,6 +248,10 @@ def cmd_slurm(args) -> int:
         return _usage(f"--procs-per-node {args.procs_per_node} > --gpus-per-node {args.gpus_per_node}")
     if args.time and not _TIME.match(args.time):
         return _usage(f"--time {args.time!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
+    if args.then_submit and not args.preflight:
+        return _usage("--then-submit needs --preflight")
+    if args.preflight and not _TIME.match(args.preflight_time):
+        return _usage(f"--preflight-time {args.preflight_time!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
     if args.signal_seconds < 0:
         return _usage("--signal-seconds must be >= 0 (0: no timed signal)")
     if args.cpus_per_task is not None and args.cpus_per_task < 1:
@@ -278,20 +288,33 @@ def cmd_slurm(args) -> int:
         return EXIT_CONFIG
     summary = (f"# {args.nodes} node(s) x {args.procs_per_node} process(es) = world size {layout['world']}: "
                + ", ".join(f"{k} {v}" for k, v in layout.items() if k != "world"))
-    if args.dry_run:
+    if args.dry_run and not args.preflight:
         print(script, end="")
         print(summary, file=sys.stderr)
         return 0
     sbatch = shutil.which("sbatch")
-    if sbatch is None:
+    if sbatch is None and not args.dry_run:
         print("acmoe-launch: sbatch not found: run this on a SLURM login node (or use --dry-run)", file=sys.stderr)
         return EXIT_CONFIG
+    if args.preflight:
+        code = run_preflight(args, sbatch, Path(args.config).absolute(), run_dir, data, project)
+        if code != 0:
+            if args.then_submit and code == EXIT_PREFLIGHT_FAILED:
+                print("acmoe-launch: the preflight failed: the real job was NOT submitted", file=sys.stderr)
+            return code
+        if args.dry_run:
+            return 0
+        if not args.then_submit:
+            print("[acmoe-launch] preflight passed; submit the real job with the same command without --preflight "
+                  "(or add --then-submit next time)")
+            return 0
+        print("[acmoe-launch] preflight passed: submitting the real job", flush=True)
     logs = run_dir / "slurm_logs"
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / f"pretrain-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.sbatch"
     path.write_text(script)
     path.chmod(0o755)
-    out = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)  # from the user's directory
+    out = subprocess.run([sbatch, "--parsable", str(path)], check=False, capture_output=True, text=True)  # from the user's directory
     if out.returncode != 0:
         print(f"acmoe-launch: sbatch failed (exit {out.returncode}): {out.stderr.strip()}", file=sys.stderr)
         return out.returncode
@@ -302,6 +325,94 @@ def cmd_slurm(args) -> int:
     print(f"  run dir      : {run_dir} (config.yaml, checkpoints/, tensorboard/, summary.json)")
     print(f"  follow       : squeue -j {job_id}; tail -f {logs}/train-{job_id}.log")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# acmoe-launch slurm --preflight
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+         "PREEMPTED"}
+
+
+def _job_state(job_id: str) -> str | None:
+    """The job's state while SLURM lists it (squeue), else its final state (scontrol), else None."""
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], check=False, capture_output=True, text=True)
+    state = out.stdout.strip()
+    if out.returncode == 0 and state:
+        return state
+    out = subprocess.run(["scontrol", "show", "job", job_id], check=False, capture_output=True, text=True)
+    m = re.search(r"JobState=(\S+)", out.stdout)
+    return m.group(1) if m else None
+
+
+def run_preflight(args, sbatch: str | None, config: Path, run_dir: Path, data: Path, project: Path) -> int:
+    """Submit the preflight on the real job's allocation shape, wait for it, print its table; 0 when
+    it passed, EXIT_PREFLIGHT_FAILED when an item failed or the job ended without passing."""
+    import copy
+
+    world = args.nodes * args.procs_per_node
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.preflight_dir or project / "preflight" / f"{args.job_name}-{stamp}").absolute()
+    overrides = list(args.overrides) + [f"run.dir={run_dir}", f"data.path={data}"]
+    try:
+        ensure_data(load_recipe(config, overrides))
+        plan = prepare(str(config), overrides, world, out, remote=True, gpu_memory_gib=args.gpu_memory_gib)
+    except ConfigError as err:
+        print(f"acmoe-launch: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    pf = copy.copy(args)
+    pf.job_name = f"{args.job_name}-preflight"
+    pf.time, pf.requeue, pf.signal_seconds = args.preflight_time, False, 0
+    pf.output = str(out / "slurm-%j.out")
+    pf.env = list(args.env) + [f"PREFLIGHT_PLAN={out / PLAN_FILE}",
+                               f"PREFLIGHT_TIMEOUT={max(60, _minutes(args.preflight_time) * 60 - 60)}"]
+    script = render(pf, config, run_dir, data)
+    path = out / "preflight.sbatch"
+    path.write_text(script)
+    path.chmod(0o755)
+    if args.dry_run:
+        print(script, end="")
+        print(f"# preflight plan {out / PLAN_FILE} (shrunk recipe {plan.shrunk})", file=sys.stderr)
+        return 0
+    sub = subprocess.run([sbatch, "--parsable", str(path)], check=False, capture_output=True, text=True)
+    if sub.returncode != 0:
+        print(f"acmoe-launch: sbatch of the preflight failed (exit {sub.returncode}): {sub.stderr.strip()}",
+              file=sys.stderr)
+        return sub.returncode
+    job_id = sub.stdout.strip().split(";")[0]
+    log = out / f"slurm-{job_id}.out"
+    print(f"[acmoe-launch] preflight job {job_id} submitted ({args.nodes} node(s) x {args.procs_per_node} "
+          f"process(es), time limit {args.preflight_time}); waiting for it. Log {log}; if you stop waiting: "
+          f"`acmoe-preflight --report {out}` once it ended", flush=True)
+    state, last = None, None
+    while True:
+        state = _job_state(job_id)
+        if state and state != last:
+            print(f"[acmoe-launch] preflight job {job_id}: {state}", flush=True)
+            last = state
+        if state is None or state in FINAL:
+            break
+        time.sleep(args.poll_seconds)
+    code, text = finish(out, log=str(log))
+    print(text)
+    if state not in (None, "COMPLETED") and code == 0:
+        code = EXIT_PREFLIGHT_FAILED  # a passing report from a job that did not complete is not a pass
+        print(f"acmoe-launch: the preflight job ended {state}; see {log}", file=sys.stderr)
+    return code
+
+
+def _minutes(limit: str) -> int:
+    """SLURM's time formats (minutes | MM:SS | HH:MM:SS | D-HH[:MM[:SS]]) in whole minutes (rounded up)."""
+    days, _, rest = limit.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        h, m = (parts + [0, 0])[:2]
+        return int(days) * 1440 + h * 60 + m
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return parts[0] + (1 if parts[1] else 0)
+    return parts[0] * 60 + parts[1] + (1 if parts[2] else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +482,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--template", default=str(TEMPLATE),
                    help="sbatch template (default: the package's acmoe_megatron/cli/slurm/pretrain.sbatch)")
     s.add_argument("--dry-run", action="store_true", help="print the rendered script, submit nothing")
+    s.add_argument("--preflight", action="store_true",
+                   help="first run acmoe-preflight on the same nodes, GPUs, container and launcher (a short job), "
+                        "wait for it and print its verdict (exit 3 when it failed)")
+    s.add_argument("--then-submit", action="store_true",
+                   help="with --preflight: submit the real job only if the preflight passed")
+    s.add_argument("--preflight-time", default="00:15:00", help="time limit of the preflight job (default 00:15:00)")
+    s.add_argument("--preflight-dir", default=None,
+                   help="the preflight's plan, log and preflight.json (default: <project>/preflight/<job>-<time>, "
+                        "outside the run directory, whose file system is one of the checks)")
+    s.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="with --preflight: compare the memory estimate with a GPU of this size (else the nodes' own)")
+    s.add_argument("--poll-seconds", type=float, default=10, help=argparse.SUPPRESS)
     s.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE overrides")
     s.set_defaults(func=cmd_slurm)
 

@@ -14,10 +14,10 @@ Then the recipe's exact parallel layout runs on the real processes with the mode
 (runtime/preflight/plan.py) and every process reports its items (runtime/preflight/worker.py):
 environment, fused paths, FP8 GEMM, memory against its GPU, storage, training steps, pipeline
 labels, collectives, checkpoint and TensorBoard round trips. Output: one table on stdout and
-``preflight.json`` (``--out``, default ``<run.dir>/../preflight-<run name>-<time>``... see
-``--out``); exit 0 when every required item passed, 3 when one failed (the table names the node,
-the rank, the item and the fix), 2 when the recipe is refused. GPU items report "skipped: no GPU"
-on a CPU machine.
+``preflight.json`` in ``--out`` (default ``preflight/<run name>-<time>`` under the current
+directory, not inside run.dir, whose file system is one of the checks); exit 0 when every required
+item passed, 3 when one failed (the table names the node, the rank, the item and the fix), 2 when
+the recipe is refused. GPU items report "skipped: no GPU" on a CPU machine.
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ from pathlib import Path
 from acmoe_megatron.cli.common import ensure_data, free_port
 from acmoe_megatron.core.errors import ConfigError
 from acmoe_megatron.core.exit_codes import EXIT_CONFIG, EXIT_PREFLIGHT_FAILED
+from acmoe_megatron.runtime.preflight.memory import estimate_memory, memory_fix, memory_verdict, size
 from acmoe_megatron.runtime.preflight.plan import PLAN_FILE, SHRUNK_FILE, PreflightPlan, expert_shape, shrink
 from acmoe_megatron.runtime.preflight.report import merge, read_ranks, table, write_report
 from acmoe_megatron.runtime.recipe import load_recipe, write_resolved
+from acmoe_megatron.runtime.run_plan import build_plan
 
 WORKER = "acmoe_megatron.runtime.preflight.worker"
 DEFAULT_STEPS = 4
@@ -54,8 +56,6 @@ def prepare(config: str, overrides: list[str], world_size: int, out: Path | None
             keep: bool = False) -> PreflightPlan:
     """Plan the full recipe at ``world_size`` (ConfigError when it is refused), estimate its memory,
     write the shrunk recipe and ``plan.json`` into the output directory; the plan."""
-    from acmoe_megatron.runtime.preflight.memory import estimate_memory
-    from acmoe_megatron.runtime.run_plan import build_plan
 
     if steps < 3:
         raise ConfigError(f"--steps {steps}: the preflight trains at least 3 steps")
@@ -143,8 +143,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def memory_only(cli) -> int:
-    from acmoe_megatron.runtime.preflight.memory import estimate_memory, memory_fix, memory_verdict, size
-    from acmoe_megatron.runtime.run_plan import build_plan
 
     if not cli.world_size:
         raise ConfigError("--memory-only needs --world-size (the job's process count)")
@@ -179,14 +177,14 @@ def main(argv=None) -> int:
         if cli.memory_only:
             return memory_only(cli)
         recipe = load_recipe(cli.config, cli.overrides)
-        nproc = cli.nproc
-        if nproc is None:
-            import torch
+        import torch
 
-            nproc = torch.cuda.device_count() or 2
+        nproc = cli.nproc or torch.cuda.device_count() or 2
         ensure_data(recipe)
+        # with a GPU, what this machine lacks (TE, FP8 capability) is a reported item, not a refusal;
+        # without one, a GPU recipe is refused here with the fix (megatron_args: CPU recipe on a CPU)
         plan = prepare(cli.config, cli.overrides, nproc, Path(cli.out) if cli.out else None, steps=cli.steps,
-                       gpu_memory_gib=cli.gpu_memory_gib, keep=cli.keep)
+                       remote=torch.cuda.is_available(), gpu_memory_gib=cli.gpu_memory_gib, keep=cli.keep)
     except ConfigError as err:
         print(f"acmoe-preflight: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG

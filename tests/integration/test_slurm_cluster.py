@@ -432,3 +432,70 @@ def test_one_task_per_process_launcher(cluster, corpus, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["iterations"] == 6 and summary["world_size"] == 2
     assert summary["parallel"] == {"tp": 1, "pp": 1, "ep": 2, "dp": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# the preflight (acmoe-launch slurm --preflight) on the same cluster
+
+
+def _launch(cluster: Cluster, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "acmoe_megatron.cli.launch", "slurm", "--config", str(RECIPE), "--gpus-per-node", "0",
+           "--time", "30", "--poll-seconds", "1", *args]
+    return subprocess.run(cmd, env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(900)
+def test_preflight_then_submit_on_two_nodes(cluster, corpus, tmp_path):
+    """EP=2 across the two nodes (srun, cyclic ranks: 0,2 on n1 and 1,3 on n2) and PP=2: the preflight
+    passes on the allocation, then the real job is submitted and trains."""
+    run_dir, pf_dir = tmp_path / "run", tmp_path / "preflight"
+    out = _launch(cluster, "--nodes", "2", "--procs-per-node", "2", "--launcher", "srun",
+                  "--sbatch-arg=--distribution=cyclic", "--run-dir", str(run_dir), "--preflight-dir", str(pf_dir),
+                  "--preflight", "--then-submit", *small_run(corpus, 6, **{"megatron.pipeline_model_parallel_size": 2}))
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, f"{text}\n{cluster.logs()}"
+    assert "verdict: PASS" in text and "preflight passed: submitting the real job" in text, text
+    report = json.loads((pf_dir / "preflight.json").read_text())
+    assert report["verdict"] == "pass" and report["world_size"] == 4
+    assert sorted(report["nodes"]) == ["n1", "n2"] and sorted(report["nodes"]["n1"]) == [0, 2], report["nodes"]
+    status = {x["item"]: x["status"] for x in report["items"] if x["item"] != "environment"}
+    assert status == {"fused paths": "pass", "fp8 gemm": "skipped", "memory": "skipped", "storage": "pass",
+                      "training": "pass", "pipeline labels": "pass", "collectives": "pass", "checkpoint": "pass",
+                      "tensorboard": "pass"}, report["items"]
+    a2a = [c for c in report["collectives"] if c["collective"] == "expert all-to-all"]
+    assert a2a and all(c["nodes"] == ["n1", "n2"] for c in a2a), report["collectives"]  # EP crosses the nodes
+    assert {x["where"] for x in report["items"] if x["item"] == "environment"} == {"node n1 (ranks 0,2)",
+                                                                                   "node n2 (ranks 1,3)"}
+    assert not list(run_dir.glob("preflight/*")), "the preflight's scratch checkpoint was left in the run dir"
+    # the real job, submitted only after the pass, trains the recipe's layout
+    job_id = re.search(r"submitted job (\d+)", out.stdout).group(1)
+    job = cluster.wait_job(job_id, 400)
+    log = (run_dir / "slurm_logs" / f"acmoe-tiny_cpu-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED", f"{job}\n{log[-5000:]}"
+    assert "parallel layout: world 4, tp 1, pp 2, cp 1, ep 2, etp 1, dp 2" in log
+    assert iterations(log, 6) == list(range(1, 7))
+
+
+@pytest.mark.timeout(600)
+def test_preflight_failure_stops_the_real_job(cluster, corpus, tmp_path):
+    """An unwritable run.dir (a path under a regular file: refused even to root): the preflight fails
+    on the storage and checkpoint items, names them, and the real job is never submitted."""
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("a file where the run directory should be\n")
+    run_dir, pf_dir = blocker / "run", tmp_path / "preflight"
+    before = set(cluster.run("squeue", "-h", "-o", "%i", check=False).stdout.split())
+    out = _launch(cluster, "--nodes", "2", "--run-dir", str(run_dir), "--preflight-dir", str(pf_dir),
+                  "--preflight", "--then-submit", *small_run(corpus, 6))
+    text = out.stdout + out.stderr
+    assert out.returncode == 3, text
+    assert "the real job was NOT submitted" in text and "submitted job" not in text, text
+    report = json.loads((pf_dir / "preflight.json").read_text())
+    failed = {x["item"]: x for x in report["items"] if x["status"] == "fail"}
+    assert set(failed) == {"storage", "checkpoint", "tensorboard"}, report["items"]
+    assert "Not a directory" in failed["storage"]["detail"] and str(run_dir) in failed["storage"]["detail"]
+    assert "writable shared file system" in failed["storage"]["fix"]
+    assert failed["storage"]["where"] == "all 2 ranks"
+    assert re.search(r"verdict: FAIL \(3 item\(s\)\): storage on all 2 ranks: checkpoint dir .*Not a directory", text)
+    # only the preflight ran: no job of the real name, nothing queued now
+    queued = set(cluster.run("squeue", "-h", "-o", "%i", check=False).stdout.split()) - before
+    assert not queued, queued

@@ -78,7 +78,7 @@ def shrink(recipe: Recipe, layout: dict, steps: int, stamp: str) -> tuple[Recipe
     ``layout`` (run_plan.parallel_layout). Pure: nothing is created."""
     mg = {k: v for k, v in recipe.megatron.items() if k not in _DROPPED}
     tp, pp = layout["tp"], layout["pp"]
-    vpp = recipe.megatron.get("virtual_pipeline_model_parallel_size")
+    vpp = recipe.megatron.get("num_virtual_stages_per_pipeline_rank")
     per_vstage = recipe.megatron.get("num_layers_per_virtual_pipeline_stage")
     if vpp is None and per_vstage:
         vpp = int(recipe.megatron["num_layers"]) // (pp * int(per_vstage))
@@ -97,8 +97,9 @@ def shrink(recipe: Recipe, layout: dict, steps: int, stamp: str) -> tuple[Recipe
         mg["moe_shared_expert_intermediate_size"] = 2 * hidden
     if mg.get("group_query_attention"):
         mg["num_query_groups"] = 2 * tp
+    mg.pop("num_virtual_stages_per_pipeline_rank", None)
     if vpp > 1:
-        mg["virtual_pipeline_model_parallel_size"] = vpp
+        mg["num_layers_per_virtual_pipeline_stage"] = layers // stages
     run_dir = Path(recipe.run.dir)
     scratch = run_dir / "preflight" / stamp
     ckpt = Path(recipe.megatron["save"]) / "preflight" / stamp if recipe.megatron.get("save") else scratch / "checkpoints"

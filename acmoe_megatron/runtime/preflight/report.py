@@ -91,12 +91,12 @@ def merge(plan: dict, ranks: dict[int, dict | None], launcher_items: list[dict] 
             lines.append({"item": item, "status": "fail", "where": _where([(r, n) for r, n, _ in failed], world),
                           "detail": it["detail"], "fix": it.get("fix", ""), "ranks": [r for r, _, _ in failed]})
         elif passed:
-            r, n, it = passed[-1] if item == "tensorboard" else passed[0]
+            it = (passed[-1] if item == "tensorboard" else passed[0])[2]
             extra = {k: v for k, v in it.items() if k in ("losses", "step_time_s", "relative_error", "wall_s")}
             lines.append({"item": item, "status": "pass", "where": _where([(r, n) for r, n, _ in passed], world),
                           "detail": it["detail"], **extra})
         else:
-            r, n, it = entries[0]
+            it = entries[0][2]
             lines.append({"item": item, "status": "skipped", "where": _where([(r, n) for r, n, _ in entries], world),
                           "detail": it["detail"]})
     lines += stopped

@@ -46,10 +46,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from acmoe_megatron.core.errors import ConfigError
+from acmoe_megatron.core.registry import entry
+from acmoe_megatron.data.megatron.keys import uses_megatron_data
+from acmoe_megatron.data.shards.manifest import read_manifest
+from acmoe_megatron.model.precision import check_fp8, have_nvidia_apex, have_transformer_engine, requested_fused
+from acmoe_megatron.observability.summary import read_scalars
 from acmoe_megatron.runtime import cpu_runtime
+from acmoe_megatron.runtime.forward_step import make_forward_step
 from acmoe_megatron.runtime.log_filters import quiet_library_warnings
+from acmoe_megatron.runtime.megatron_args import build_argv, validate_args
+from acmoe_megatron.runtime.model_provider import make_model_provider
 from acmoe_megatron.runtime.preflight.memory import memory_fix, memory_verdict
 from acmoe_megatron.runtime.preflight.plan import PreflightPlan
+from acmoe_megatron.runtime.recipe import load_recipe
+from acmoe_megatron.runtime.run_plan import megatron_args, megatron_data_standin
+from acmoe_megatron.runtime.train import install_run_hooks, make_datasets_provider
 
 FP8_MAX_RELATIVE_ERROR = 0.1  # e4m3 keeps 3 mantissa bits: a GEMM's relative error is a few percent
 
@@ -92,7 +104,6 @@ def _versions() -> dict:
         except metadata.PackageNotFoundError:
             return None
 
-    from acmoe_megatron.model.precision import have_nvidia_apex, have_transformer_engine
 
     te = have_transformer_engine()
     facts = {
@@ -131,7 +142,6 @@ def _capability() -> tuple[int, int] | None:
 
 
 def check_fused(rec: Recorder, args) -> bool:
-    from acmoe_megatron.model.precision import have_nvidia_apex, have_transformer_engine, requested_fused
 
     rec.running("fused paths")
     wanted = requested_fused(args, have_transformer_engine(), have_nvidia_apex(), _capability())
@@ -153,7 +163,6 @@ def check_fp8_gemm(rec: Recorder, plan: PreflightPlan) -> bool:
     if not torch.cuda.is_available():
         rec.item("fp8 gemm", "skipped", "no GPU")
         return True
-    from acmoe_megatron.model.precision import check_fp8, have_transformer_engine
 
     try:
         check_fp8(plan.fp8, plan.fp8_recipe, have_transformer_engine(), _capability())
@@ -281,13 +290,6 @@ def train_shrunk(rec: Recorder, plan: PreflightPlan, recipe, save_ok: bool, tb_o
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.training import pretrain
 
-    from acmoe_megatron.data.megatron.keys import uses_megatron_data
-    from acmoe_megatron.data.shards.manifest import read_manifest
-    from acmoe_megatron.runtime.forward_step import make_forward_step
-    from acmoe_megatron.runtime.megatron_args import build_argv, validate_args
-    from acmoe_megatron.runtime.model_provider import make_model_provider
-    from acmoe_megatron.runtime.run_plan import megatron_data_standin
-    from acmoe_megatron.runtime.train import install_run_hooks, make_datasets_provider
 
     rec.running("training")
     mg = dict(recipe.megatron)
@@ -324,7 +326,6 @@ def train_shrunk(rec: Recorder, plan: PreflightPlan, recipe, save_ok: bool, tb_o
 
 
 def check_pipeline_labels(rec: Recorder, plan: PreflightPlan, recipe, trained: bool) -> None:
-    from acmoe_megatron.core.registry import entry
 
     pp = plan.layout["pp"]
     if pp == 1:
@@ -438,7 +439,6 @@ def check_checkpoint(rec: Recorder, built: list, args, steps: int) -> None:
 def check_tensorboard(rec: Recorder, tb_dir: str, steps: int) -> None:
     from megatron.training.global_vars import get_tensorboard_writer
 
-    from acmoe_megatron.observability.summary import read_scalars
 
     rec.running("tensorboard")
     writer = get_tensorboard_writer()
@@ -455,7 +455,7 @@ def check_tensorboard(rec: Recorder, tb_dir: str, steps: int) -> None:
         rec.item("tensorboard", "fail", f"{tb_dir}: lm loss missing at steps {missing}, non-finite at {bad}",
                  fix="megatron's TensorBoard writer did not record every step: check tensorboard_dir's file system")
         return
-    rec.item("tensorboard", "pass", f"event file read back: lm loss " + " ".join(f"{losses[s]:.3f}" for s in
+    rec.item("tensorboard", "pass", "event file read back: lm loss " + " ".join(f"{losses[s]:.3f}" for s in
              sorted(losses)) + (f"; step time {step_time:.3f} s (median after step 1)" if step_time else ""),
              losses=[losses[s] for s in sorted(losses)], step_time_s=step_time)
 
@@ -486,7 +486,6 @@ def main(argv=None) -> int:
     rec = Recorder(Path(plan.out), rank, node, local_rank)
     cpu_runtime.install_for_training()
     quiet_library_warnings()
-    from acmoe_megatron.runtime.recipe import load_recipe
 
     recipe = load_recipe(plan.shrunk)
     rec.running("environment")
@@ -500,14 +499,14 @@ def main(argv=None) -> int:
     if dist.get_world_size() != world:
         raise RuntimeError(f"world size {dist.get_world_size()} != WORLD_SIZE {world}")
 
-    from acmoe_megatron.data.megatron.keys import uses_megatron_data
-    from acmoe_megatron.data.shards.manifest import read_manifest
-    from acmoe_megatron.runtime.megatron_args import build_argv
-    from acmoe_megatron.runtime.run_plan import megatron_args, megatron_data_standin
 
     manifest = megatron_data_standin(recipe) if uses_megatron_data(recipe.megatron) else read_manifest(recipe.data.path)
-    args = megatron_args(build_argv(recipe, manifest), world, remote=True)
-    fused_ok = check_fused(rec, args)
+    try:
+        args = megatron_args(build_argv(recipe, manifest), world, remote=True)
+        fused_ok = check_fused(rec, args)
+    except ConfigError as err:  # megatron refuses the recipe on this machine (e.g. a CUDA-only path)
+        rec.item("fused paths", "fail", f"megatron refuses the recipe here: {err}", fix=str(err))
+        fused_ok = False
     check_fp8_gemm(rec, plan)
     check_memory(rec, plan)
     storage = check_storage(rec, plan, rank)

@@ -51,3 +51,23 @@ def test_fused_path_report_on_this_machine():
     te_args = types.SimpleNamespace(transformer_impl="transformer_engine", moe_grouped_gemm=True,
                                     fp8="hybrid", fp8_recipe="delayed")
     assert fused_paths(te_args)["experts"].startswith("TEGroupedMLP")
+
+
+def test_requested_fused_paths_against_the_machine():
+    from types import SimpleNamespace
+
+    from acmoe_megatron.model.precision import requested_fused
+
+    args = SimpleNamespace(transformer_impl="transformer_engine", moe_grouped_gemm=True, moe_permute_fusion=False,
+                           cross_entropy_loss_fusion=False, gradient_accumulation_fusion=True, fp8="hybrid",
+                           fp8_recipe="blockwise")
+    ok = requested_fused(args, have_te=True, have_apex=False, cuda_capability=(9, 0))
+    assert [w["path"] for w in ok] == ["transformer_impl=transformer_engine", "moe_grouped_gemm (TEGroupedMLP)",
+                                       "gradient_accumulation_fusion", "fp8 hybrid / blockwise"]
+    assert all(w["available"] for w in ok)
+    no_te = {w["path"]: w for w in requested_fused(args, have_te=False, have_apex=False, cuda_capability=(9, 0))}
+    assert not no_te["moe_grouped_gemm (TEGroupedMLP)"]["available"] and "NGC" in no_te["moe_grouped_gemm (TEGroupedMLP)"]["fix"]
+    assert not no_te["fp8 hybrid / blockwise"]["available"] and "Transformer Engine" in no_te["fp8 hybrid / blockwise"]["fix"]
+    ada = {w["path"]: w for w in requested_fused(args, have_te=True, have_apex=False, cuda_capability=(8, 9))}
+    assert not ada["fp8 hybrid / blockwise"]["available"] and "Hopper-only" in ada["fp8 hybrid / blockwise"]["fix"]
+    assert requested_fused(SimpleNamespace(transformer_impl="local"), False, False, None) == []
