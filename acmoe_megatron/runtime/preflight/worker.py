@@ -268,7 +268,7 @@ def check_storage(rec: Recorder, plan: PreflightPlan, rank: int) -> dict[str, bo
             lines.append(f"{where}: 1 MiB written+synced at {1 / 1024 / max(seconds, 1e-9):.2f} GiB/s")
         except OSError as err:
             ok[key] = False
-            problems.append(f"{key.replace('_', ' ')} {where}: {err}")
+            problems.append(f"{key.replace('_', ' ')} {where}: {err.strerror or err}")
     if problems:
         rec.item("storage", "fail", "; ".join(problems),
                  fix="point run.dir (or megatron.save / tensorboard_dir) at a writable shared file system "
