@@ -6,6 +6,10 @@ script imports one module and the package keeps its layers (the facade sits abov
 * ``patch_block_spec(spec, settings, config, vp_stage=...)`` (``model/spec.py``) — takes the block spec the
   script already built (Transformer Engine or local, any options, or customised) and swaps only the
   routers of the intended MoE layers (and, with ``elliptical``, the core attention).
+* ``patch_hybrid_stack_spec(stack_spec, settings, config, pattern)`` (``model/hybrid_spec.py``) — the same
+  for megatron-core's ``HybridModel``: the MoE layers (``E``) of its layer pattern get our routers,
+  ``first_ac_layer`` counting the pattern's MoE layers; ``local_hybrid_stack_spec(config)`` is a
+  stack of megatron's local modules (megatron's stock ``hybrid_stack_spec`` is Transformer Engine only).
 * ``attach(model_chunks)`` (``runtime/attach.py``) — gives every built model chunk its ``chunk_state.ChunkState`` (labels,
   elliptical values, token ids, metrics, the pipeline hand-off) and registers the two forward hooks
   that run the per-micro-batch protocol, so megatron's stock forward step, pipeline schedules
@@ -39,12 +43,14 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
 from acmoe_megatron.core.settings import ACSettings, EllipticalSettings
 from acmoe_megatron.model.checks import check_settings
+from acmoe_megatron.model.hybrid_spec import local_hybrid_stack_spec, patch_hybrid_stack_spec
 from acmoe_megatron.model.spec import patch_block_spec
 from acmoe_megatron.runtime.attach import attach
 from acmoe_megatron.runtime.hooks import install_expert_norm
 
 __all__ = ["patch_block_spec", "attach", "add_arguments", "settings_from_args", "validate_args",
-           "install_expert_norm", "bridge_layer_spec", "pre_wrap_hook", "settings_argv"]
+           "install_expert_norm", "bridge_layer_spec", "pre_wrap_hook", "settings_argv", "patch_hybrid_stack_spec",
+           "local_hybrid_stack_spec"]
 
 
 def pre_wrap_hook(progress=None) -> Callable[[list], list]:

@@ -56,6 +56,9 @@ def plan(cli) -> list[str]:
         raise ConfigError(f"acmoe.router={recipe.acmoe.router!r} cannot be exported: {refusal}")
     if recipe.elliptical.enabled:
         raise ConfigError("elliptical attention cannot be exported (the HF model has megatron's dot-product attention)")
+    if recipe.megatron.get("hybrid_layer_pattern"):
+        raise ConfigError("a HybridModel run (megatron.hybrid_layer_pattern) cannot be exported yet: the HF model is a "
+                          "GPT decoder of attention+MLP layers; acmoe-eval and acmoe-generate load it")
     try:
         read_manifest(recipe.data.path)
     except (OSError, ValueError) as err:

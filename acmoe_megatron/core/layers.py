@@ -14,6 +14,11 @@ same functions off a megatron ``TransformerConfig``. Layer numbers are megatron'
   on (what a ``from_first_ac_layer`` router routes; none when the model has fewer MoE layers).
 * ``layer_routers`` — the router name of each decoder layer (None for dense ones), as the
   registry's ``from_first_ac_layer`` places ``acmoe.router`` and ``acmoe.lead_router``.
+* ``hybrid_layers(pattern)`` — megatron-core's HybridModel describes its decoder by a layer pattern
+  (``*`` attention, ``-`` MLP, ``E`` MoE, ``M`` Mamba, ``G`` gated delta net, ``D``/``L`` other
+  attentions; ``|`` pipeline stage boundaries, ``/`` multi-token-prediction depths after the main
+  pattern). Every symbol of the main pattern is one layer, numbered 1.. as megatron's HybridStack
+  numbers them, so its (number of layers, 0/1 MoE pattern) feed the functions above unchanged.
 """
 
 from __future__ import annotations
@@ -55,3 +60,15 @@ def layer_routers(num_layers: int, moe_layer_freq: int | list[int] | tuple[int, 
     ac = set(ac_layers(num_layers, moe_layer_freq, first_ac_layer) if registry.entry(router).from_first_ac_layer
              else moe)
     return [None if n not in moe else router if n in ac else lead_router for n in range(1, num_layers + 1)]
+
+
+HYBRID_MOE, HYBRID_PIPE, HYBRID_MTP = "E", "|", "/"
+
+
+def hybrid_layers(pattern: str) -> tuple[int, list[int]]:
+    """(number of decoder layers, 0/1 MoE pattern) of a HybridModel layer pattern: one layer per
+    symbol of the main pattern (before the first ``/``), ``|`` stage boundaries not counted."""
+    main = pattern.split(HYBRID_MTP)[0].replace(HYBRID_PIPE, "")
+    if not main:
+        raise ValueError(f"hybrid layer pattern {pattern!r} has no layers")
+    return len(main), [1 if symbol == HYBRID_MOE else 0 for symbol in main]

@@ -35,7 +35,12 @@ def check_settings(args, acmoe, elliptical=None, host_checks: bool = True) -> No
             f"expert_model_parallel_size={args.expert_model_parallel_size}"
         )
 
-    n_moe = len(layers.moe_layers(args.num_layers, args.moe_layer_freq))
+    pattern = args.hybrid_layer_pattern  # megatron's HybridModel: the MoE layers are the pattern's E
+    n_moe = len(layers.moe_layers(*(layers.hybrid_layers(pattern) if pattern else (args.num_layers,
+                                                                                      args.moe_layer_freq))))
+    if pattern and elliptical is not None and elliptical.enabled:
+        raise ConfigError("elliptical.enabled with megatron.hybrid_layer_pattern: elliptical attention is patched "
+                          "into the GPT decoder spec only; use a GPTModel (no hybrid_layer_pattern)")
     if acmoe.router != "topk" and acmoe.first_ac_layer > n_moe:
         raise ConfigError(
             f"acmoe.first_ac_layer={acmoe.first_ac_layer} but the model has only {n_moe} MoE "

@@ -40,19 +40,33 @@ from acmoe_megatron.core.settings import ACSettings, EllipticalSettings
 from acmoe_megatron.model.elliptical import elliptical_layer_specs
 
 
-def moe_layer_numbers(config) -> list[int]:
+def decoder_layers(config, hybrid_pattern: str | None = None) -> tuple[int, int | list[int]]:
+    """(number of decoder layers, MoE pattern): a GPTModel's ``num_layers`` and ``moe_layer_freq``,
+    or those of a HybridModel's layer pattern (``core.layers.hybrid_layers``)."""
+    if hybrid_pattern:
+        return layers.hybrid_layers(hybrid_pattern)
+    return config.num_layers, config.moe_layer_freq
+
+
+def moe_layer_numbers(config, hybrid_pattern: str | None = None) -> list[int]:
     """Global 1-based layer numbers of all MoE layers (none without ``num_moe_experts``)."""
     if not config.num_moe_experts:
         return []
-    return layers.moe_layers(config.num_layers, config.moe_layer_freq)
+    return layers.moe_layers(*decoder_layers(config, hybrid_pattern))
 
 
-def layer_router_names(config, settings: ACSettings) -> list[str | None]:
+def layer_router_names(config, settings: ACSettings, hybrid_pattern: str | None = None) -> list[str | None]:
     """The registry name of each global layer's router (None: dense), ``layers.layer_routers``."""
+    num_layers, freq = decoder_layers(config, hybrid_pattern)
     if not config.num_moe_experts:
-        return [None] * config.num_layers
-    return layers.layer_routers(config.num_layers, config.moe_layer_freq, settings.router,
-                                settings.first_ac_layer, settings.lead_router)
+        return [None] * num_layers
+    return layers.layer_routers(num_layers, freq, settings.router, settings.first_ac_layer, settings.lead_router)
+
+
+def router_builder(name: str, settings: ACSettings, vocab_size: int | None = None):
+    """megatron's ``MoESubmodules.router`` for our router ``name``: its class with its settings."""
+    cls = registry.router_class(name)
+    return functools.partial(cls, **cls.spec_kwargs(settings, vocab_size=vocab_size))
 
 
 def local_layer_numbers(config, vp_stage=None, pp_rank=None) -> list[int]:
@@ -68,15 +82,15 @@ def local_layer_numbers(config, vp_stage=None, pp_rank=None) -> list[int]:
     return list(range(offset + 1, offset + n + 1))
 
 
-def _with_router(layer_spec, router_builder):
-    """Copy of a MoE layer spec whose ``MoESubmodules.router`` is ``router_builder`` (the MLP given
+def with_router(layer_spec, builder):
+    """Copy of a MoE layer spec whose ``MoESubmodules.router`` is ``builder`` (the MLP given
     as megatron's ``functools.partial(MoELayer, submodules=...)`` or as a ``ModuleSpec``)."""
     mlp = layer_spec.submodules.mlp
     if isinstance(mlp, functools.partial):
-        moe_submodules = dataclasses.replace(mlp.keywords["submodules"], router=router_builder)
+        moe_submodules = dataclasses.replace(mlp.keywords["submodules"], router=builder)
         new_mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": moe_submodules})
     else:
-        new_mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, router=router_builder))
+        new_mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, router=builder))
     return dataclasses.replace(
         layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=new_mlp)
     )
@@ -131,9 +145,7 @@ def patch_block_spec(
                     f"layer {n} is an MoE layer by moe_layer_freq={config.moe_layer_freq!r}, but its spec "
                     f"has no megatron MoELayer MLP ({layer_spec!r}); build the spec with num_experts set"
                 )
-            cls = registry.router_class(name)
-            builder = functools.partial(cls, **cls.spec_kwargs(settings, vocab_size=vocab_size))
-            layer_spec = _with_router(layer_spec, builder)
+            layer_spec = with_router(layer_spec, router_builder(name, settings, vocab_size))
         layer_specs.append(layer_spec)
     layer_specs = elliptical_layer_specs(config, elliptical, numbers, layer_specs)
     return dataclasses.replace(block, layer_specs=layer_specs)

@@ -28,9 +28,16 @@ def _transport(vp_size: int | None):
     return _TRANSPORTS[vp_size]
 
 
+def hybrid_pattern(chunk) -> str | None:
+    """The layer pattern of a megatron HybridModel chunk (None for a GPTModel)."""
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    return chunk.hybrid_layer_pattern if isinstance(chunk, HybridModel) else None
+
+
 def attach(model, *, progress: Callable[[], tuple[int, int | None]] | None = None) -> list:
-    """Give every model chunk (a GPTModel, possibly wrapped by megatron's DDP/Float16Module, or a
-    list of them) its cross-layer state and micro-batch hooks; returns the states, in chunk order.
+    """Give every model chunk (a GPTModel or HybridModel, possibly wrapped by megatron's
+    DDP/Float16Module, or a list of them) its cross-layer state and micro-batch hooks; returns the states, in chunk order.
 
     Call it once per chunk on every rank, after the chunk is built (in the model provider, or on
     the list of chunks). ``progress``: where routers that change with training progress (StableMoE)
@@ -43,7 +50,7 @@ def attach(model, *, progress: Callable[[], tuple[int, int | None]] | None = Non
         config = gpt.config
         users = [m for m in gpt.modules() if isinstance(m, UsesChunkState)]
         elliptical = [m.elliptical for m in users if isinstance(m, EllipticalAttentionMixin)]
-        moe_numbers = moe_layer_numbers(config)
+        moe_numbers = moe_layer_numbers(config, hybrid_pattern(gpt))
         state = ChunkState(
             moe_numbers, [layer.layer_number for layer in gpt.decoder.layers], gpt.vp_stage,
             metrics=RouterMetrics(config.num_moe_experts, moe_numbers) if moe_numbers else None,

@@ -332,6 +332,20 @@ def _shim_norm():
     return saved
 
 
+# core 6b hybrid_norm -- call site megatron.core.models.hybrid.hybrid_block.TENorm: HybridStack
+#   builds its final norm as Transformer Engine's ``TENorm`` whatever its spec says (megatron's
+#   stock hybrid specs are TE-only), and TENorm raises without TE. Here (no CUDA, so no TE) it gets
+#   the local spec's norm, megatron's WrappedTorchNorm (above) -- the class a GPTModel's local
+#   spec uses for its final_layernorm, so a local hybrid stack computes what that GPTModel does.
+def _shim_hybrid_norm():
+    import megatron.core.models.hybrid.hybrid_block as hybrid_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    saved = []
+    _swap(saved, hybrid_block, "TENorm", WrappedTorchNorm)
+    return saved
+
+
 # core 7 gloo_uneven -- call sites megatron.core.tensor_parallel.mappings._gather_along_first_dim
 #   (dist.all_gather(list)) and _reduce_scatter_along_first_dim (dist.reduce_scatter(list)): with
 #   expert-TP > 1 the all-to-all dispatcher gathers / scatters tokens over expt_tp with *uneven*
@@ -468,6 +482,7 @@ SHIMS: tuple[Shim, ...] = (
          also=(f"{_MOE}.token_dispatcher.maybe_move_tensor_to_cpu",)),
     Shim("norm", "megatron.core.transformer.torch_norm.WrappedTorchNorm.__new__",
          _shim_norm, _restore, "core"),
+    Shim("hybrid_norm", "megatron.core.models.hybrid.hybrid_block.TENorm", _shim_hybrid_norm, _restore, "core"),
     Shim("gloo_uneven", f"{_TP}.mappings._gather_along_first_dim",
          _shim_gloo_uneven, _restore, "core",
          also=(f"{_TP}.mappings._reduce_scatter_along_first_dim",)),

@@ -1,5 +1,6 @@
 """The model provider of megatron's trainer: megatron's ``GPTModel`` on megatron's own block spec
-with our routers patched in (``model/spec.py``) and the chunk attached (``plugin.attach``), built
+with our routers patched in (``model/spec.py``), or megatron's ``HybridModel`` when the recipe sets
+``megatron.hybrid_layer_pattern`` (``model/hybrid_spec.py``), the chunk attached (``plugin.attach``), built
 from megatron's parsed arguments. Shared by the trainer (``runtime/train.py``) and every tool that
 loads a trained run (``inference/loader.py``), so a checkpoint is always loaded into the model it
 was trained as.
@@ -10,6 +11,7 @@ runtime (``cpu_runtime.install_for_training``) before megatron's trainer is impo
 
 from __future__ import annotations
 
+from acmoe_megatron.model.hybrid_spec import acmoe_hybrid_stack_spec
 from acmoe_megatron.model.spec import acmoe_block_spec
 from acmoe_megatron.runtime.attach import attach
 
@@ -25,6 +27,8 @@ def make_model_provider(recipe):
         args = get_args()
         if config is None:
             config = core_transformer_config_from_args(args)
+        if args.hybrid_layer_pattern:
+            return _hybrid_model(args, config, pre_process, post_process, vp_stage, pg_collection)
         spec = acmoe_block_spec(
             config, recipe.acmoe, use_transformer_engine=args.transformer_impl == "transformer_engine",
             normalization=args.normalization, vp_stage=vp_stage, vocab_size=args.padded_vocab_size,
@@ -45,6 +49,25 @@ def make_model_provider(recipe):
             rotary_base=args.rotary_base,
             vp_stage=vp_stage,
             pg_collection=pg_collection,
+        )
+        attach(model)
+        return model
+
+    def _hybrid_model(args, config, pre_process, post_process, vp_stage, pg_collection):
+        """megatron's HybridModel (``megatron.hybrid_layer_pattern``) on its stack spec, patched."""
+        from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+        spec = acmoe_hybrid_stack_spec(
+            config, recipe.acmoe, args.hybrid_layer_pattern,
+            use_transformer_engine=args.transformer_impl == "transformer_engine",
+            normalization=args.normalization, vocab_size=args.padded_vocab_size, qk_l2_norm=args.qk_l2_norm)
+        model = HybridModel(
+            config=config, hybrid_stack_spec=spec, vocab_size=args.padded_vocab_size,
+            max_sequence_length=args.max_position_embeddings, hybrid_layer_pattern=args.hybrid_layer_pattern,
+            pre_process=pre_process, post_process=post_process, fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+            parallel_output=True, share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
+            rotary_base=args.rotary_base, vp_stage=vp_stage, pg_collection=pg_collection,
         )
         attach(model)
         return model

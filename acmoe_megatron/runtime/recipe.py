@@ -192,6 +192,12 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     section, key = lhs.split(".", 1)
     if section not in SECTIONS:
         raise ConfigError(f"override {text!r}: unknown section {section!r}{_suggest(section, SECTIONS)}")
+    if raw[:1] in "*&!|>%@`" and raw != "":  # YAML syntax characters: a hybrid pattern such as *E*E is text
+        try:
+            return section, key, _yaml(raw, f"override {text!r}")
+        except ConfigError as err:
+            raise ConfigError(f"{err}; a value starting with {raw[0]!r} is YAML syntax: quote it, e.g. "
+                              f"{section}.{key}=\"'{raw}'\"") from None
     return section, key, _yaml(raw, f"override {text!r}") if raw != "" else None
 
 

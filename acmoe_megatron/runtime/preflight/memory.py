@@ -28,6 +28,9 @@ def estimate_memory(args) -> dict:
     """Bytes per GPU of the most loaded pipeline stage for megatron's validated ``args`` of the
     full recipe: parameters, gradients, optimizer, activations, total (+ the parameter count)."""
     from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
+
+    if args.hybrid_layer_pattern:
+        raise ValueError("megatron's theoretical-memory report does not cover HybridModel (hybrid_layer_pattern)")
     from megatron.training import theoretical_memory_usage as tmu
 
     quiet = contextlib.redirect_stdout(io.StringIO())

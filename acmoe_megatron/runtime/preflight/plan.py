@@ -6,8 +6,8 @@ layout (TP, PP, VPP, EP, ETP, CP, DP, sequence parallel), the experts, router an
 (bf16 / FP8 and its recipe), the transformer implementation and fused paths, the token dispatcher,
 the distributed optimizer and its overlaps, the data and its sequence length, the checkpoint
 format — and makes the rest small: one layer per virtual pipeline stage (at least two, so the first
-AC layer routes from labels of another layer, across a stage boundary when PP > 1), every layer
-MoE, hidden 64 per tensor-parallel rank, FFN sizes twice that, one micro-batch per rank and
+AC layer routes from labels of another layer, across a stage boundary when PP > 1; a HybridModel
+keeps its layer pattern, which is its layout), every layer MoE, hidden 64 per tensor-parallel rank, FFN sizes twice that, one micro-batch per rank and
 2 x PP micro-batches per step, no evaluation, ``steps`` iterations, a checkpoint at the last one
 and TensorBoard every step. Checkpoints and TensorBoard go to a fresh directory beside the real
 ones (``<run.dir>/preflight/<stamp>``, or beside ``megatron.save`` / ``tensorboard_dir`` when the
@@ -91,6 +91,8 @@ def shrink(recipe: Recipe, layout: dict, steps: int, stamp: str) -> tuple[Recipe
               micro_batch_size=1, global_batch_size=layout["dp"] * 2 * pp, train_iters=steps,
               lr_warmup_iters=0, lr_decay_style="constant", eval_iters=0, eval_interval=steps, save_interval=steps, log_interval=1,
               log_timers_to_tensorboard=True, log_throughput=True)
+    if mg.get("hybrid_layer_pattern"):  # a HybridModel: its pattern is its layout (| stages); megatron counts it
+        mg.pop("num_layers")
     if mg.get("num_experts"):
         mg["moe_ffn_hidden_size"] = 2 * hidden
     if mg.get("moe_shared_expert_intermediate_size"):
@@ -107,7 +109,7 @@ def shrink(recipe: Recipe, layout: dict, steps: int, stamp: str) -> tuple[Recipe
           else scratch / "tensorboard")
     mg.update(save=str(ckpt.absolute()), tensorboard_dir=str(tb.absolute()))
     acmoe = recipe.acmoe
-    if entry(acmoe.router).from_first_ac_layer:
+    if entry(acmoe.router).from_first_ac_layer and not recipe.megatron.get("hybrid_layer_pattern"):
         acmoe = dataclasses.replace(acmoe, first_ac_layer=2)  # layer 2 routes from layer 1's labels (stage 0)
     shrunk = dataclasses.replace(recipe, megatron=mg, acmoe=acmoe,
                                  run=dataclasses.replace(recipe.run, dir=str(scratch.absolute()), image_interval=0))

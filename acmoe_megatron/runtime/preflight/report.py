@@ -87,11 +87,12 @@ def merge(plan: dict, ranks: dict[int, dict | None], launcher_items: list[dict] 
         failed = [(r, n, it) for r, n, it in entries if it["status"] == "fail"]
         passed = [(r, n, it) for r, n, it in entries if it["status"] == "pass"]
         if failed:
-            r, n, it = failed[0]
+            it = failed[0][2]
             lines.append({"item": item, "status": "fail", "where": _where([(r, n) for r, n, _ in failed], world),
                           "detail": it["detail"], "fix": it.get("fix", ""), "ranks": [r for r, _, _ in failed]})
         elif passed:
-            it = (passed[-1] if item == "tensorboard" else passed[0])[2]
+            pick = [e for e in passed if e[2].get("crossings")] or passed  # pipeline labels: a stage that received
+            it = (pick[-1] if item in ("tensorboard", "pipeline labels") else pick[0])[2]
             extra = {k: v for k, v in it.items() if k in ("losses", "step_time_s", "relative_error", "wall_s")}
             lines.append({"item": item, "status": "pass", "where": _where([(r, n) for r, n, _ in passed], world),
                           "detail": it["detail"], **extra})

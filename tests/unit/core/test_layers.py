@@ -68,3 +68,13 @@ def test_baselines_route_every_moe_layer_whatever_first_ac_layer():
 def test_an_unknown_router_is_refused():
     with pytest.raises(ValueError, match="unknown router 'nope'"):
         layers.layer_routers(4, 1, "nope", 1)
+
+
+def test_hybrid_pattern_layers():
+    from acmoe_megatron.core.layers import ac_layers, hybrid_layers
+
+    assert hybrid_layers("*E*E|*E*E") == (8, [0, 1, 0, 1, 0, 1, 0, 1])
+    assert hybrid_layers("M*-E/E") == (4, [0, 0, 0, 1])  # MTP depths after "/" are not decoder layers
+    assert ac_layers(*hybrid_layers("*-*E*E*E"), first_ac_layer=2) == [6, 8]
+    with pytest.raises(ValueError, match="no layers"):
+        hybrid_layers("|/E")

@@ -22,7 +22,7 @@ import torch
 from acmoe_megatron.runtime import cpu_runtime
 
 ROOT = Path(__file__).resolve().parents[3]
-CORE_SHIMS = ["streams", "device", "rng", "splits", "norm", "gloo_uneven"]
+CORE_SHIMS = ["streams", "device", "rng", "splits", "norm", "hybrid_norm", "gloo_uneven"]
 SCOPED_SHIMS = ["cudamode"]  # entered only inside ``with cpu_runtime.device_redirect():``
 TRAINING_SHIMS = ["T1_T2_initialize_without_cuda", "T4_clip_grads", "T5_device_arch"]
 
@@ -325,6 +325,7 @@ def test_uninstall_all_restores_the_originals_and_install_reapplies():
         import megatron.core.transformer.moe.moe_utils as moe_utils
         import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
         import megatron.core.transformer.torch_norm as torch_norm
+        import megatron.core.models.hybrid.hybrid_block as hybrid_block
         import megatron.training.arguments as arguments
         import megatron.training.training as training
         import megatron.training.utils.common_utils as common_utils
@@ -336,7 +337,7 @@ def test_uninstall_all_restores_the_originals_and_install_reapplies():
             (torch.cuda.random, "get_rng_state"), (torch.cuda.random, "set_rng_state"),
             (tp_random, "_get_cuda_rng_state"), (tp_random, "_set_cuda_rng_state"),
             (moe_utils, "maybe_move_tensor_to_cpu"), (token_dispatcher, "maybe_move_tensor_to_cpu"),
-            (torch_norm.WrappedTorchNorm, "__new__"),
+            (torch_norm.WrappedTorchNorm, "__new__"), (hybrid_block, "TENorm"),
             (dist, "all_gather"), (dist, "reduce_scatter"),
             (training, "initialize_megatron"),
             (clip_grads, "clip_grad_by_total_norm_fp32"), (optimizer, "clip_grad_by_total_norm_fp32"),
@@ -371,7 +372,7 @@ def test_uninstall_all_restores_the_originals_and_install_reapplies():
 
         # install() applies afresh, wrapping the restored original (not a previous wrapper)
         assert cpu_runtime.install() is True
-        assert cpu_runtime.APPLIED == applied[:6], cpu_runtime.APPLIED
+        assert cpu_runtime.APPLIED == applied[:7], cpu_runtime.APPLIED  # the core shims
         assert moe_utils.maybe_move_tensor_to_cpu is not orig_move
         assert moe_utils.maybe_move_tensor_to_cpu.__wrapped__ is orig_move
         assert token_dispatcher.maybe_move_tensor_to_cpu is moe_utils.maybe_move_tensor_to_cpu

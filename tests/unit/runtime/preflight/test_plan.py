@@ -74,3 +74,10 @@ def test_expert_shape_is_the_recipes():
     shape = expert_shape(recipe)
     assert shape["hidden"] == 4096 and shape["ffn"] == 2 * 14336  # swiglu: gate + up
     assert shape["tokens_per_expert"] % 16 == 0 and shape["experts"] == 8
+
+
+def test_hybrid_pattern_is_kept():
+    _, _, shrunk, _ = _shrunk("configs/tiny_cpu.yaml", 2, "megatron.hybrid_layer_pattern='*E*E|*E*E'",
+                              "megatron.pipeline_model_parallel_size=2", "megatron.expert_model_parallel_size=1")
+    assert shrunk.megatron["hybrid_layer_pattern"] == "*E*E|*E*E" and "num_layers" not in shrunk.megatron
+    assert shrunk.acmoe.first_ac_layer == 3  # the recipe's: the pattern places the AC layers
