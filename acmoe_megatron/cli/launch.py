@@ -103,7 +103,7 @@ def cmd_resolve(args) -> int:
 
         # a requeued job: the checkpoint it resumes from is complete, before any training process starts
         check_resume_checkpoint(Path(recipe.megatron.get("load") or run_dir / "checkpoints"),
-                                recipe.megatron.get("ckpt_step"))
+                                recipe.megatron.get("ckpt_step"), recipe.run.checkpoint_verify)
         if args.world_size:  # the whole run plan on the head node, before any training process starts
 
             layout = build_plan(recipe, args.world_size).layout

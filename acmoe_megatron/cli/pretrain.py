@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         if cli.resume_from is not None:
             for d in resume_from(ckpt_dir, cli.resume_from):
                 print(f"[acmoe] set aside {d} (newer than the checkpoint to resume from)", flush=True)
-        check_resume_checkpoint(ckpt_dir, recipe.megatron.get("ckpt_step"))
+        check_resume_checkpoint(ckpt_dir, recipe.megatron.get("ckpt_step"), recipe.run.checkpoint_verify)
         nproc = cli.nproc if cli.nproc is not None else default_nproc()
         build_plan(recipe, nproc)  # megatron's own argument checks + ours, before any process starts
         ensure_data(recipe)

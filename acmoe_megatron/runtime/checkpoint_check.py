@@ -9,15 +9,20 @@ range it is stored in, so a missing or truncated shard file is found from the si
 reading the data. Each problem is a ``ConfigError`` naming the file, the complete earlier
 iterations and the fix: ``acmoe-pretrain ... --resume-from N`` (``resume_from``: checks iteration N,
 sets the newer iterations aside as ``iter_XXXXXXX.damaged`` and makes N the latest, so this and
-every later restart continue from N). What it cannot see: bytes flipped inside a shard of the
-right size (the format stores no checksums).
+every later restart continue from N). Bytes changed inside a shard of the right size are found by
+the checksums written at the save (``checkpoint_digest.py``: the iteration to load is hashed and
+compared, ``run.checkpoint_verify``); the earlier iterations offered as choices are checked by
+size only.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import sys
+
 from acmoe_megatron.core.errors import ConfigError
+from acmoe_megatron.runtime.checkpoint_digest import verify
 
 TRACKER = "latest_checkpointed_iteration.txt"
 INFERENCE_STATS_FILE = "acmoe_inference_stats.pt"  # acmoe-eval --calibrate's tables, inside an iteration
@@ -66,8 +71,9 @@ def complete_iterations(ckpt_dir: Path) -> list[int]:
     return [it for it in its if problem(iteration_dir(ckpt_dir, it)) is None]
 
 
-def check_resume_checkpoint(ckpt_dir: Path, ckpt_step: int | None = None) -> int | None:
-    """The iteration a start in ``ckpt_dir`` resumes from, checked; None for a fresh start."""
+def check_resume_checkpoint(ckpt_dir: Path, ckpt_step: int | None = None, checksums: str = "auto") -> int | None:
+    """The iteration a start in ``ckpt_dir`` resumes from, checked (sizes, then its checksums as
+    ``checksums`` = run.checkpoint_verify says); None for a fresh start."""
     tracker = ckpt_dir / TRACKER
     if ckpt_step is None and not tracker.is_file():
         return None  # nothing saved yet: megatron starts from scratch
@@ -82,6 +88,10 @@ def check_resume_checkpoint(ckpt_dir: Path, ckpt_step: int | None = None) -> int
                               f"checkpoint into it ({_choices(ckpt_dir)})")
         iteration, source = int(text), str(tracker)
     why = problem(iteration_dir(ckpt_dir, iteration))
+    if why is None:
+        why, warning = verify(iteration_dir(ckpt_dir, iteration), checksums)
+        if warning:
+            print(f"[acmoe] warning: {warning}", file=sys.stderr, flush=True)
     if why is None:
         return iteration
     raise ConfigError(

@@ -9,6 +9,9 @@ skipping a hook; ``APPLIED`` lists what was wrapped, in order. Several hooks may
 site (``save_checkpoint``: retention, the disk-full exit, the metrics' timing); each wraps what the
 previous one left, in the order the trainer installs them (``runtime/train.py``).
 
+* ``install_checkpoint_checksums``: ``run.checkpoint_checksums`` — after each save every process hashes
+  its share of the completed iterations' files in a background thread (``checkpoint_digest.py``);
+  ``finish_checkpoint_checksums`` waits for them at the end of the run.
 * ``install_checkpoint_retention``: ``run.keep_last_checkpoints`` — after each completed save keep
   only the newest N ``iter_*`` directories.
 * ``install_expert_norm``: ``acmoe.expert_norm`` — registers expert_norm.py's rescale on the
@@ -47,6 +50,7 @@ from acmoe_megatron.model.chunk_state import attached_metrics, unwrap_chunk
 from acmoe_megatron.observability import metrics as router_metrics
 from acmoe_megatron.observability.writers import MetricWriter, memory_gib, report_extra_moe_losses, throughput
 from acmoe_megatron.runtime import cpu_runtime
+from acmoe_megatron.runtime.checkpoint_digest import ChecksumWriter
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class TrainerPatch:
 _TRAINING = "megatron.training.training"
 PATCHES = {p.name: p for p in (
     TrainerPatch("checkpoint_retention", f"{_TRAINING}.save_checkpoint", "run.keep_last_checkpoints"),
+    TrainerPatch("checkpoint_checksums", f"{_TRAINING}.save_checkpoint",
+                 "run.checkpoint_checksums: the files of each completed save hashed in the background"),
     TrainerPatch("expert_norm", f"{_TRAINING}.setup_model_and_optimizer",
                  "acmoe.expert_norm: the optimizer megatron builds keeps the expert embeddings' row norm"),
     TrainerPatch("disk_full_exit", f"{_TRAINING}.save_checkpoint", "a save out of space ends the run cleanly"),
@@ -137,6 +143,41 @@ def install_checkpoint_retention(keep_last: int) -> None:
         return save_and_prune
 
     wrap("checkpoint_retention", make)
+
+
+_CHECKSUMS: list[ChecksumWriter] = []  # this process's writer, once installed
+
+
+def install_checkpoint_checksums() -> None:
+    """After each of megatron's saves, hash (in the background) the iterations megatron has recorded
+    as complete since this run loaded (``checkpoint_digest.ChecksumWriter``); an asynchronous save is
+    recorded later, so it is picked up by the next save or by ``finish_checkpoint_checksums``."""
+    from megatron.training import get_args
+
+    def make(save):
+        def save_and_hash(*args, **kwargs):
+            out = save(*args, **kwargs)
+            margs = get_args()
+            if margs.save:
+                if not _CHECKSUMS:
+                    _CHECKSUMS.append(ChecksumWriter(dist.get_rank(), dist.get_world_size()))
+                _CHECKSUMS[0].start(Path(margs.save), margs.iteration)
+            return out
+
+        return save_and_hash
+
+    wrap("checkpoint_checksums", make)
+
+
+def finish_checkpoint_checksums() -> list[dict]:
+    """At the end of a run: hash what the last (asynchronous) save left and wait for every thread;
+    what this process hashed (iteration, files, bytes, seconds)."""
+    if not _CHECKSUMS:
+        return []
+    from megatron.training import get_args
+
+    margs = get_args()
+    return _CHECKSUMS[0].finish(Path(margs.save) if margs.save else None, margs.iteration)
 
 
 def install_expert_norm() -> None:

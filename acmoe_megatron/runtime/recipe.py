@@ -32,6 +32,7 @@ import yaml
 
 from acmoe_megatron.core.errors import ConfigError
 from acmoe_megatron.core.settings import ACSettings, EllipticalSettings, check_types
+from acmoe_megatron.runtime.checkpoint_digest import VERIFY_MODES
 
 SECTIONS = ("megatron", "acmoe", "elliptical", "data", "run")
 
@@ -107,6 +108,8 @@ class RunSettings:
     per_expert_scalars_max: int = 16  # per-expert load scalars only up to this many experts (histograms always)
     image_interval: int = 100  # expert-load heatmap + AC weight distribution images every N steps (0: none)
     trace_samples: bool = False  # the sample ids of every training micro-batch: dir/sample_trace/ (sample_trace.py)
+    checkpoint_checksums: bool = True  # SHA-256 of every checkpoint file after each save (checkpoint_digest.py)
+    checkpoint_verify: str = "auto"  # before a resume: auto | full | sample | sizes (checkpoint_digest.verify)
 
     def __post_init__(self):
         check_types(self, "run")
@@ -116,6 +119,8 @@ class RunSettings:
             raise ValueError(f"run.peak_tflops={self.peak_tflops}: a positive TFLOP/s per device, or null")
         if self.image_interval < 0:
             raise ValueError(f"run.image_interval={self.image_interval}: must be >= 0 (0: no images)")
+        if self.checkpoint_verify not in VERIFY_MODES:
+            raise ValueError(f"run.checkpoint_verify={self.checkpoint_verify!r}: choose one of {VERIFY_MODES}")
         if self.per_expert_scalars_max < 0:
             raise ValueError(f"run.per_expert_scalars_max={self.per_expert_scalars_max}: must be >= 0")
 
@@ -159,7 +164,8 @@ class Recipe:
 HASH_OMITS_AT_DEFAULT: dict[str, tuple[str, ...]] = {"acmoe": ("compile", "expert_norm", "lead_router"),
                                                       "data": ("shuffle_window", "blend", "cache_dir"),
                                                       "run": ("peak_tflops", "per_expert_scalars_max",
-                                                              "image_interval", "trace_samples")}
+                                                              "image_interval", "trace_samples",
+                                                              "checkpoint_checksums", "checkpoint_verify")}
 
 
 def _suggest(key: str, known) -> str:

@@ -77,6 +77,8 @@ def install_run_hooks(recipe) -> None:
         per_expert_max=recipe.run.per_expert_scalars_max, image_interval=recipe.run.image_interval)
     faults.install_fault_injection()
     faults.install_file_size_fault()
+    if recipe.run.checkpoint_checksums:
+        run_hooks.install_checkpoint_checksums()
     run_hooks.install_checkpoint_retention(recipe.run.keep_last_checkpoints)
     run_hooks.install_disk_full_exit(Path(recipe.run.dir))
     if recipe.acmoe.expert_norm is not None:
@@ -142,6 +144,11 @@ def main(argv=None) -> None:
 
     if get_wandb_writer() is not None:  # megatron leaves the W&B run open: close it (summary, sync files)
         get_wandb_writer().finish()
+    hashed = run_hooks.finish_checkpoint_checksums()
+    if hashed and rank == 0:
+        size, seconds = sum(h["bytes"] for h in hashed), sum(h["seconds"] for h in hashed)
+        print(f"[acmoe] checkpoint checksums (rank 0's share, in the background): {len(hashed)} save(s), "
+              f"{sum(h['files'] for h in hashed)} files, {size / 2**20:.1f} MiB in {seconds:.2f} s", flush=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank == int(os.environ.get("WORLD_SIZE", "1")) - 1:  # megatron's TensorBoard writer rank

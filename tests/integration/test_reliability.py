@@ -210,6 +210,21 @@ def test_keep_last_checkpoints(uninterrupted):
     assert _latest(run) == str(2 * N)
 
 
+def test_every_save_has_checksums_from_every_process(uninterrupted):
+    """The EP=2 run (2 processes): each saved iteration has both processes' parts, which together
+    cover every file of the save, and verify against it."""
+    from acmoe_megatron.runtime.checkpoint_digest import DIGEST_DIR, checkpoint_files, read_digest, verify
+
+    ckpt = uninterrupted["dir2"] / "checkpoints"
+    saves = sorted(ckpt.glob("iter_*"))
+    assert [d.name for d in saves] == [f"iter_{N:07d}", f"iter_{2 * N:07d}"]
+    for d in saves:
+        assert sorted(p.name for p in (d / DIGEST_DIR).iterdir()) == ["rank_0.json", "rank_1.json"]
+        files, world = read_digest(d)
+        assert world == 2 and sorted(files) == checkpoint_files(d)
+        assert verify(d, "full") == (None, None)
+
+
 def test_nonfinite_loss_stops_with_the_last_good_checkpoint(data, tmp_path):
     """A NaN loss at iteration 5 (ACMOE_FAULT_NAN_AT_ITER): megatron re-runs the step, finds the NaN
     reproducible, saves the state of iteration 4 and stops; exit 16, TensorBoard marks the fault."""
@@ -240,9 +255,9 @@ def test_a_damaged_checkpoint_is_refused_before_any_process_and_resume_from_pick
     monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: started.append(cmd) or 0)
     retention = ["megatron.save_interval=1", "run.keep_last_checkpoints=2"]
 
-    def acmoe_pretrain(run, *extra):
+    def acmoe_pretrain(run, *extra, overrides=()):
         argv = _cmd(run, data, 1, *LAYOUT[1], *retention)[3:]  # less "python -m acmoe_megatron.cli.pretrain"
-        return launcher.main([*extra, *argv])
+        return launcher.main([*extra, *argv, *overrides])
 
     def fresh_copy(name):
         run = tmp_path / name
@@ -265,8 +280,20 @@ def test_a_damaged_checkpoint_is_refused_before_any_process_and_resume_from_pick
     assert acmoe_pretrain(run) == EXIT_CONFIG
     assert "/.metadata is missing (the save did not finish)" in capsys.readouterr().err
 
+    # a byte changed inside a shard of the right size: the checksums written at the save find it
+    run, ckpt = fresh_copy("flipped_byte")
+    shard = sorted((ckpt / f"iter_{2 * N:07d}").glob("*.distcp"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    shard.write_bytes(bytes(raw))
+    assert acmoe_pretrain(run) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"{shard} has the size it was saved with but not the same bytes" in err
+    assert "Complete checkpoints: iterations [5]" in err and "--resume-from 5" in err
+    assert acmoe_pretrain(run, overrides=["run.checkpoint_verify=sizes"]) == 0 and len(started) == 2  # sizes only
+
     run, ckpt = fresh_copy("stale_tracker")
     (ckpt / "latest_checkpointed_iteration.txt").write_text("7")
     assert acmoe_pretrain(run) == EXIT_CONFIG
     assert f"iter_0000007 does not exist" in capsys.readouterr().err
-    assert len(started) == 1  # only the --resume-from start reached torchrun
+    assert len(started) == 2  # only the --resume-from start and the unverified one reached torchrun

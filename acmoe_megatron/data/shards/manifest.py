@@ -23,10 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from acmoe_megatron.data.corpora.corpus import SPLITS
 from acmoe_megatron.data.shards.remote import fetch_text, is_remote
 
 __all__ = [
@@ -52,6 +54,28 @@ KEY_WIDTH = 10
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
+
+
+# The only shard names a manifest may hold: those ``shard_name`` writes. A manifest read from a
+# location that is not ours (https://, pipe:) supplies names that are substituted into a pipe:
+# command and joined to the cache directory, so any other name (shell syntax, ../, an absolute
+# path) is refused before anything is fetched or opened.
+SHARD_FILE = re.compile(rf"^(?P<split>{'|'.join(SPLITS)})-\d{{6}}\.tar$")
+
+
+def check_shard_names(splits: dict[str, Any], where: str) -> None:
+    """ValueError naming the first split or shard name that ``acmoe-data prepare`` does not write."""
+    for split, info in splits.items():
+        if split not in SPLITS:
+            raise ValueError(f"{where}: split {split!r} is not one of {SPLITS}")
+        for shard in info["shards"]:
+            name = shard.get("file") if isinstance(shard, dict) else None
+            match = SHARD_FILE.match(name) if isinstance(name, str) else None
+            if match is None or match["split"] != split:
+                raise ValueError(
+                    f"{where}: shard name {name!r} of split {split!r} is not one acmoe-data writes "
+                    f"({split}-NNNNNN.tar); refused before anything is fetched or opened (a manifest's names go "
+                    "into pipe: commands and cache paths)")
 
 
 def sample_key(index: int) -> str:
@@ -134,6 +158,7 @@ class Manifest:
                     f"format_version is {data.get('format_version')!r}, this code reads "
                     f"{FORMAT_VERSION}; re-create the shards with this version of acmoe-data prepare"
                 )
+            check_shard_names(data["splits"], where)
             splits = {
                 name: SplitInfo(
                     **{k: v for k, v in info.items() if k != "shards"}, shards=[ShardInfo(**s) for s in info["shards"]]

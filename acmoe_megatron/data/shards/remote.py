@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import tempfile
 import urllib.request
@@ -51,8 +52,8 @@ def _check(location: str) -> None:
 
 
 def _url(location: str, name: str) -> str:
-    if location.startswith("pipe:"):
-        return location.replace("{name}", name)
+    if location.startswith("pipe:"):  # the name as one shell word, whatever it holds
+        return location.replace("{name}", shlex.quote(name))
     return location.rstrip("/") + "/" + name
 
 
@@ -96,6 +97,8 @@ class RemoteShards:
     def local(self, name: str, size: int, sha256: str) -> Path:
         """The local copy of shard ``name`` (fetched and checked if not cached)."""
         path = self.cache_dir / name
+        if path.resolve().parent != self.cache_dir.resolve():
+            raise ValueError(f"shard name {name!r} of {self.location} would leave the cache {self.cache_dir}")
         if name in self._cached:
             self._cached.move_to_end(name)
             if path.is_file():

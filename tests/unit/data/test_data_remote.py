@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import http.server
+import re
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ from acmoe_megatron.core.errors import ShardError
 from acmoe_megatron.data.loader.batches import TokenBatches
 from acmoe_megatron.data.shards.manifest import read_manifest
 from acmoe_megatron.data.shards.store import ShardSamples
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -98,3 +102,49 @@ def test_pipe_command_shards_give_the_local_batches(small_shards, tmp_path):
 def test_a_pipe_command_without_a_name_placeholder_is_refused(small_shards):
     with pytest.raises(ValueError, match=r"must hold \{name\}"):
         read_manifest(f"pipe:cat {small_shards.path}/manifest.json")
+
+
+@pytest.mark.parametrize("bad", ["train-000000.tar; touch PWNED", "../escape.tar", "/tmp/abs/train-000000.tar",
+                                 "valid-000000.tar"])
+def test_manifest_names_that_acmoe_data_does_not_write_are_refused_before_anything_runs(
+        bad, small_shards, tmp_path, monkeypatch):
+    """A pipe: location whose manifest names a shard with shell syntax, a ../, an absolute path (or a
+    shard of another split): refused by name when the manifest is read, before any shard is fetched,
+    so no command runs and nothing is written outside the cache."""
+    import json
+
+    from acmoe_megatron.core.errors import ConfigError
+    from acmoe_megatron.runtime.recipe import load_recipe
+    from acmoe_megatron.runtime.run_plan import build_plan
+
+    root = tmp_path / "evil"
+    shutil.copytree(small_shards.path, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["file"] = bad
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    location = f"pipe:cat {root}/{{name}}"
+    with pytest.raises(ValueError, match=rf"shard name {re.escape(repr(bad))} of split 'train' is not one acmoe-data"):
+        read_manifest(location)
+    recipe = load_recipe(ROOT / "configs" / "tiny_cpu.yaml", [f"data.path={location}"])
+    with pytest.raises(ConfigError, match="refused before anything is fetched or opened"):
+        build_plan(recipe, 2, host_checks=False)
+    assert not (work / "PWNED").exists() and not (tmp_path / "escape.tar").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil", "work"]
+
+
+def test_a_pipe_command_gets_the_name_as_one_quoted_word(tmp_path):
+    from acmoe_megatron.data.shards.remote import _url
+
+    assert _url("pipe:cat /d/{name}", "train-000001.tar") == "pipe:cat /d/train-000001.tar"
+    assert _url("pipe:cat /d/{name}", "x; touch PWNED") == "pipe:cat /d/'x; touch PWNED'"
+
+
+def test_the_cache_keeps_names_inside_it(tmp_path):
+    from acmoe_megatron.data.shards.remote import RemoteShards
+
+    cache = RemoteShards("https://example.invalid/dir/", cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="would leave the cache"):
+        cache.local("../escape.tar", 10, "0" * 64)

@@ -536,7 +536,8 @@ def test_hash_leaves_out_keys_newer_than_recorded_runs_while_at_default():
     d = recipe.to_dict()
     for key in ("compile", "expert_norm", "lead_router"):
         d["acmoe"].pop(key)  # what the recipe looked like to runs recorded before these keys existed
-    for key in ("peak_tflops", "per_expert_scalars_max", "image_interval", "trace_samples"):
+    for key in ("peak_tflops", "per_expert_scalars_max", "image_interval", "trace_samples", "checkpoint_checksums",
+                "checkpoint_verify"):
         d["run"].pop(key)
     for key in ("shuffle_window", "blend", "cache_dir"):
         d["data"].pop(key)
@@ -547,4 +548,5 @@ def test_hash_leaves_out_keys_newer_than_recorded_runs_while_at_default():
     assert load_recipe(TINY, ["acmoe.lead_router=cosine"]).hash() != legacy
     assert load_recipe(TINY, ["run.per_expert_scalars_max=64"]).hash() != legacy
     assert load_recipe(TINY, ["run.trace_samples=true"]).hash() != legacy
+    assert load_recipe(TINY, ["run.checkpoint_verify=full"]).hash() != legacy
     assert load_recipe(TINY, ["data.shuffle_window=4096"]).hash() != legacy
