@@ -22,6 +22,7 @@ from acmoe_megatron.core.exit_codes import EXIT_CONFIG
 from acmoe_megatron.data.megatron.keys import uses_megatron_data
 from acmoe_megatron.data.shards.remote import is_remote
 from acmoe_megatron.runtime.checkpoint_check import stats_path
+from acmoe_megatron.runtime.lifetime import wrapped
 from acmoe_megatron.runtime.recipe import load_recipe
 
 T = TypeVar("T")
@@ -50,7 +51,7 @@ def run_worker(module: str, nproc: int, args: list[str], *, prog: str, what: str
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", module, *args]
     if echo:
         print(f"[{prog}] " + " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, env=env)
+    rc = subprocess.call(wrapped(cmd), env=env)  # torchrun dies with this command (runtime/lifetime.py)
     if rc != 0:
         print(f"{prog}: {what} failed (exit {rc}); see the log above", file=sys.stderr)
     return rc

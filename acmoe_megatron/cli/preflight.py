@@ -34,6 +34,7 @@ from pathlib import Path
 from acmoe_megatron.cli.common import ensure_data, free_port
 from acmoe_megatron.core.errors import ConfigError
 from acmoe_megatron.core.exit_codes import EXIT_CONFIG, EXIT_PREFLIGHT_FAILED
+from acmoe_megatron.runtime.lifetime import wrapped
 from acmoe_megatron.runtime.preflight.memory import estimate_memory, memory_fix, memory_verdict, size
 from acmoe_megatron.runtime.preflight.plan import PLAN_FILE, SHRUNK_FILE, PreflightPlan, expert_shape, shrink
 from acmoe_megatron.runtime.preflight.report import merge, read_ranks, table, write_report
@@ -111,7 +112,7 @@ def _run_local(plan: PreflightPlan, nproc: int, timeout: float) -> None:
            "--plan", str(Path(plan.out) / PLAN_FILE), "--timeout", str(timeout)]
     print(f"[acmoe-preflight] {nproc} process(es), shrunk recipe {plan.shrunk}; log {log}", flush=True)
     with open(log, "ab") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(wrapped(cmd), env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

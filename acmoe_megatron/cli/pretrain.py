@@ -26,6 +26,7 @@ from acmoe_megatron.cli.common import ensure_data, free_port
 from acmoe_megatron.core.errors import ConfigError
 from acmoe_megatron.core.exit_codes import EXIT_CONFIG, EXIT_NONFINITE, EXIT_REASON_FILE, EXIT_STOPPED_EARLY
 from acmoe_megatron.runtime.checkpoint_check import check_resume_checkpoint, resume_from
+from acmoe_megatron.runtime.lifetime import wrapped
 from acmoe_megatron.runtime.recipe import load_recipe, write_resolved
 from acmoe_megatron.runtime.resume import check_resume_compatible
 from acmoe_megatron.runtime.run_plan import build_plan
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     summary_path.unlink(missing_ok=True)  # a stale summary must not describe this run
     reason_path = run_dir / EXIT_REASON_FILE
     reason_path.unlink(missing_ok=True)
-    rc = subprocess.call(cmd, env=env)
+    rc = subprocess.call(wrapped(cmd), env=env)  # torchrun dies with this launcher (runtime/lifetime.py)
     if rc != 0 and reason_path.is_file():  # a worker's distinct exit (torchrun reports every failure as 1)
         code, _, why = reason_path.read_text().partition("\n")
         print(f"acmoe-pretrain: {why.strip()}; the latest complete checkpoint is unchanged (see the message "

@@ -37,6 +37,7 @@ from acmoe_megatron.inference.loader import load_trained
 from acmoe_megatron.inference.specialisation import SpecialisationRecorder, default_decode, write_report
 from acmoe_megatron.runtime import cpu_runtime
 from acmoe_megatron.runtime.forward_step import forward_step
+from acmoe_megatron.runtime.lifetime import die_with_parent
 
 
 def parse_cli(argv=None):
@@ -232,6 +233,7 @@ def inference_tables(model, recipe, args, cli, iteration: int, rank: int) -> dic
 
 
 def main(argv=None) -> None:
+    die_with_parent()  # a killed torchrun / launcher takes this worker with it (runtime/lifetime.py)
     cpu_runtime.install_for_training()
     from megatron.training.global_vars import get_tensorboard_writer
 

@@ -26,6 +26,7 @@ from acmoe_megatron.inference.hf.convert import export
 from acmoe_megatron.inference.loader import load_trained
 from acmoe_megatron.model.chunk_state import state_of
 from acmoe_megatron.runtime import cpu_runtime
+from acmoe_megatron.runtime.lifetime import die_with_parent
 
 
 def parse_cli(argv=None):
@@ -54,6 +55,7 @@ def check_sample(data: str, seq_length: int) -> torch.Tensor:
 
 
 def main(argv=None) -> None:
+    die_with_parent()  # a killed torchrun / launcher takes this worker with it (runtime/lifetime.py)
     cpu_runtime.install_for_training()
 
     cli = parse_cli(argv)

@@ -38,6 +38,7 @@ from acmoe_megatron.data.tokenizers.byte import tokenizer_from_manifest
 from acmoe_megatron.inference import calibration as inference_stats
 from acmoe_megatron.inference.loader import load_trained
 from acmoe_megatron.runtime import cpu_runtime
+from acmoe_megatron.runtime.lifetime import die_with_parent
 
 
 def parse_cli(argv=None):
@@ -96,6 +97,7 @@ def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, *, vocab_
 
 
 def main(argv=None) -> None:
+    die_with_parent()  # a killed torchrun / launcher takes this worker with it (runtime/lifetime.py)
     cpu_runtime.install_for_training()
 
     cli = parse_cli(argv)

@@ -17,9 +17,8 @@ size only.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 from acmoe_megatron.core.errors import ConfigError
 from acmoe_megatron.runtime.checkpoint_digest import verify

@@ -44,6 +44,7 @@ from acmoe_megatron.observability.summary import write_summary
 from acmoe_megatron.runtime import cpu_runtime, faults
 from acmoe_megatron.runtime import hooks as run_hooks
 from acmoe_megatron.runtime.forward_step import make_forward_step
+from acmoe_megatron.runtime.lifetime import die_with_parent
 from acmoe_megatron.runtime.log_filters import quiet_library_warnings
 from acmoe_megatron.runtime.megatron_args import build_argv, validate_args
 from acmoe_megatron.runtime.model_provider import make_model_provider
@@ -95,6 +96,7 @@ def parse_cli(argv=None):
 
 
 def main(argv=None) -> None:
+    die_with_parent()  # a killed torchrun / launcher takes this worker with it (runtime/lifetime.py)
     fixes = _early_runtime()
     quiet_library_warnings()
     from megatron.core.enums import ModelType

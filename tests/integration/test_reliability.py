@@ -47,6 +47,19 @@ def _losses(run_dir):
     return [v for _, v in sorted(read_scalars(Path(run_dir) / "tensorboard")["lm loss"])]
 
 
+def _survivors(run_dir) -> list[str]:
+    """Processes whose command line names ``run_dir`` (the run's launcher, torchrun, workers)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(run_dir) in cmdline:
+            out.append(f"{pid}: {cmdline[:160]}")
+    return out
+
+
 def _latest(run_dir):
     return (Path(run_dir) / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip()
 
@@ -182,9 +195,15 @@ def test_kill_9_inside_a_save_then_a_full_disk_keep_the_previous_checkpoint(data
             assert time.time() < deadline, "the run never reached the slowed-down save"
         else:
             pytest.fail("the run ended without reaching the slowed-down save")
-        os.killpg(proc.pid, signal.SIGKILL)  # every process of the run, mid-save
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's process group, mid-save
     finally:
         proc.wait(timeout=60)
+    # torchrun starts its workers in sessions of their own: without runtime/lifetime.py the worker
+    # outlived the kill, finished its slowed save a minute later and wrote into the runs below
+    deadline = time.time() + 10
+    while _survivors(run) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _survivors(run), f"processes of the killed run are still alive: {_survivors(run)}"
     assert (run / "checkpoints" / f"iter_{2 * N:07d}").exists()  # half-finished save is on disk...
     assert _latest(run) == str(N)  # ...but not recorded: the previous checkpoint stays the latest
     # the resume runs out of space in its own save of 2N (a real RLIMIT_FSIZE: the writes fail with EFBIG)

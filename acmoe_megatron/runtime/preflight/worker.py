@@ -56,6 +56,7 @@ from acmoe_megatron.model.routers import ACRouter
 from acmoe_megatron.observability.summary import read_scalars
 from acmoe_megatron.runtime import cpu_runtime
 from acmoe_megatron.runtime.forward_step import make_forward_step
+from acmoe_megatron.runtime.lifetime import die_with_parent
 from acmoe_megatron.runtime.log_filters import quiet_library_warnings
 from acmoe_megatron.runtime.megatron_args import build_argv, validate_args
 from acmoe_megatron.runtime.model_provider import make_model_provider
@@ -485,6 +486,7 @@ def _guarded(rec: Recorder, item: str, fn, *args) -> None:
 
 
 def main(argv=None) -> int:
+    die_with_parent()  # a killed torchrun / launcher takes this worker with it (runtime/lifetime.py)
     parser = argparse.ArgumentParser(prog="acmoe-preflight-worker")
     parser.add_argument("--plan", required=True, help="plan.json written by acmoe-preflight / acmoe-launch")
     parser.add_argument("--timeout", type=float, default=600, help="seconds any collective may wait")
