@@ -164,8 +164,14 @@ def cpus_per_task(args) -> int:
 
 def sbatch_directives(args, run_dir: Path) -> list[str]:
     procs = args.procs_per_node
-    d = [f"--job-name={args.job_name}", f"--nodes={args.nodes}",
-         f"--ntasks-per-node={1 if args.launcher == 'torchrun' else procs}"]
+    if args.min_nodes < args.nodes:
+        # a node range: SLURM sizes the allocation by its task count, so --ntasks-per-node would give it
+        # the minimum; without it SLURM gives as many nodes as are free (whole nodes: --exclusive), and
+        # the job's steps ask for their tasks per node themselves
+        d = [f"--job-name={args.job_name}", f"--nodes={args.min_nodes}-{args.nodes}"]
+    else:
+        d = [f"--job-name={args.job_name}", f"--nodes={args.nodes}",
+             f"--ntasks-per-node={1 if args.launcher == 'torchrun' else procs}"]
     if args.gpus_per_node:
         d.append(f"--gpus-per-node={args.gpus_per_node}")
     if args.exclusive:
@@ -238,6 +244,13 @@ def render(args, config: Path, run_dir: Path, data: Path) -> str:
 def cmd_slurm(args) -> int:
     if args.nodes < 1:
         return _usage("--nodes must be >= 1")
+    if args.min_nodes is None:
+        args.min_nodes = args.nodes
+    if not 1 <= args.min_nodes <= args.nodes:
+        return _usage(f"--min-nodes {args.min_nodes}: between 1 and --nodes {args.nodes}")
+    if args.min_nodes < args.nodes and not args.exclusive:
+        return _usage("--min-nodes needs whole nodes (a node range gets its CPUs per node only with --exclusive): "
+                      "drop --no-exclusive")
     if args.gpus_per_node < 0:
         return _usage("--gpus-per-node must be >= 0 (0: CPU nodes)")
     if args.procs_per_node is None:
@@ -270,6 +283,12 @@ def cmd_slurm(args) -> int:
         run_dir = project / (args.run_dir or recipe.run.dir)
         data = project / (args.data or recipe.data.path)
         layout = parallel_layout(recipe.megatron, args.nodes * args.procs_per_node)
+        for n in range(args.min_nodes, args.nodes):  # a (re)start on fewer nodes: data parallel shrinks
+            try:
+                parallel_layout(recipe.megatron, n * args.procs_per_node)
+            except ConfigError as err:
+                raise ConfigError(f"--min-nodes {args.min_nodes}: on {n} node(s) x {args.procs_per_node} process(es): "
+                                  f"{err}") from None
         if not (data / "manifest.json").is_file() and not recipe.data.prepare_stdlib:
             msg = (f"no shard manifest at {data}/manifest.json and data.prepare_stdlib is false: "
                    f"build it first (`acmoe-data prepare --source ... --out {data} --seq-length "
@@ -280,7 +299,11 @@ def cmd_slurm(args) -> int:
         else:  # megatron's own argument checks and ours at the job's world size, before sbatch
 
             planned = load_recipe(args.config, list(args.overrides) + [f"data.path={data}"])
-            build_plan(planned, args.nodes * args.procs_per_node, host_checks=False)
+            for n in sorted({args.nodes, args.min_nodes}):  # megatron's checks at the largest and smallest job
+                try:
+                    build_plan(planned, n * args.procs_per_node, host_checks=False)
+                except ConfigError as err:
+                    raise ConfigError(f"on {n} node(s): {err}" if n != args.nodes else str(err)) from None
         args.job_name = re.sub(r"[^\w.+-]", "_", args.job_name or f"acmoe-{recipe.run.name or Path(args.config).stem}")
         script = render(args, Path(args.config).absolute(), run_dir, data)
     except ConfigError as err:
@@ -441,6 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("slurm", help="render slurm/pretrain.sbatch and submit it (sbatch)")
     s.add_argument("--config", required=True, help="YAML recipe, e.g. configs/multinode_h100_fp8.yaml")
     s.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    s.add_argument("--min-nodes", type=int, default=None,
+                   help="start (or, after a requeue, continue) on as few as this many nodes when no more are free "
+                        "or a node does not come back (sbatch --nodes=MIN-MAX): data parallel shrinks, the "
+                        "tensor/pipeline/expert sizes and the global batch stay (more gradient accumulation); "
+                        "every node count in between is checked now (default: --nodes)")
     s.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (0: CPU nodes, no GPU request)")
     s.add_argument("--procs-per-node", type=int, default=None,
                    help="training processes per node (default: --gpus-per-node, or 1 on CPU nodes)")

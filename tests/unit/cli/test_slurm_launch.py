@@ -607,3 +607,24 @@ def test_multinode_recipe_layout():
     with pytest.raises(ConfigError, match="8 processes cannot hold expert parallel 8"):
         parallel_layout(mg, 8)
     assert yaml.safe_load(MULTINODE.read_text())["megatron"] == mg
+
+
+def test_min_nodes_asks_for_a_node_range_checked_at_every_count(capsys, tmp_path):
+    tiny = str(ROOT / "configs" / "tiny_cpu.yaml")
+    common = ["--config", tiny, "--gpus-per-node", "0", "--run-dir", str(tmp_path / "run")]
+    data = f"data.path={tmp_path / 'data'}"
+    rc, script, err = dry_run(capsys, *common, "--nodes", "2", "--min-nodes", "1", data,
+                              "megatron.expert_model_parallel_size=1")
+    assert rc == 0, err
+    assert "--nodes=1-2" in directives(script)
+    assert not [d for d in directives(script) if d.startswith("--ntasks-per-node")]  # it would pin the minimum
+    # SLURM may start a 2-4 node job on 3 nodes: EP=2 on 3 processes does not tile
+    rc, _, err = dry_run(capsys, *common, "--nodes", "4", "--min-nodes", "2", data, "megatron.micro_batch_size=2")
+    assert rc == 2 and "--min-nodes 2: on 3 node(s) x 1 process(es): 3 processes cannot hold expert parallel 2" in err
+    # EP=2 on one process per node cannot run on 1 node: refused now, naming the count
+    rc, _, err = dry_run(capsys, *common, "--nodes", "2", "--min-nodes", "1", data)
+    assert rc == 2 and "--min-nodes 1: on 1 node(s) x 1 process(es)" in err
+    rc, _, err = dry_run(capsys, *common, "--nodes", "2", "--min-nodes", "3", data)
+    assert rc == 2 and "--min-nodes 3: between 1 and --nodes 2" in err
+    rc, script, _ = dry_run(capsys, *common, "--nodes", "2", data)
+    assert "--nodes=2" in directives(script)
