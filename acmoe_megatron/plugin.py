@@ -42,7 +42,7 @@ from collections.abc import Callable
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
 from acmoe_megatron.core.settings import ACSettings, EllipticalSettings
-from acmoe_megatron.model.checks import check_settings
+from acmoe_megatron.model.checks import check_expert_bias, check_settings
 from acmoe_megatron.model.hybrid_spec import local_hybrid_stack_spec, patch_hybrid_stack_spec
 from acmoe_megatron.model.spec import patch_block_spec
 from acmoe_megatron.runtime.attach import attach
@@ -164,7 +164,9 @@ def settings_argv(acmoe: ACSettings, elliptical: EllipticalSettings | None = Non
 
 def validate_args(args) -> tuple[ACSettings, EllipticalSettings]:
     """Our checks on Megatron's parsed arguments (first AC layer within the MoE layers, options that
-    defeat the router, elliptical attention's refusals); returns the settings."""
+    defeat the router, elliptical attention's refusals, expert biases megatron cannot train); returns the
+    settings."""
     acmoe, elliptical = settings_from_args(args)
     check_settings(args, acmoe, elliptical)
+    check_expert_bias(args)
     return acmoe, elliptical

@@ -138,7 +138,7 @@ def plan(cli) -> tuple[object, int, list[str], Path]:
     if manifest is None:
         raise ConfigError(f"--data {data}: no manifest.json; give the shard directory to score")
     argv = build_argv(recipe, manifest)  # the model's seq_length/vocabulary against this data
-    args = megatron_args(argv, nproc, ours=lambda a: validate_args(a, recipe))
+    args = megatron_args(argv, nproc, ours=lambda a: validate_args(a, recipe, training=False))
     vocab = args.vocab_size if args.tokenizer_type == "NullTokenizer" else None
     worker = []
     for name, path in [(cli.split, data)] + ([(f"{cli.split}_corrupt", cli.corrupt)] if cli.corrupt else []):

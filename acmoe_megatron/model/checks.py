@@ -110,3 +110,19 @@ def _check_common(args, host_checks: bool = True) -> None:
         if wrong:
             fixes = ", ".join(f"megatron.{k}: {v[0]} (is {v[1]})" for k, v in wrong.items())
             raise ConfigError(f"no CUDA GPU here, so this recipe cannot run; set {fixes}")
+
+
+def check_expert_bias(args) -> None:
+    """megatron-core 0.19's SequentialMLP experts with biases cannot train at expert-TP 1: MLP.forward
+    adds the bias in place to the output of ``_ReduceFromModelParallelRegion``, which returns its
+    input (a view) at TP 1, and autograd forbids that (RuntimeError at the first training forward;
+    inference under no_grad works). Measured for megatron's own top-k router as for ours
+    (tests/unit/runtime/test_validate_args.py keeps watching megatron's behaviour)."""
+    sequential = not args.moe_grouped_gemm
+    etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
+    if args.num_experts and args.add_bias_linear and sequential and etp == 1:
+        raise ConfigError(
+            "megatron.add_bias_linear=true with megatron's SequentialMLP experts (moe_grouped_gemm false) at expert "
+            "tensor parallel 1 fails inside megatron-core 0.19 (MLP.forward adds the expert bias in place to a view; "
+            "RuntimeError at the first training step): set add_bias_linear: false, or use moe_grouped_gemm: true "
+            "(TEGroupedMLP on GPUs, not measured with biases here)")

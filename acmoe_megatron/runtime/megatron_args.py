@@ -24,7 +24,7 @@ from acmoe_megatron.data.megatron.keys import (
     uses_megatron_data,
 )
 from acmoe_megatron.data.megatron.sidecar import read_sidecar, sidecar_tokenizer
-from acmoe_megatron.model.checks import check_settings
+from acmoe_megatron.model.checks import check_expert_bias, check_settings
 from acmoe_megatron.runtime.recipe import megatron_argv
 
 
@@ -133,11 +133,14 @@ def _megatron_data_flags(mg: dict) -> None:
                               f"{prefixes[0]} ends documents with EOD {eod}; remove the key or fix it")
 
 
-def validate_args(args, recipe, host_checks: bool = True) -> None:
+def validate_args(args, recipe, host_checks: bool = True, training: bool = True) -> None:
     """Checks megatron does not make, before any model is built. ``host_checks=False`` leaves out
     what depends on the machine it runs on (CUDA present, FP8 capability): a SLURM job is planned
-    on a login node but runs elsewhere."""
+    on a login node but runs elsewhere. ``training=False`` (evaluation of a trained run) leaves out
+    what fails only with gradients."""
     check_settings(args, recipe.acmoe, recipe.elliptical, host_checks=host_checks)
+    if training:
+        check_expert_bias(args)
     if recipe.run.trace_samples:
 
         if recipe.data.blend or uses_megatron_data(recipe.megatron):

@@ -150,3 +150,26 @@ def test_process_count_must_tile_the_parallel_sizes(world, overrides, message):
     with pytest.raises(ConfigError, match=message):
         parallel_layout(load_recipe("configs/tiny_cpu.yaml", overrides).megatron, world)
     assert parallel_layout(load_recipe("configs/tiny_cpu.yaml").megatron, 2)["dp"] == 2
+
+
+def test_expert_biases_are_refused_for_training_where_megatron_cannot_train_them():
+    args, recipe = _args("configs/tiny_cpu.yaml", "megatron.add_bias_linear=true")
+    with pytest.raises(ConfigError, match="add_bias_linear=true with megatron's SequentialMLP experts"):
+        validate_args(args, recipe)
+    validate_args(args, recipe, training=False)  # evaluation of a trained run: inference works
+
+
+@pytest.mark.usefixtures("megatron_ws1")
+def test_megatron_still_cannot_train_sequential_expert_biases():
+    """The reason for the refusal above, watched: megatron's own top-k MoE with biases fails at the first
+    training forward. When a megatron release fixes it, this fails: lift the refusal."""
+    from acmoe_megatron.core.settings import ACSettings
+    from acmoe_megatron.model.chunk_state import state_of
+    from acmoe_megatron.testing import build_gpt, tiny_config
+
+    model = build_gpt(tiny_config(add_bias_linear=True), ACSettings(router="topk"), vocab_size=128,
+                      max_sequence_length=32)
+    tokens = torch.randint(0, 128, (2, 32))
+    state_of(model).reset()
+    with pytest.raises(RuntimeError, match="is a view and is being modified inplace"):
+        model(tokens, torch.arange(32).unsqueeze(0).expand(2, -1), None, labels=tokens).mean().backward()
