@@ -1,6 +1,6 @@
 # acmoe-megatron: the two commands of the README, and the setup they share.
 #   make quickstart   set up .venv, build the embedded corpus, pretrain configs/tiny_cpu.yaml (2 procs, EP=2)
-#   make test         set up .venv, run the whole test suite
+#   make test         set up .venv (with Megatron-Bridge, make bridge), run the whole test suite
 # Both re-use an existing .venv (re-installed only when pyproject.toml changes).
 # Override the interpreter with PYTHON=/path/to/python3.12.
 
@@ -10,8 +10,10 @@ NPROC  ?= 2
 CONFIG ?= configs/tiny_cpu.yaml
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.acmoe-installed
+BRIDGE_STAMP = $(VENV)/.acmoe-bridge-installed
+BRIDGE  = megatron-bridge==0.6.2
 
-.PHONY: setup quickstart test test-gpu clean-runs
+.PHONY: setup bridge quickstart test test-gpu clean-runs
 
 $(STAMP): pyproject.toml
 	@set -e; \
@@ -28,10 +30,20 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Megatron-Bridge for examples/bridge_pretrain_acmoe.py and its parity test: its pure-Python
+# requirements from our [bridge] extra, Bridge itself without its declared GPU-only dependencies
+# (pyproject.toml says which and why).
+$(BRIDGE_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bridge]'
+	$(PY) -m pip install --quiet --no-deps '$(BRIDGE)'
+	touch $(BRIDGE_STAMP)
+
+bridge: $(BRIDGE_STAMP)
+
 quickstart: setup
 	$(VENV)/bin/acmoe-pretrain --config $(CONFIG) --nproc $(NPROC)
 
-test: setup
+test: setup bridge
 	$(PY) -m pytest
 
 test-gpu: setup

@@ -24,8 +24,10 @@ script imports one module and the package keeps its layers (the facade sits abov
   the optimizer that megatron.training builds rescales them after every step (other trainers:
   ``expert_norm.install(optimizer, model_chunks)``).
 * ``bridge_layer_spec(settings)`` — a callable for Megatron-Bridge's
-  ``GPTModelProvider.transformer_layer_spec`` (Bridge calls it as ``spec(provider, vp_stage=...)``);
-  ``pre_wrap_hook()`` attaches the chunks through ``provider.register_pre_wrap_hook``.
+  ``GPTModelProvider.transformer_layer_spec`` and megatron's ``GPTModelConfig.transformer_layer_spec``
+  (called as ``spec(model_config, vp_stage=...)``); ``pre_wrap_hook()`` attaches the chunks
+  (``provider.register_pre_wrap_hook`` or ``GPTModelConfig.pre_wrap_hooks``). Example:
+  ``examples/bridge_pretrain_acmoe.py`` (Bridge's own recipe and ``pretrain``).
 
 A minimal Megatron-style pretraining script that uses only these calls is
 ``examples/pretrain_gpt_acmoe.py``.
@@ -40,9 +42,10 @@ import typing
 from collections.abc import Callable
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from acmoe_megatron.core.settings import ACSettings, EllipticalSettings
-from acmoe_megatron.model.checks import check_expert_bias, check_settings
+from acmoe_megatron.model.checks import check_expert_bias, check_expert_bias_config, check_settings
 from acmoe_megatron.model.hybrid_spec import local_hybrid_stack_spec, patch_hybrid_stack_spec
 from acmoe_megatron.model.spec import patch_block_spec
 from acmoe_megatron.runtime.attach import attach
@@ -54,7 +57,9 @@ __all__ = ["patch_block_spec", "attach", "add_arguments", "settings_from_args", 
 
 
 def pre_wrap_hook(progress=None) -> Callable[[list], list]:
-    """For Megatron-Bridge: ``provider.register_pre_wrap_hook(pre_wrap_hook())`` attaches the chunks."""
+    """For Megatron-Bridge: attaches the chunks before DDP wraps them. Register it with
+    ``provider.register_pre_wrap_hook(pre_wrap_hook())`` (Bridge's ``GPTModelProvider``) or
+    ``model_config.pre_wrap_hooks.append(pre_wrap_hook())`` (megatron's ``GPTModelConfig``)."""
 
     def hook(chunks: list) -> list:
         attach(chunks, progress=progress)
@@ -64,18 +69,26 @@ def pre_wrap_hook(progress=None) -> Callable[[list], list]:
 
 
 def bridge_layer_spec(settings: ACSettings, elliptical: EllipticalSettings | None = None, *,
-                      base: Callable | None = None, use_transformer_engine: bool = True) -> Callable:
-    """A ``transformer_layer_spec`` callable for Megatron-Bridge: ``base(provider, vp_stage=...)``
-    (default: megatron's ``get_gpt_decoder_block_spec``), patched. Not tested here: Megatron-Bridge
-    does not install without its GPU-only dependencies."""
+                      base: Callable | None = None, use_transformer_engine: bool | None = None) -> Callable:
+    """A ``transformer_layer_spec`` callable for Megatron-Bridge's ``GPTModelProvider`` and for
+    megatron's ``GPTModelConfig`` (both call it as ``spec(model_config, vp_stage=...)``): ``base(model_config,
+    vp_stage=...)`` (default: megatron's ``get_gpt_decoder_block_spec``, Transformer Engine modules when
+    the config's ``transformer_impl`` says so), patched. Expert biases megatron-core cannot train are
+    refused here, before the model is built. Tested with Megatron-Bridge 0.6.2
+    (``examples/bridge_pretrain_acmoe.py``, tests/integration/test_bridge.py)."""
 
-    def layer_spec(provider, vp_stage: int | None = None):
+    def layer_spec(model_config, vp_stage: int | None = None):
+        # GPTModelProvider is a TransformerConfig; GPTModelConfig holds one as ``.transformer``
+        config = model_config if isinstance(model_config, TransformerConfig) else model_config.transformer
+        check_expert_bias_config(config)
         if base is not None:
-            block = base(provider, vp_stage=vp_stage)
+            block = base(model_config, vp_stage=vp_stage)
         else:
-            block = get_gpt_decoder_block_spec(provider, use_transformer_engine=use_transformer_engine,
-                                               normalization=provider.normalization, vp_stage=vp_stage)
-        return patch_block_spec(block, settings, provider, vp_stage=vp_stage, vocab_size=provider.vocab_size,
+            te = config.transformer_impl == "transformer_engine" if use_transformer_engine is None \
+                else use_transformer_engine
+            block = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization=config.normalization,
+                                               qk_l2_norm=config.qk_l2_norm, vp_stage=vp_stage)
+        return patch_block_spec(block, settings, config, vp_stage=vp_stage, vocab_size=model_config.vocab_size,
                                 elliptical=elliptical)
 
     return layer_spec

@@ -118,11 +118,23 @@ def check_expert_bias(args) -> None:
     input (a view) at TP 1, and autograd forbids that (RuntimeError at the first training forward;
     inference under no_grad works). Measured for megatron's own top-k router as for ours
     (tests/unit/runtime/test_validate_args.py keeps watching megatron's behaviour)."""
-    sequential = not args.moe_grouped_gemm
-    etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
-    if args.num_experts and args.add_bias_linear and sequential and etp == 1:
+    _check_expert_bias(args.num_experts, args.add_bias_linear, args.moe_grouped_gemm,
+                       args.expert_tensor_parallel_size or args.tensor_model_parallel_size,
+                       "megatron.add_bias_linear=true", "add_bias_linear: false", "moe_grouped_gemm: true")
+
+
+def check_expert_bias_config(config) -> None:
+    """``check_expert_bias`` on a ``TransformerConfig`` (a Megatron-Bridge model provider or megatron's
+    ``GPTModelConfig.transformer``), whose names differ from megatron's arguments."""
+    _check_expert_bias(config.num_moe_experts, config.add_bias_linear, config.moe_grouped_gemm,
+                       config.expert_tensor_parallel_size or config.tensor_model_parallel_size,
+                       "model.add_bias_linear=True", "model.add_bias_linear=false", "model.moe_grouped_gemm=true")
+
+
+def _check_expert_bias(num_experts, add_bias_linear, grouped_gemm, etp, setting, fix, alternative) -> None:
+    if num_experts and add_bias_linear and not grouped_gemm and etp == 1:
         raise ConfigError(
-            "megatron.add_bias_linear=true with megatron's SequentialMLP experts (moe_grouped_gemm false) at expert "
+            f"{setting} with megatron's SequentialMLP experts (moe_grouped_gemm false) at expert "
             "tensor parallel 1 fails inside megatron-core 0.19 (MLP.forward adds the expert bias in place to a view; "
-            "RuntimeError at the first training step): set add_bias_linear: false, or use moe_grouped_gemm: true "
+            f"RuntimeError at the first training step): set {fix}, or use {alternative} "
             "(TEGroupedMLP on GPUs, not measured with biases here)")

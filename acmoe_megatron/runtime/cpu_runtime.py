@@ -13,8 +13,10 @@ The table: ``SHIMS`` lists every shim as a ``Shim(name, call_site, install, unin
 ``name`` is what lands in ``APPLIED`` (the run log); ``call_site`` is the megatron module/function
 the shim exists for, as a dotted path (``also`` lists further megatron names it rebinds or relies
 on); ``install()`` applies it and returns what it replaced; ``uninstall(saved)`` puts that back;
-``stage`` is "core" (``install()``), "training" (``install_training()``) or "scoped" (entered only
-for the duration of a ``with device_redirect():`` block, see below). The table is written
+``stage`` is "core" (``install()``), "training" (``install_training()``), "bridge"
+(``install_bridge()``, Megatron-Bridge 0.6.x, ``BRIDGE_SUPPORTED``: its own CUDA assumption and two
+import stand-ins, see the B0/B1 comments) or "scoped" (entered only for the duration of a ``with
+device_redirect():`` block, see below). The table is written
 against megatron-core ``SUPPORTED`` (0.19.x): before a stage is applied, the installed version is
 compared with it and every call site of the stage is resolved, so a megatron upgrade raises a
 RuntimeError naming the version or the shim and call site instead of silently skipping a shim.
@@ -46,9 +48,12 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-SUPPORTED = "0.19"  # the megatron-core release line the table's call sites were checked against
+from acmoe_megatron.runtime import import_standin
 
-_INSTALLED = {"core": False, "training": False}
+SUPPORTED = "0.19"  # the megatron-core release line the table's call sites were checked against
+BRIDGE_SUPPORTED = "0.6"  # the Megatron-Bridge release line of the "bridge" stage
+
+_INSTALLED = {"core": False, "training": False, "bridge": False}
 APPLIED: list[str] = []  # names of the shims that were applied, in order, for the run log
 _ORIGINALS: dict[str, Any] = {}  # shim name -> what its install() replaced (for uninstall)
 
@@ -66,7 +71,7 @@ class Shim:
     call_site: str  # the megatron module/function this shim exists for (dotted path)
     install: Callable[[], Any]
     uninstall: Callable[[Any], None]
-    stage: str  # "core" (install()), "training" (install_training()) or "scoped" (device_redirect())
+    stage: str  # "core" (install()), "training" (install_training()), "bridge" (install_bridge()) or "scoped"
     also: tuple[str, ...] = ()  # further megatron names it rebinds or relies on; must resolve too
 
 
@@ -393,25 +398,29 @@ def _shim_gloo_uneven():
 #   T2 training/initialize.py: mpu.initialize_model_parallel and model_parallel_cuda_manual_seed
 #      run only ``if torch.cuda.device_count() > 0`` -> report one device while initializing and
 #      make torch.cuda.set_device a no-op for that duration only.
-def _shim_initialize_without_cuda():
-    import megatron.training.initialize as initialize
-    import megatron.training.training as training
+def _without_cuda_devices(initialize):
+    """``initialize(...)`` with allow_no_cuda=True, one reported CUDA device and a no-op set_device."""
 
-    orig_initialize = initialize.initialize_megatron
-
-    @functools.wraps(orig_initialize)
+    @functools.wraps(initialize)
     def initialize_megatron(*args, **kwargs):
         kwargs["allow_no_cuda"] = True
         saved = torch.cuda.device_count, torch.cuda.set_device
         torch.cuda.device_count = lambda: 1
         torch.cuda.set_device = lambda *a, **k: None
         try:
-            return orig_initialize(*args, **kwargs)
+            return initialize(*args, **kwargs)
         finally:
             torch.cuda.device_count, torch.cuda.set_device = saved
 
+    return initialize_megatron
+
+
+def _shim_initialize_without_cuda():
+    import megatron.training.initialize as initialize
+    import megatron.training.training as training
+
     saved = []
-    _swap(saved, training, "initialize_megatron", initialize_megatron)
+    _swap(saved, training, "initialize_megatron", _without_cuda_devices(initialize.initialize_megatron))
     return saved
 
 
@@ -465,6 +474,49 @@ def _shim_device_arch():
 
 
 # --------------------------------------------------------------------------------------------
+# Megatron-Bridge (stage "bridge", install_bridge(); written against Bridge BRIDGE_SUPPORTED, 0.6.x).
+#
+# B0 import stand-ins -- call sites megatron.bridge.peft.lora_layers (``import transformer_engine.pytorch
+#   as te`` at module level, for LoRA annotations such as ``te.ops.Sequential``) and
+#   megatron.bridge.training.pretrain (``from nvidia_resiliency_ext.inprocess import CallWrapper``, one
+#   annotation). ``import megatron.bridge`` reaches the first through its model registry, and Bridge's
+#   ``pretrain`` is the second, so without them Bridge does not import at all on a machine where
+#   Transformer Engine (crashes megatron-core without its CUDA extension) and NVRx (0.4.1, the only
+#   wheel for this glibc, breaks megatron-core's checkpointing import) cannot be installed. Each
+#   importer sees a placeholder for its own body only (``import_standin``); nobody else ever does.
+BRIDGE_STANDINS = (
+    import_standin.StandIn("megatron.bridge.peft.lora_layers",
+                           {"transformer_engine": (), "transformer_engine.pytorch": ("ops.Sequential",)},
+                           "LoRA annotations (te.ops.Sequential); LoRA itself is not available on CPU"),
+    import_standin.StandIn("megatron.bridge.training.pretrain",
+                           {"nvidia_resiliency_ext": (), "nvidia_resiliency_ext.inprocess": ("CallWrapper",)},
+                           "the annotation of pretrain's in-process restart wrapper; in-process restart itself "
+                           "still needs nvidia-resiliency-ext"),
+)
+
+
+def _shim_bridge_imports():
+    return import_standin.install(BRIDGE_STANDINS)
+
+
+def _unshim_bridge_imports(_finder) -> None:
+    import_standin.uninstall()
+
+
+# B1 -- call site megatron.bridge.training.setup.initialize_megatron (imported by name from
+#   megatron.bridge.training.initialize): Bridge's setup() never passes allow_no_cuda (``assert
+#   torch.cuda.is_available()``), and its torch_dist_init sets the device and seeds the model-parallel
+#   RNG tracker only ``if torch.cuda.device_count() > 0`` -> as T1/T2 for megatron.training: pass
+#   allow_no_cuda=True, report one device and make set_device a no-op while initializing.
+def _shim_bridge_initialize_without_cuda():
+    import megatron.bridge.training.setup as setup
+
+    saved = []
+    _swap(saved, setup, "initialize_megatron", _without_cuda_devices(setup.initialize_megatron))
+    return saved
+
+
+# --------------------------------------------------------------------------------------------
 # The table, in install order (uninstall_all() walks it backwards).
 _MOE = "megatron.core.transformer.moe"
 _TP = "megatron.core.tensor_parallel"
@@ -496,6 +548,11 @@ SHIMS: tuple[Shim, ...] = (
     Shim("T5_device_arch", "megatron.training.utils.common_utils.get_device_arch_version",
          _shim_device_arch, _restore, "training",
          also=("megatron.training.arguments.get_device_arch_version",)),
+    Shim("B0_bridge_import_standins", "megatron.bridge.peft.lora_layers",
+         _shim_bridge_imports, _unshim_bridge_imports, "bridge", also=("megatron.bridge.training.pretrain",)),
+    Shim("B1_bridge_initialize_without_cuda", "megatron.bridge.training.setup.initialize_megatron",
+         _shim_bridge_initialize_without_cuda, _restore, "bridge",
+         also=("megatron.bridge.training.initialize.initialize_megatron",)),
 )
 
 
@@ -616,7 +673,7 @@ def uninstall_all() -> list[str]:
         by_name[name].uninstall(_ORIGINALS.pop(name))
         APPLIED.remove(name)
         undone.append(name)
-    _INSTALLED.update(core=False, training=False)
+    _INSTALLED.update(core=False, training=False, bridge=False)
     return undone
 
 
@@ -630,14 +687,75 @@ def install_wheel_fixes() -> list[str]:
     fixed = []
     import megatron.core.datasets.utils as ds_utils
 
-    try:
-        import megatron.core.datasets.helpers_cpp  # noqa: F401  (prebuilt in the wheel)
-
+    if _prebuilt_dataset_helpers():
         ds_utils.compile_helpers = lambda: None
         fixed.append("T3_prebuilt_dataset_helpers")
-    except ImportError:
-        pass  # a source checkout of megatron: keep megatron's own compile step
+    # else: a source checkout of megatron: keep megatron's own compile step
     return fixed
+
+
+def _prebuilt_dataset_helpers() -> bool:
+    try:
+        import megatron.core.datasets.helpers_cpp  # noqa: F401  (prebuilt in the wheel)
+    except ImportError:
+        return False
+    return True
+
+
+def bridge_version() -> str:
+    """The installed Megatron-Bridge version, read from its metadata (importing it needs B0 first)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("megatron-bridge")
+    except PackageNotFoundError:
+        raise RuntimeError("Megatron-Bridge is not installed: pip install -e '.[bridge]' and then "
+                           "pip install --no-deps 'megatron-bridge==0.6.2' (make bridge does both; README, "
+                           "'Megatron-Bridge')") from None
+
+
+def check_bridge_version(version: str | None = None) -> None:
+    """Raise RuntimeError unless Megatron-Bridge is on the ``BRIDGE_SUPPORTED`` line (0.6.x)."""
+    version = bridge_version() if version is None else version
+    release = version.split("+")[0]
+    if release == BRIDGE_SUPPORTED or release.startswith(BRIDGE_SUPPORTED + "."):
+        return
+    raise RuntimeError(
+        f"acmoe_megatron.runtime.cpu_runtime: installed Megatron-Bridge {version} is not supported; the Bridge "
+        f"shims are written for Megatron-Bridge {BRIDGE_SUPPORTED}.x. Fix: pip install --no-deps "
+        f"'megatron-bridge=={BRIDGE_SUPPORTED}.2', or review these call sites in Bridge {version} and then update "
+        "cpu_runtime.BRIDGE_SUPPORTED:\n" + _call_site_list([s for s in SHIMS if s.stage == "bridge"]))
+
+
+def install_bridge() -> list[str]:
+    """Before ``import megatron.bridge``: the Bridge shims without CUDA (B0 first, because checking the
+    call sites imports Bridge), and Bridge's share of the wheel fix (T3, with or without CUDA). Call
+    after ``install_for_training()``. Returns the names applied by this call (also in ``APPLIED``)."""
+    check_bridge_version()
+    applied = []
+    if cpu_only() and not _INSTALLED["bridge"]:
+        check_megatron_version()
+        shims = [s for s in SHIMS if s.stage == "bridge"]
+        first, rest = shims[0], shims[1:]
+        _ORIGINALS[first.name] = first.install()
+        APPLIED.append(first.name)
+        applied.append(first.name)
+        try:
+            check_call_sites(shims)
+        except RuntimeError:
+            uninstall_all()
+            raise
+        for shim in rest:
+            _ORIGINALS[shim.name] = shim.install()
+            APPLIED.append(shim.name)
+            applied.append(shim.name)
+        _INSTALLED["bridge"] = True
+    if _prebuilt_dataset_helpers():
+        import megatron.bridge.training.initialize as bridge_initialize
+
+        bridge_initialize.compile_helpers = lambda: None  # T3 for Bridge: it imported the name itself
+        applied.append("T3_prebuilt_dataset_helpers_bridge")
+    return applied
 
 
 def install_for_training() -> list[str]:

@@ -179,8 +179,8 @@ def test_hooks_run_the_micro_batch_protocol():
 def test_bridge_layer_spec_is_called_the_way_megatron_bridge_calls_it():
     """Megatron-Bridge calls ``provider.transformer_layer_spec(provider, vp_stage=...)`` when the
     callable has a ``vp_stage`` parameter, with the provider being a TransformerConfig that also
-    carries ``vocab_size`` and ``normalization`` (Bridge itself does not install without GPU-only
-    dependencies, so a TransformerConfig subclass stands in for its GPTModelProvider)."""
+    carries ``vocab_size`` and ``normalization`` (a TransformerConfig subclass stands in for its
+    GPTModelProvider here; Bridge's own pretrain with it: tests/integration/test_bridge.py)."""
     import inspect
 
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -207,3 +207,38 @@ def test_bridge_layer_spec_is_called_the_way_megatron_bridge_calls_it():
     chunks = [model]
     assert plugin.pre_wrap_hook(progress=lambda: (0, 10))(chunks) is chunks  # Bridge's pre-wrap hook contract
     assert state_of(model) is not None and state_of(model).progress() == (0, 10)
+
+
+@pytest.mark.usefixtures("megatron_ws1")
+def test_bridge_layer_spec_refuses_expert_biases_megatron_cannot_train():
+    """add_bias_linear with SequentialMLP experts at expert-TP 1 fails at the first training forward
+    inside megatron-core 0.19 (tests/unit/runtime/test_validate_args.py); the Bridge path refuses it
+    when the spec is built, in Bridge's own words (``model.add_bias_linear``), for both model APIs."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from acmoe_megatron.core.errors import ConfigError
+    from acmoe_megatron.testing import tiny_config
+
+    @dataclasses.dataclass
+    class Provider(TransformerConfig):
+        vocab_size: int = 128
+        normalization: str = "LayerNorm"
+
+    base = {**dataclasses.asdict(tiny_config()), "add_bias_linear": True}
+    provider = Provider(**{f.name: base[f.name] for f in dataclasses.fields(TransformerConfig) if f.init})
+    assert provider.num_moe_experts and not provider.moe_grouped_gemm
+    spec_fn = plugin.bridge_layer_spec(ACSettings(router="ac"))
+    with pytest.raises(ConfigError, match="model.add_bias_linear=True .*set model.add_bias_linear=false"):
+        spec_fn(provider, vp_stage=None)
+
+    @dataclasses.dataclass
+    class ModelConfig:  # megatron's GPTModelConfig: a TransformerConfig in ``.transformer``
+        transformer: TransformerConfig
+        vocab_size: int = 128
+
+    with pytest.raises(ConfigError, match="model.add_bias_linear=True"):
+        spec_fn(ModelConfig(provider), vp_stage=None)
+    provider.add_bias_linear, provider.transformer_impl = False, "local"  # local modules, as the config says
+    spec = spec_fn(ModelConfig(provider), vp_stage=None)
+    assert all(layer.submodules.mlp.keywords["submodules"].router.func.__name__ in ("LabelSourceRouter", "ACRouter")
+               for layer in spec.layer_specs)

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[3]
 CORE_SHIMS = ["streams", "device", "rng", "splits", "norm", "hybrid_norm", "gloo_uneven"]
 SCOPED_SHIMS = ["cudamode"]  # entered only inside ``with cpu_runtime.device_redirect():``
 TRAINING_SHIMS = ["T1_T2_initialize_without_cuda", "T4_clip_grads", "T5_device_arch"]
+BRIDGE_SHIMS = ["B0_bridge_import_standins", "B1_bridge_initialize_without_cuda"]  # install_bridge()
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the shims apply only without CUDA")
 
@@ -248,15 +249,17 @@ def test_every_call_site_resolves_in_installed_megatron():
         from acmoe_megatron.runtime import cpu_runtime
         shims = cpu_runtime.SHIMS
         names = [s.name for s in shims]
-        assert sorted(names) == sorted({CORE_SHIMS + SCOPED_SHIMS + TRAINING_SHIMS!r}), names
+        assert sorted(names) == sorted({CORE_SHIMS + SCOPED_SHIMS + TRAINING_SHIMS + BRIDGE_SHIMS!r}), names
         stages = {{s.name: s.stage for s in shims}}
         assert stages == {{**dict.fromkeys({CORE_SHIMS!r}, "core"), **dict.fromkeys({SCOPED_SHIMS!r}, "scoped"),
-                          **dict.fromkeys({TRAINING_SHIMS!r}, "training")}}, stages
+                          **dict.fromkeys({TRAINING_SHIMS!r}, "training"),
+                          **dict.fromkeys({BRIDGE_SHIMS!r}, "bridge")}}, stages
+        shims = tuple(s for s in shims if s.stage != "bridge")  # Bridge's: test_bridge_shims_install_and_restore
         sites = [site for s in shims for site in (s.call_site, *s.also)]
         for site in sites:
             assert site.startswith("megatron."), site
             cpu_runtime.resolve(site)  # raises if megatron lacks it
-        cpu_runtime.check_call_sites()
+        cpu_runtime.check_call_sites(shims)
         assert cpu_runtime.APPLIED == [] and cpu_runtime._MODE is None  # checking patches nothing
 
         # a call site megatron does not have (a function, a module): loud, naming shim and site
@@ -278,6 +281,52 @@ def test_every_call_site_resolves_in_installed_megatron():
         """
     )
     assert "RESOLVED" in out.stdout
+
+
+_HAVE_BRIDGE = _python("import importlib.util as u; print(u.find_spec('megatron.bridge') is not None)").stdout.strip()
+
+
+@pytest.mark.skipif(_HAVE_BRIDGE != "True", reason="Megatron-Bridge is not installed (make bridge)")
+def test_bridge_shims_install_and_restore():
+    """install_bridge(): B0 before Bridge is imported, every Bridge call site resolves, Bridge's own
+    initialize_megatron gets allow_no_cuda, no stand-in is left for anybody else, and uninstall_all()
+    puts Bridge's function back."""
+    out = _python(
+        f"""
+        import importlib
+        from acmoe_megatron.runtime import cpu_runtime
+        cpu_runtime.install_for_training()
+        applied = cpu_runtime.install_bridge()
+        assert applied[:2] == {BRIDGE_SHIMS!r} and applied[2] == "T3_prebuilt_dataset_helpers_bridge", applied
+        assert cpu_runtime.install_bridge() == ["T3_prebuilt_dataset_helpers_bridge"]  # idempotent
+        import megatron.bridge.training.setup as setup
+        import megatron.bridge.training.initialize as initialize
+        import megatron.bridge.training.pretrain  # noqa: F401  (the NVRx stand-in's importer)
+        assert setup.initialize_megatron is not initialize.initialize_megatron
+        assert setup.initialize_megatron.__wrapped__ is initialize.initialize_megatron
+        for name in ("transformer_engine", "nvidia_resiliency_ext.inprocess"):
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
+            else:
+                raise AssertionError(name + " stood in beyond its importer")
+        import megatron.core.extensions.transformer_engine as te_ext
+        assert te_ext.HAVE_TE is False
+        undone = cpu_runtime.uninstall_all()
+        assert undone[:2] == {BRIDGE_SHIMS[::-1]!r}, undone
+        assert setup.initialize_megatron is initialize.initialize_megatron
+        print("BRIDGE_OK")
+        """, timeout=300)
+    assert "BRIDGE_OK" in out.stdout
+
+
+@pytest.mark.parametrize("version", ["0.5.0", "0.7.1", "1.0.0"])
+def test_wrong_bridge_version_is_refused(version):
+    with pytest.raises(RuntimeError, match=f"Megatron-Bridge {version} is not supported") as exc:
+        cpu_runtime.check_bridge_version(version)
+    assert "megatron.bridge.training.setup.initialize_megatron" in str(exc.value)  # the call sites to review
+    cpu_runtime.check_bridge_version("0.6.2")
 
 
 @pytest.mark.parametrize("version", ["0.19.2", "0.19.2+03caca8", "0.19.0rc1", "0.19"])
