@@ -12,8 +12,9 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.acmoe-installed
 BRIDGE_STAMP = $(VENV)/.acmoe-bridge-installed
 BRIDGE  = megatron-bridge==0.6.2
+NEMO_RUN = .venv-nemo-run
 
-.PHONY: setup bridge quickstart test test-gpu clean-runs
+.PHONY: setup bridge nemo-run quickstart test test-gpu clean-runs
 
 $(STAMP): pyproject.toml
 	@set -e; \
@@ -40,10 +41,19 @@ $(BRIDGE_STAMP): $(STAMP)
 
 bridge: $(BRIDGE_STAMP)
 
+# NeMo-Run for examples/nemo_run_acmoe.py: 0.11.1 with leptonai 0.27.3 (0.47 breaks `import nemo_run`).
+# It pins urllib3<1.27, httpx==0.27.2 and anyio<=4.9 (through torchx and leptonai), so it goes into its
+# own --target directory; the launcher runs with PYTHONPATH=$(NEMO_RUN), the training keeps .venv's set.
+$(NEMO_RUN)/.installed: $(STAMP)
+	$(PY) -m pip install --quiet --upgrade --target $(NEMO_RUN) 'nemo-run==0.11.1' 'leptonai==0.27.3'
+	touch $(NEMO_RUN)/.installed
+
+nemo-run: $(NEMO_RUN)/.installed
+
 quickstart: setup
 	$(VENV)/bin/acmoe-pretrain --config $(CONFIG) --nproc $(NPROC)
 
-test: setup bridge
+test: setup bridge nemo-run
 	$(PY) -m pytest
 
 test-gpu: setup

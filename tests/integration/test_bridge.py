@@ -12,8 +12,9 @@ AC on layers 2-4, expert rows held at norm 1.5), megatron indexed data converted
 weights: a 1-step ``acmoe-pretrain`` checkpoint that our reference loads with ``finetune`` and Bridge
 loads as ``checkpoint.pretrained_checkpoint`` (so this also shows Bridge continuing from our
 checkpoints). The per-step LM loss and the reduced router gradient norms of every MoE layer must
-match within 1e-5 relative: Bridge's provider API at EP=2 on 2 processes, and megatron's
-``GPTModelConfig`` API (``--model-api config``) on 1 process.
+match within 1e-5 relative: Bridge's provider API at EP=2 on 2 processes launched through NeMo-Run's
+LocalExecutor (examples/nemo_run_acmoe.py), and megatron's ``GPTModelConfig`` API (``--model-api
+config``) on 1 process under plain torchrun.
 
 The Bridge settings that reproduce our recipe are ``BRIDGE_OVERRIDES`` below; the ones Bridge's recipe
 sets differently from megatron's defaults are the ones that matter (weight decay 0.033 in its
@@ -33,6 +34,7 @@ import pytest
 from acmoe_megatron.observability.summary import read_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
+NEMO_RUN = ROOT / ".venv-nemo-run"  # make nemo-run (a --target directory: its pins stay out of .venv)
 STEPS = 3
 
 # installed? (read from its metadata: importing megatron.bridge needs cpu_runtime.install_bridge() first)
@@ -104,21 +106,29 @@ def _read(norm_dir, tensorboard):
     return losses, norms
 
 
-def _bridge(setup, name, nproc, *args):
+def _bridge(setup, name, nproc, *args, nemo_run=False):
+    """The Bridge example under torchrun; ``nemo_run``: launched by examples/nemo_run_acmoe.py through
+    NeMo-Run's LocalExecutor instead (NeMo-Run from make nemo-run's --target directory)."""
     tmp, prefix, _ = setup
     run_dir = tmp / name
     run_dir.mkdir()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    example_args = ["--data-path", prefix, "--split", "100,0,0", "--acmoe-router", "ac", "--acmoe-first-ac-layer", "2",
+                    "--acmoe-expert-norm", "1.5", *args, *BRIDGE_OVERRIDES,
+                    f"checkpoint.pretrained_checkpoint={tmp / 'init' / 'checkpoints'}",
+                    f"logger.tensorboard_dir={run_dir / 'tensorboard'}"]
     env = dict(os.environ, ACMOE_GRAD_NORM_DIR=str(run_dir))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(port), "tests/integration/dist/bridge_example.py",
-           "--data-path", prefix, "--split", "100,0,0", "--acmoe-router", "ac", "--acmoe-first-ac-layer", "2",
-           "--acmoe-expert-norm", "1.5", *args, *BRIDGE_OVERRIDES,
-           f"checkpoint.pretrained_checkpoint={tmp / 'init' / 'checkpoints'}",
-           f"logger.tensorboard_dir={run_dir / 'tensorboard'}"]
+    if nemo_run:
+        env["PYTHONPATH"] = os.pathsep.join((str(NEMO_RUN), str(ROOT)))
+        cmd = [sys.executable, "examples/nemo_run_acmoe.py", "--executor", "local", "--nproc", str(nproc),
+               "--script", "tests/integration/dist/bridge_example.py", "--job-dir", str(run_dir / "nemo_run"),
+               "--env", f"ACMOE_GRAD_NORM_DIR={run_dir}", "--", *example_args]
+    else:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(port), "tests/integration/dist/bridge_example.py", *example_args]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return out, run_dir
@@ -135,8 +145,12 @@ def _assert_same(got, ref, rel=1e-5):
             assert abs(a - b) <= rel * max(abs(a), abs(b), 1e-12), f"step {step} router {layer}: {a} vs {b}"
 
 
-def test_bridge_pretrain_at_ep2_matches_acmoe_pretrain(setup):
-    out, run_dir = _bridge(setup, "bridge_ep2", 2, "model.expert_model_parallel_size=2")
+@pytest.mark.skipif(not (NEMO_RUN / "nemo_run").is_dir(), reason="NeMo-Run is not installed: make nemo-run")
+def test_bridge_pretrain_at_ep2_through_nemo_run_matches_acmoe_pretrain(setup):
+    """Launched the way NVIDIA's stack launches Bridge: NeMo-Run's LocalExecutor with its torchrun
+    launcher (examples/nemo_run_acmoe.py), 2 processes, EP=2."""
+    out, run_dir = _bridge(setup, "bridge_ep2", 2, "model.expert_model_parallel_size=2", nemo_run=True)
+    assert "NeMo-Run experiment acmoe_bridge: {'pretrain': 'SUCCEEDED" in out.stdout, out.stdout[-3000:]
     _assert_same(_read(run_dir, run_dir / "tensorboard"), setup[2])
     # our routers are in Bridge's model, the expert rows are held, the CPU shims are named
     assert "AC expert embeddings held at their row norm" in out.stdout, out.stdout[-3000:]
