@@ -47,9 +47,12 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--name", default="acmoe_bridge", help="NeMo-Run experiment name")
-    parser.add_argument("--job-dir", type=Path, default=ROOT / "runs" / "nemo_run",
+    parser.add_argument("--job-dir", type=Path, default=ROOT / "runs" / "nemorun",
                         help="where NeMo-Run keeps the experiment (a shared file system for SLURM)")
     parser.add_argument("--dryrun", action="store_true", help="print what would run; start nothing")
+    parser.add_argument("--detach", action="store_true",
+                        help="slurm: submit and return, printing the job id (NeMo-Run's own monitoring of a "
+                             "SLURM job reads sacct, i.e. needs the cluster's accounting database)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="an environment variable for the task (repeatable)")
     slurm = parser.add_argument_group("slurm (--executor slurm)")
@@ -62,8 +65,14 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
     args = parser.parse_args(argv)
     if args.executor == "slurm" and not (args.account and args.partition):
         parser.error("--executor slurm needs --account and --partition")
+    if args.detach and args.executor != "slurm":
+        parser.error("--detach: only a SLURM job outlives this process (NeMo-Run's LocalExecutor cannot detach)")
     if not args.script.is_file():
         parser.error(f"--script {args.script}: no such file")
+    if "/nemo_run" in str(args.job_dir.resolve()):
+        parser.error(f"--job-dir {args.job_dir}: NeMo-Run 0.11 rewrites every '/nemo_run' in the SLURM script's paths "
+                     "(its in-container run directory) to the job directory, so a path containing '/nemo_run' breaks; "
+                     "choose another directory name")
     bad = [e for e in args.env if "=" not in e or not e.split("=", 1)[0]]
     if bad:
         parser.error(f"--env {bad[0]!r}: expected KEY=VALUE")
@@ -79,12 +88,13 @@ def executor(args):
     env = {"PYTHONPATH": str(ROOT),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc))),
            **dict(e.split("=", 1) for e in args.env)}
+    # NeMo-Run's torchrun launcher starts ``torchrun`` from PATH: the one next to this interpreter (an sbatch
+    # job inherits the submitting environment, so on a cluster this venv must be on the shared file system)
+    os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", "")))
     if args.executor == "local":
-        # NeMo-Run's torchrun launcher starts ``torchrun`` from PATH: the one next to this interpreter
-        os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", "")))
         return run.LocalExecutor(ntasks_per_node=args.nproc, nodes=1, launcher="torchrun", env_vars=env)
     tunnel = (run.SSHTunnel(host=args.ssh_host, user=args.ssh_user, job_dir=str(args.job_dir)) if args.ssh_host
-              else run.LocalTunnel(job_dir=str(args.job_dir)))
+              else run.LocalTunnel(job_dir=str(args.job_dir / "experiments")))  # where the Experiment writes
     gpus = args.gpus_per_node
     return run.SlurmExecutor(account=args.account, partition=args.partition, nodes=args.nodes,
                              ntasks_per_node=1, gpus_per_node=gpus, time=args.time, tunnel=tunnel,
@@ -103,9 +113,14 @@ def main(argv=None) -> int:
         if args.dryrun:
             exp.dryrun()
             return 0
-        exp.run(sequential=True, detach=False, tail_logs=True)
+        exp.run(sequential=True, detach=args.detach, tail_logs=not args.detach)
     # a single job is waited for when the experiment's context closes, not in run()
     status = exp.status(return_dict=True) or {}
+    if args.detach:
+        jobs = {name: job["job_id"] for name, job in status.items()}
+        print(f"[acmoe] NeMo-Run experiment {args.name}: submitted SLURM job(s) {jobs}; logs under {args.job_dir}",
+              flush=True)
+        return 0
     states = {name: str(job["status"]) for name, job in status.items()}
     print(f"[acmoe] NeMo-Run experiment {args.name}: {states}", flush=True)
     return 0 if states and all(s.startswith("SUCCEEDED") for s in states.values()) else 1

@@ -121,7 +121,7 @@ def _bridge(setup, name, nproc, *args, nemo_run=False):
     if nemo_run:
         env["PYTHONPATH"] = os.pathsep.join((str(NEMO_RUN), str(ROOT)))
         cmd = [sys.executable, "examples/nemo_run_acmoe.py", "--executor", "local", "--nproc", str(nproc),
-               "--script", "tests/integration/dist/bridge_example.py", "--job-dir", str(run_dir / "nemo_run"),
+               "--script", "tests/integration/dist/bridge_example.py", "--job-dir", str(run_dir / "jobs"),
                "--env", f"ACMOE_GRAD_NORM_DIR={run_dir}", "--", *example_args]
     else:
         with socket.socket() as sock:

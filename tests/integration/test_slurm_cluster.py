@@ -17,7 +17,10 @@ the "nodes"):
    ``scancel --signal=USR1`` (what ``--signal=USR1@T`` does before the time limit): Megatron saves
    and exits, the script requeues the job, the second start resumes from the checkpoint and
    finishes with the full step count;
-3. one task per process (``LAUNCHER=srun``) instead of torchrun.
+3. one task per process (``LAUNCHER=srun``) instead of torchrun;
+
+and, on the same cluster, the preflight, a requeue on fewer nodes, and NeMo-Run's SlurmExecutor
+submitting its own sbatch script for the Megatron-Bridge example (examples/nemo_run_acmoe.py).
 
 About 3 minutes on 2 CPU cores (plus the package install on a fresh machine).
 """
@@ -556,3 +559,40 @@ def test_a_requeued_job_continues_on_fewer_nodes(cluster, corpus, tmp_path):
     assert iterations(second, total) == list(range(saved + 1, total + 1))  # continues: no step lost or repeated
     losses = [v for _, v in read_scalars(run_dir / "tensorboard")["lm loss"]]
     assert losses == pytest.approx(reference, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# NeMo-Run's SlurmExecutor (examples/nemo_run_acmoe.py) on the same cluster
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.skipif(not (ROOT / ".venv-nemo-run" / "nemo_run").is_dir(),
+                    reason="NeMo-Run is not installed: make nemo-run")
+def test_nemo_run_slurm_executor_runs_the_bridge_example_on_two_nodes(cluster, tmp_path):
+    """NeMo-Run renders its own sbatch script (srun + torchrun with a c10d rendezvous on the head node)
+    and submits it through its LocalTunnel; the job trains Bridge's recipe with the AC router at EP=2
+    across the two nodes. Submitted with --detach and waited for here: NeMo-Run's own monitoring of a
+    SLURM job reads sacct, and this cluster has no accounting database (slurmdbd)."""
+    job_dir = tmp_path / "jobs"
+    env = {**cluster.env, "PYTHONPATH": os.pathsep.join((str(ROOT / ".venv-nemo-run"), str(ROOT)))}
+    cmd = [sys.executable, "examples/nemo_run_acmoe.py", "--executor", "slurm", "--nodes", "2", "--nproc", "1",
+           "--account", "acmoe", "--partition", "debug", "--time", "00:10:00", "--job-dir", str(job_dir),
+           "--detach", "--", "--mock-data", "--acmoe-router", "ac", "--acmoe-first-ac-layer", "2",
+           "model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4", "model.ffn_hidden_size=64",
+           "model.num_moe_experts=4", "model.moe_router_topk=2", "model.expert_model_parallel_size=2",
+           "model.add_bias_linear=false", "model.seq_length=32", "tokenizer.vocab_size=257", "train.train_iters=4",
+           "train.global_batch_size=4", "train.micro_batch_size=2", "logger.log_interval=1",
+           f"logger.tensorboard_dir={tmp_path / 'tensorboard'}", "checkpoint.save=null", "validation.eval_iters=0"]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    job_id = re.search(r"submitted SLURM job\(s\) \{'pretrain': '(\d+)'\}", out.stdout).group(1)
+    job = cluster.wait_job(job_id, 300)
+    logs = list(job_dir.rglob(f"*pretrain_{job_id}_0.out"))
+    log = logs[0].read_text() if logs else f"(no log for job {job_id} under {job_dir})"
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", f"{job}\n{log[-6000:]}\n{cluster.logs()}"
+    assert job["NodeList"] == "n[1-2]" and job["NumNodes"] == "2"
+    assert "torchrun --rdzv-backend c10d" in (next(job_dir.rglob("*_sbatch.sh")).read_text())
+    assert iterations(log, 4) == list(range(1, 5)), log[-4000:]
+    assert "B1_bridge_initialize_without_cuda" in log  # the Bridge example's shims, on the nodes
+    summary = json.loads((tmp_path / "acmoe_summary.json").read_text())
+    assert summary["model_api"] == "provider"
