@@ -27,7 +27,8 @@ script imports one module and the package keeps its layers (the facade sits abov
   ``GPTModelProvider.transformer_layer_spec`` and megatron's ``GPTModelConfig.transformer_layer_spec``
   (called as ``spec(model_config, vp_stage=...)``); ``pre_wrap_hook()`` attaches the chunks
   (``provider.register_pre_wrap_hook`` or ``GPTModelConfig.pre_wrap_hooks``). Example:
-  ``examples/bridge_pretrain_acmoe.py`` (Bridge's own recipe and ``pretrain``).
+  ``examples/bridge_pretrain_acmoe.py`` (Bridge's own recipe and ``pretrain``). ``register_autobridge_routers()``
+  lets Bridge's ``AutoBridge`` load a Hugging Face MoE checkpoint into a model with our routers.
 
 A minimal Megatron-style pretraining script that uses only these calls is
 ``examples/pretrain_gpt_acmoe.py``.
@@ -44,6 +45,7 @@ from collections.abc import Callable
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from acmoe_megatron.core import registry
 from acmoe_megatron.core.settings import ACSettings, EllipticalSettings
 from acmoe_megatron.model.checks import check_expert_bias, check_expert_bias_config, check_settings
 from acmoe_megatron.model.hybrid_spec import local_hybrid_stack_spec, patch_hybrid_stack_spec
@@ -53,7 +55,7 @@ from acmoe_megatron.runtime.hooks import install_expert_norm
 
 __all__ = ["patch_block_spec", "attach", "add_arguments", "settings_from_args", "validate_args",
            "install_expert_norm", "bridge_layer_spec", "pre_wrap_hook", "settings_argv", "patch_hybrid_stack_spec",
-           "local_hybrid_stack_spec"]
+           "local_hybrid_stack_spec", "register_autobridge_routers"]
 
 
 def pre_wrap_hook(progress=None) -> Callable[[list], list]:
@@ -92,6 +94,20 @@ def bridge_layer_spec(settings: ACSettings, elliptical: EllipticalSettings | Non
                                 elliptical=elliptical)
 
     return layer_spec
+
+
+def register_autobridge_routers() -> list[str]:
+    """For Megatron-Bridge's ``AutoBridge`` (Hugging Face checkpoints into a Megatron model and back):
+    Bridge decides how to shard a weight from its module's class name, and knows megatron's
+    ``TopKRouter`` but not our subclasses. Each registered router class is declared "replicated" (its
+    ``weight``, the expert embedding, is whole on every rank, as megatron's). Call once before
+    ``AutoBridge`` loads weights into a model built with ``bridge_layer_spec``. Returns the class names."""
+    from megatron.bridge.models.conversion.param_mapping import AutoMapping  # optional: Bridge is an extra
+
+    classes = sorted({registry.router_class(name).__name__ for name in registry.names()})
+    for name in classes:
+        AutoMapping.register_module_type(name, "replicated")
+    return classes
 
 
 # -- command-line flags ----------------------------------------------------------------------------

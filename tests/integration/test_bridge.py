@@ -166,3 +166,38 @@ def test_bridge_with_megatron_gpt_model_config_matches_acmoe_pretrain(setup):
     out, run_dir = _bridge(setup, "bridge_config", 1, "--model-api", "config")
     _assert_same(_read(run_dir, run_dir / "tensorboard"), setup[2])
     assert json.loads((run_dir / "acmoe_summary.json").read_text())["model_api"] == "config"
+
+
+def test_autobridge_imports_a_hugging_face_moe_checkpoint_into_our_routers(tmp_path):
+    """Bridge's AutoBridge loads a Hugging Face Qwen3-MoE checkpoint (a tiny random one made here:
+    no hub access) into a Megatron model built with ``bridge_layer_spec``. With our top-k router
+    everywhere the import is exact (the HF logits to 1e-5); with AC from MoE layer 3 (the paper's
+    placement on an existing model) the routers of layers 3-4 are ACRouter holding the HF gate
+    weights as expert embeddings, and the logits move only through the routing."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=128, norm_topk_prob=True,
+                            tie_word_embeddings=False)
+    Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "hf")
+    out = subprocess.run([sys.executable, "tests/integration/dist/autobridge_import.py", str(tmp_path / "hf"),
+                          str(tmp_path / "result.json")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, MASTER_PORT=str(_free_port())))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert "ACRouter" in result["registered"] and "LabelSourceRouter" in result["registered"]
+    topk, ac = result["topk"], result["ac"]
+    assert topk["routers"] == ["LabelSourceRouter"] * 4 and all(topk["gate_equal"]), topk
+    assert topk["max_abs_logit_diff"] <= 1e-5, topk  # logits of magnitude ~0.7
+    assert ac["routers"] == ["LabelSourceRouter", "LabelSourceRouter", "ACRouter", "ACRouter"], ac
+    assert all(ac["gate_equal"]), ac
+    assert ac["max_abs_logit_diff"] > 100 * topk["max_abs_logit_diff"], (ac, topk)  # AC does route differently
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

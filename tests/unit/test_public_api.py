@@ -18,7 +18,7 @@ COMMANDS = {"acmoe-pretrain", "acmoe-train", "acmoe-data", "acmoe-plot", "acmoe-
             "acmoe-generate", "acmoe-export-hf", "acmoe-preflight"}
 PLUGIN = {"patch_block_spec", "attach", "add_arguments", "settings_from_args", "validate_args",
           "install_expert_norm", "bridge_layer_spec", "pre_wrap_hook", "settings_argv", "patch_hybrid_stack_spec",
-          "local_hybrid_stack_spec"}
+          "local_hybrid_stack_spec", "register_autobridge_routers"}
 KEYS = {
     ACSettings: ["router", "first_ac_layer", "lead_router", "preset", "eps", "clip", "norm", "mode",
                  "min_cluster_size", "scope", "source", "ema_decay", "compile", "expert_norm", "xmoe_dim",
