@@ -33,6 +33,7 @@ import yaml
 from acmoe_megatron.core.errors import ConfigError
 from acmoe_megatron.core.settings import ACSettings, EllipticalSettings, check_types
 from acmoe_megatron.runtime.checkpoint_digest import VERIFY_MODES
+from acmoe_megatron.runtime.dependencies import check_installed
 
 SECTIONS = ("megatron", "acmoe", "elliptical", "data", "run")
 
@@ -253,6 +254,7 @@ def _quiet_megatron_import() -> None:
     import logging
     import warnings
 
+    check_installed()  # a package that would break the import below is refused by name first
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
