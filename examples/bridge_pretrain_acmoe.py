@@ -164,8 +164,9 @@ def main(argv=None, forward_step=None):
     """``forward_step``: a factory of the forward step, called after Bridge is importable (default:
     Bridge's own ``gpt_step.forward_step``)."""
     args, overrides = parse(argv)
-    # Bridge logs a traceback at INFO for every optional Transformer Engine name it probes and lacks
-    logging.getLogger("megatron.bridge.utils.import_utils").setLevel(logging.WARNING)
+    # Bridge logs a traceback at INFO for every optional Transformer Engine name it probes and lacks (its
+    # module sets that logger to INFO when imported, so a filter, which survives that, keeps them out)
+    logging.getLogger("megatron.bridge.utils.import_utils").addFilter(lambda record: record.levelno >= logging.WARNING)
     fixes = cpu_runtime.install_for_training()
     fixes += cpu_runtime.install_bridge()  # before megatron.bridge is imported
     from megatron.bridge.training.gpt_step import forward_step as gpt_forward_step
