@@ -571,11 +571,12 @@ def _call_site_list(shims=SHIMS) -> str:
     return "\n".join(f"  {s.name} [{s.stage}]: {', '.join((s.call_site, *s.also))}" for s in shims)
 
 
-def on_supported_line(version: str) -> bool:
-    """Whether ``version`` is on the ``SUPPORTED`` release line (a VCS suffix "0.19.2+03caca8" is fine).
-    The CPU shims and the trainer hooks (``runtime/hooks.py``) are both written against it."""
+def on_supported_line(version: str, line: str = SUPPORTED) -> bool:
+    """Whether ``version`` is on the release ``line`` (a VCS suffix "0.19.2+03caca8" is fine); default
+    megatron-core's ``SUPPORTED``, which the CPU shims and the trainer hooks (``runtime/hooks.py``) are
+    both written against (Bridge's: ``BRIDGE_SUPPORTED``)."""
     release = version.split("+")[0]
-    return release == SUPPORTED or release.startswith(SUPPORTED + ".")
+    return release == line or release.startswith(line + ".")
 
 
 def check_megatron_version(version: str | None = None) -> None:
@@ -634,9 +635,15 @@ def _apply(stage: str) -> None:
     check_megatron_version()
     check_call_sites(shims)
     for shim in shims:
-        _ORIGINALS[shim.name] = shim.install()
-        APPLIED.append(shim.name)
+        _install_one(shim)
     _INSTALLED[stage] = True
+
+
+def _install_one(shim: Shim) -> str:
+    """Apply one shim, keeping what it replaced for ``uninstall_all()``; returns its name."""
+    _ORIGINALS[shim.name] = shim.install()
+    APPLIED.append(shim.name)
+    return shim.name
 
 
 # --------------------------------------------------------------------------------------------
@@ -717,8 +724,7 @@ def bridge_version() -> str:
 def check_bridge_version(version: str | None = None) -> None:
     """Raise RuntimeError unless Megatron-Bridge is on the ``BRIDGE_SUPPORTED`` line (0.6.x)."""
     version = bridge_version() if version is None else version
-    release = version.split("+")[0]
-    if release == BRIDGE_SUPPORTED or release.startswith(BRIDGE_SUPPORTED + "."):
+    if on_supported_line(version, BRIDGE_SUPPORTED):
         return
     raise RuntimeError(
         f"acmoe_megatron.runtime.cpu_runtime: installed Megatron-Bridge {version} is not supported; the Bridge "
@@ -736,19 +742,13 @@ def install_bridge() -> list[str]:
     if cpu_only() and not _INSTALLED["bridge"]:
         check_megatron_version()
         shims = [s for s in SHIMS if s.stage == "bridge"]
-        first, rest = shims[0], shims[1:]
-        _ORIGINALS[first.name] = first.install()
-        APPLIED.append(first.name)
-        applied.append(first.name)
+        applied.append(_install_one(shims[0]))  # B0: resolving the other call sites imports Bridge
         try:
             check_call_sites(shims)
         except RuntimeError:
             uninstall_all()
             raise
-        for shim in rest:
-            _ORIGINALS[shim.name] = shim.install()
-            APPLIED.append(shim.name)
-            applied.append(shim.name)
+        applied += [_install_one(shim) for shim in shims[1:]]
         _INSTALLED["bridge"] = True
     if _prebuilt_dataset_helpers():
         import megatron.bridge.training.initialize as bridge_initialize
