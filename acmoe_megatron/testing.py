@@ -6,16 +6,22 @@ builds megatron's ``GPTModel`` with our routers (spec.acmoe_block_spec; ``ellipt
 ``EllipticalSettings`` for elliptical attention) and attaches its chunk state (plugin.attach),
 exactly as the training model provider does. ``cuda_type_names`` lets megatron's
 mixed-precision and distributed optimizers be built and stepped on CPU tensors in tests.
+``read_parity_run`` / ``assert_same_run`` read and compare the per-step losses and router gradient
+norms of two training runs (the parity tests of tests/integration).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
+from pathlib import Path
 
 import torch
 
 from acmoe_megatron.model.chunk_state import ChunkState
 from acmoe_megatron.model.spec import acmoe_block_spec
+from acmoe_megatron.observability.summary import read_scalars
 from acmoe_megatron.plugin import attach
 from acmoe_megatron.runtime import cpu_runtime
 
@@ -125,3 +131,36 @@ def capture_router_outputs(model) -> dict:
         if isinstance(m, TopKRouter):
             m.register_forward_hook(hook)
     return seen
+
+
+def read_parity_run(run_dir: Path, steps: int) -> tuple[list[float], dict[int, dict[str, float]]]:
+    """(per-step LM losses from ``run_dir/tensorboard``, {step: {layer: reduced router gradient norm}}
+    from the ``router_grad_norms_rank*.jsonl`` that ``hooks.log_router_grad_norms`` writes there). Ranks
+    holding the same router must report it within 1e-6; the run must have exactly ``steps`` steps."""
+    losses = [v for _, v in read_scalars(run_dir / "tensorboard")["lm loss"]]
+    norms: dict[int, dict[str, float]] = {}
+    for path in run_dir.glob("router_grad_norms_rank*.jsonl"):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            for layer, value in rec["norms"].items():
+                seen = norms.setdefault(rec["step"], {})
+                assert layer not in seen or math.isclose(seen[layer], value, rel_tol=1e-6), (layer, seen, value)
+                seen[layer] = value
+    assert len(losses) == steps and sorted(norms) == list(range(1, steps + 1)), (losses, norms)
+    return losses, norms
+
+
+def assert_same_run(got, ref, rel: float = 1e-5, what: str = "reference") -> None:
+    """Two ``read_parity_run`` results agree step by step within ``rel`` (relative): the losses, and
+    every router's gradient norm, over the same set of layers."""
+    def close(a, b):
+        return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+
+    (losses, norms), (ref_losses, ref_norms) = got, ref
+    for step, (a, b) in enumerate(zip(losses, ref_losses), 1):
+        assert close(a, b), f"step {step} loss {a} vs {what} {b}"
+    for step in ref_norms:
+        assert set(norms[step]) == set(ref_norms[step]), (norms[step], ref_norms[step])
+        for layer, b in ref_norms[step].items():
+            a = norms[step][layer]
+            assert close(a, b), f"step {step} router {layer} grad norm {a} vs {what} {b}"

@@ -26,15 +26,13 @@ attach``) must give exactly our launcher's numbers on the same recipe, with PP=2
 (``qk_l2_norm``).
 """
 
-import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from acmoe_megatron.observability.summary import read_scalars
+from acmoe_megatron.testing import assert_same_run, read_parity_run
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
@@ -96,18 +94,7 @@ def _run(setup, name, nproc, *overrides, mbs=4, gbs=8):
 
 
 def _read(run_dir):
-    """(per-step LM losses from TensorBoard, {step: {layer: reduced router grad norm}})."""
-    losses = [v for _, v in read_scalars(run_dir / "tensorboard")["lm loss"]]
-    norms: dict[int, dict[str, float]] = {}
-    for path in run_dir.glob("router_grad_norms_rank*.jsonl"):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            for layer, value in rec["norms"].items():
-                seen = norms.setdefault(rec["step"], {})
-                assert layer not in seen or math.isclose(seen[layer], value, rel_tol=1e-6), (layer, seen, value)
-                seen[layer] = value
-    assert len(losses) == STEPS and sorted(norms) == list(range(1, STEPS + 1)), (losses, norms)
-    return losses, norms
+    return read_parity_run(run_dir, STEPS)
 
 
 _SHARED: dict[str, tuple] = {}  # launcher runs read by several tests of this module: one launch each
@@ -156,15 +143,7 @@ def _close(a, b, rel):
     return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
 
 
-def _assert_same(got, ref, rel=1e-5):
-    (losses, norms), (ref_losses, ref_norms) = got, ref
-    for step, (a, b) in enumerate(zip(losses, ref_losses), 1):
-        assert _close(a, b, rel), f"step {step} loss {a} vs reference {b}"
-    for step in ref_norms:
-        assert set(norms[step]) == set(ref_norms[step]), (norms[step], ref_norms[step])
-        for layer, b in ref_norms[step].items():
-            a = norms[step][layer]
-            assert _close(a, b, rel), f"step {step} router {layer} grad norm {a} vs reference {b}"
+_assert_same = assert_same_run
 
 
 @pytest.fixture(scope="module")

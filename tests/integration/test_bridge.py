@@ -22,7 +22,6 @@ scheduler, vocabulary padding off, tied embeddings, fused cross entropy).
 """
 
 import json
-import math
 import os
 import socket
 import subprocess
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from acmoe_megatron.observability.summary import read_scalars
+from acmoe_megatron.testing import assert_same_run, read_parity_run
 
 ROOT = Path(__file__).resolve().parents[2]
 NEMO_RUN = ROOT / ".venv-nemo-run"  # make nemo-run (a --target directory: its pins stay out of .venv)
@@ -88,22 +87,7 @@ def setup(tmp_path_factory):
     _pretrain(tmp / "ref", data, f"megatron.train_iters={STEPS}", f"megatron.load={tmp / 'init' / 'checkpoints'}",
               "megatron.finetune=true", "megatron.no_load_optim=true", "megatron.no_load_rng=true",
               "megatron.save=null", "run.log_router_grad_norms=true")
-    return tmp, prefix, _read(tmp / "ref", tmp / "ref" / "tensorboard")
-
-
-def _read(norm_dir, tensorboard):
-    """(per-step LM losses from TensorBoard, {step: {layer: reduced router grad norm}})."""
-    losses = [v for _, v in read_scalars(tensorboard)["lm loss"]]
-    norms: dict[int, dict[str, float]] = {}
-    for path in norm_dir.glob("router_grad_norms_rank*.jsonl"):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            for layer, value in rec["norms"].items():
-                seen = norms.setdefault(rec["step"], {})
-                assert layer not in seen or math.isclose(seen[layer], value, rel_tol=1e-6), (layer, seen, value)
-                seen[layer] = value
-    assert len(losses) == STEPS and sorted(norms) == list(range(1, STEPS + 1)), (losses, norms)
-    return losses, norms
+    return tmp, prefix, read_parity_run(tmp / "ref", STEPS)
 
 
 def _bridge(setup, name, nproc, *args, nemo_run=False):
@@ -134,15 +118,9 @@ def _bridge(setup, name, nproc, *args, nemo_run=False):
     return out, run_dir
 
 
-def _assert_same(got, ref, rel=1e-5):
-    (losses, norms), (ref_losses, ref_norms) = got, ref
-    for step, (a, b) in enumerate(zip(losses, ref_losses), 1):
-        assert abs(a - b) <= rel * max(abs(a), abs(b)), f"step {step} loss {a} vs acmoe-pretrain {b}"
-    for step in ref_norms:
-        assert set(norms[step]) == set(ref_norms[step]) == {"1", "2", "3", "4"}, (norms[step], ref_norms[step])
-        for layer, b in ref_norms[step].items():
-            a = norms[step][layer]
-            assert abs(a - b) <= rel * max(abs(a), abs(b), 1e-12), f"step {step} router {layer}: {a} vs {b}"
+def _assert_same(got, ref):
+    assert_same_run(got, ref, rel=1e-5, what="acmoe-pretrain")
+    assert all(set(layers) == {"1", "2", "3", "4"} for layers in ref[1].values()), ref[1]  # every MoE layer
 
 
 @pytest.mark.skipif(not (NEMO_RUN / "nemo_run").is_dir(), reason="NeMo-Run is not installed: make nemo-run")
@@ -151,7 +129,7 @@ def test_bridge_pretrain_at_ep2_through_nemo_run_matches_acmoe_pretrain(setup):
     launcher (examples/nemo_run_acmoe.py), 2 processes, EP=2."""
     out, run_dir = _bridge(setup, "bridge_ep2", 2, "model.expert_model_parallel_size=2", nemo_run=True)
     assert "NeMo-Run experiment acmoe_bridge: {'pretrain': 'SUCCEEDED" in out.stdout, out.stdout[-3000:]
-    _assert_same(_read(run_dir, run_dir / "tensorboard"), setup[2])
+    _assert_same(read_parity_run(run_dir, STEPS), setup[2])
     # our routers are in Bridge's model, the expert rows are held, the CPU shims are named
     assert "AC expert embeddings held at their row norm" in out.stdout, out.stdout[-3000:]
     summary = json.loads((run_dir / "acmoe_summary.json").read_text())
@@ -164,7 +142,7 @@ def test_bridge_pretrain_at_ep2_through_nemo_run_matches_acmoe_pretrain(setup):
 def test_bridge_with_megatron_gpt_model_config_matches_acmoe_pretrain(setup):
     """megatron's GPTModelConfig (what Bridge's deprecated providers point to): spec and pre_wrap_hooks."""
     out, run_dir = _bridge(setup, "bridge_config", 1, "--model-api", "config")
-    _assert_same(_read(run_dir, run_dir / "tensorboard"), setup[2])
+    _assert_same(read_parity_run(run_dir, STEPS), setup[2])
     assert json.loads((run_dir / "acmoe_summary.json").read_text())["model_api"] == "config"
 
 
