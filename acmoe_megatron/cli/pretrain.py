@@ -4,8 +4,10 @@ It validates the recipe in a single process first (run_plan.build_plan: unknown 
 megatron's own argument checks at this world size, the shard manifest; every error exits 2 before
 any worker starts), builds the embedded stdlib corpus when the recipe's data directory is missing and
 ``data.prepare_stdlib`` allows it, writes the resolved recipe to ``<run.dir>/config.yaml``, starts
-``torchrun --nproc_per_node N -m acmoe_megatron.runtime.train`` on it, and finally prints where the
-TensorBoard logs, the checkpoints and the run summary are.
+``torchrun --nproc_per_node N -m acmoe_megatron.runtime.train`` on it with the hang watch beside it
+(``runtime/hang_watch.py``: a rank that makes no progress within ``run.hang_timeout_s`` ends the run,
+exit 124, naming it), and finally prints where the TensorBoard logs, the checkpoints and the run
+summary are.
 
 Examples::
 
@@ -20,12 +22,15 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from acmoe_megatron.cli.common import ensure_data, free_port
 from acmoe_megatron.core.errors import ConfigError
 from acmoe_megatron.core.exit_codes import EXIT_CONFIG, EXIT_NONFINITE, EXIT_REASON_FILE, EXIT_STOPPED_EARLY
 from acmoe_megatron.runtime.checkpoint_check import check_resume_checkpoint, resume_from
+from acmoe_megatron.runtime.hang_watch import Bounds, WatchThread
+from acmoe_megatron.runtime.heartbeat import INSTANCE_ENV
 from acmoe_megatron.runtime.lifetime import wrapped
 from acmoe_megatron.runtime.recipe import load_recipe, write_resolved
 from acmoe_megatron.runtime.resume import check_resume_compatible
@@ -78,7 +83,20 @@ def main(argv=None) -> int:
     summary_path.unlink(missing_ok=True)  # a stale summary must not describe this run
     reason_path = run_dir / EXIT_REASON_FILE
     reason_path.unlink(missing_ok=True)
-    rc = subprocess.call(wrapped(cmd), env=env)  # torchrun dies with this launcher (runtime/lifetime.py)
+    env[INSTANCE_ENV] = instance = uuid.uuid4().hex[:12]  # this start's heartbeats (runtime/heartbeat.py)
+    proc = subprocess.Popen(wrapped(cmd), env=env)  # torchrun dies with this launcher (runtime/lifetime.py)
+    watcher = None
+    if recipe.run.hang_timeout_s:
+        bounds = Bounds(recipe.run.hang_timeout_s, recipe.run.hang_timeout_checkpoint_s)
+        watcher = WatchThread(run_dir, instance, bounds, proc).start()
+    try:
+        rc = proc.wait()
+    except BaseException:  # as subprocess.call does (Ctrl-C reached torchrun too)
+        proc.kill()
+        raise
+    finally:
+        if watcher is not None:
+            watcher.stop()
     if rc != 0 and reason_path.is_file():  # a worker's distinct exit (torchrun reports every failure as 1)
         code, _, why = reason_path.read_text().partition("\n")
         print(f"acmoe-pretrain: {why.strip()}; the latest complete checkpoint is unchanged (see the message "

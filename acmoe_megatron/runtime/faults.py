@@ -8,7 +8,10 @@ and ``wrap`` it uses:
 * ``ACMOE_FAULT_FSIZE_AT_ITER`` (+ ``ACMOE_FAULT_FSIZE_BYTES``) sets a real file-size limit
   (RLIMIT_FSIZE) on the process during that iteration's save, so the writes fail with EFBIG exactly
   as the kernel fails them on a full disk;
-* ``ACMOE_FAULT_NAN_AT_ITER`` makes one training iteration's loss NaN.
+* ``ACMOE_FAULT_NAN_AT_ITER`` makes one training iteration's loss NaN;
+* ``ACMOE_FAULT_STOP_AT_ITER`` (+ ``ACMOE_FAULT_STOP_RANK``, ``ACMOE_FAULT_STOP_PHASE``) SIGSTOPs one
+  rank when it enters that phase of that iteration: a hung rank (on a SLURM job's first start only,
+  so that the requeued job can finish).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 
 import torch
 
+from acmoe_megatron.runtime.heartbeat import Heartbeat
 from acmoe_megatron.runtime.hooks import wrap
 
 
@@ -72,6 +76,27 @@ def install_file_size_fault() -> None:
         return limited_save
 
     wrap("fault_file_size", make)
+
+
+def install_stop_fault(beat: Heartbeat | None, rank: int) -> None:
+    """``ACMOE_FAULT_STOP_AT_ITER=k``: rank ``ACMOE_FAULT_STOP_RANK`` (default 1) stops itself with
+    SIGSTOP when it enters ``ACMOE_FAULT_STOP_PHASE`` (default backward) of iteration k, after its
+    heartbeat record says so. Not on a requeued SLURM job (SLURM_RESTART_COUNT > 0)."""
+    at = os.environ.get("ACMOE_FAULT_STOP_AT_ITER")
+    if not at or beat is None or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+        return
+    if rank != int(os.environ.get("ACMOE_FAULT_STOP_RANK", "1")):
+        return
+    phase = os.environ.get("ACMOE_FAULT_STOP_PHASE", "backward")
+
+    def stop(step, entered):
+        if step == int(at) and entered == phase:
+            beat.flush()
+            print(f"[acmoe] fault injection: rank {rank} stops itself (SIGSTOP) in {phase} of iteration {step} "
+                  f"at {time.time():.3f}", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    beat.on_mark = stop
 
 
 def maybe_inject_nan(output: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from acmoe_megatron.observability.sample_trace import MegatronSampleTrace
 from acmoe_megatron.runtime import faults
 from acmoe_megatron.runtime import hooks as run_hooks
+from acmoe_megatron.runtime.heartbeat import Heartbeat
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -25,23 +26,30 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, num_tokens, {"lm loss": report}
 
 
-def make_forward_step(recipe):
+def make_forward_step(recipe, beat: Heartbeat | None = None):
+    """megatron's forward_step_func for ``recipe``; ``beat``: this process's heartbeat, told when the
+    micro-batch is being read and when the model runs (hang detection, runtime/heartbeat.py)."""
     trace = MegatronSampleTrace(recipe.run.dir) if recipe.run.trace_samples else None
 
     def step(data_iterator, model):
         if recipe.run.log_router_grad_norms:
             run_hooks.log_router_grad_norms(model, Path(recipe.run.dir))
-        return forward_step(data_iterator, model, trace)
+        return forward_step(data_iterator, model, trace, beat)
 
     return step
 
 
-def forward_step(data_iterator, model, trace=None):
+def forward_step(data_iterator, model, trace=None, beat: Heartbeat | None = None):
     """One micro-batch: GPT forward on this rank's batch (every pipeline stage reads its own copy,
     so routers that route by token id find the ids on every stage). The per-micro-batch protocol
     of our cross-layer state runs in the model's hooks (plugin.attach). ``trace``: records the
-    batch's sample ids (``run.trace_samples``, sample_trace.py)."""
+    batch's sample ids (``run.trace_samples``, sample_trace.py); ``beat``: told "data" while the
+    micro-batch is read, then "forward"."""
+    if beat is not None:
+        beat.mark("data")
     batch = next(data_iterator)
+    if beat is not None:
+        beat.mark("forward")
     sample_ids = batch.pop("sample_ids", None)
     if trace is not None:
         trace(model, sample_ids)

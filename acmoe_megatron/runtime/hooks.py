@@ -22,6 +22,8 @@ previous one left, in the order the trainer installs them (``runtime/train.py``)
   was never recorded as latest) so that its space comes back.
 * ``install_training_metrics``: the routing metrics, throughput, MFU and memory scalars at
   megatron's log interval (``observability/writers.py`` says what is written and how it is timed).
+* ``heartbeat.install_heartbeat_marks``: ``run.hang_timeout_s`` — each process records the phase
+  it is in (``runtime/heartbeat.py``) for the hang watch (``runtime/hang_watch.py``).
 * ``log_router_grad_norms``: ``run.log_router_grad_norms`` — per-step router gradient norms after
   megatron's gradient reduction (a model-config callback, not a function of the table).
 
@@ -78,6 +80,14 @@ PATCHES = {p.name: p for p in (
                  "evaluation time left out of the throughput"),
     TrainerPatch("metrics_save_checkpoint", f"{_TRAINING}.save_checkpoint",
                  "checkpoint time left out of the throughput"),
+    TrainerPatch("heartbeat_train_step", f"{_TRAINING}.train_step", "hang detection: the step in progress"),
+    TrainerPatch("heartbeat_backward", "megatron.core.pipeline_parallel.schedules.backward_step",
+                 "hang detection: the backward pass"),
+    TrainerPatch("heartbeat_finalize_grads", f"{_TRAINING}.finalize_model_grads",
+                 "hang detection: gradient reduction, then the optimizer"),
+    TrainerPatch("heartbeat_save", f"{_TRAINING}.save_checkpoint", "hang detection: a checkpoint save"),
+    TrainerPatch("heartbeat_load", f"{_TRAINING}.load_checkpoint", "hang detection: a checkpoint load"),
+    TrainerPatch("heartbeat_evaluate", f"{_TRAINING}.evaluate", "hang detection: evaluation"),
     TrainerPatch("fault_save_delay", "megatron.core.dist_checkpointing.save", "test hook: a slow save"),
     TrainerPatch("fault_file_size", "megatron.core.dist_checkpointing.save", "test hook: a file-size limit"),
 )}

@@ -133,6 +133,22 @@ def _megatron_data_flags(mg: dict) -> None:
                               f"{prefixes[0]} ends documents with EOD {eod}; remove the key or fix it")
 
 
+def check_hang_bounds(args, run) -> None:
+    """The hang watch (run.hang_timeout_s, runtime/hang_watch.py) must fire before megatron's own
+    collective timeout, which ends a hung run with a timeout trace from another rank instead."""
+    minutes = args.distributed_timeout_minutes
+    after_init = args.distributed_timeout_seconds_after_init
+    for key, bound, limit, flag in (
+            ("hang_timeout_s", run.hang_timeout_s, after_init or minutes * 60,
+             "distributed_timeout_seconds_after_init" if after_init else "distributed_timeout_minutes"),
+            ("hang_timeout_checkpoint_s", run.hang_timeout_checkpoint_s, minutes * 60, "distributed_timeout_minutes")):
+        if run.hang_timeout_s and limit and bound >= limit:
+            raise ConfigError(
+                f"run.{key}={bound:g} s is not below megatron's collective timeout ({flag}: {limit:g} s), so a hung "
+                f"rank would end the run with megatron's timeout trace from another rank, not with its name: lower "
+                f"run.{key}, or raise megatron.{flag}")
+
+
 def validate_args(args, recipe, host_checks: bool = True, training: bool = True) -> None:
     """Checks megatron does not make, before any model is built. ``host_checks=False`` leaves out
     what depends on the machine it runs on (CUDA present, FP8 capability): a SLURM job is planned
@@ -141,6 +157,7 @@ def validate_args(args, recipe, host_checks: bool = True, training: bool = True)
     check_settings(args, recipe.acmoe, recipe.elliptical, host_checks=host_checks)
     if training:
         check_expert_bias(args)
+        check_hang_bounds(args, recipe.run)
     if recipe.run.trace_samples:
 
         if recipe.data.blend or uses_megatron_data(recipe.megatron):

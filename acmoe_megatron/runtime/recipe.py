@@ -111,6 +111,11 @@ class RunSettings:
     trace_samples: bool = False  # the sample ids of every training micro-batch: dir/sample_trace/ (sample_trace.py)
     checkpoint_checksums: bool = True  # SHA-256 of every checkpoint file after each save (checkpoint_digest.py)
     checkpoint_verify: str = "auto"  # before a resume: auto | full | sample | sizes (checkpoint_digest.verify)
+    # hang detection (runtime/hang_watch.py): the run ends (exit 124) when no rank makes progress for
+    # this long; 0: off. Below megatron.distributed_timeout_minutes (10 min), which is the backstop.
+    hang_timeout_s: float = 180.0
+    # the same bound for checkpoint saves and loads, start-up and the first step of a start
+    hang_timeout_checkpoint_s: float = 540.0
 
     def __post_init__(self):
         check_types(self, "run")
@@ -124,6 +129,12 @@ class RunSettings:
             raise ValueError(f"run.checkpoint_verify={self.checkpoint_verify!r}: choose one of {VERIFY_MODES}")
         if self.per_expert_scalars_max < 0:
             raise ValueError(f"run.per_expert_scalars_max={self.per_expert_scalars_max}: must be >= 0")
+        if self.hang_timeout_s < 0 or self.hang_timeout_checkpoint_s < 0:
+            raise ValueError(f"run.hang_timeout_s={self.hang_timeout_s}, run.hang_timeout_checkpoint_s="
+                             f"{self.hang_timeout_checkpoint_s}: seconds >= 0 (0: no hang detection)")
+        if self.hang_timeout_s and self.hang_timeout_checkpoint_s < self.hang_timeout_s:
+            raise ValueError(f"run.hang_timeout_checkpoint_s={self.hang_timeout_checkpoint_s} is below run.hang_timeout_s="
+                             f"{self.hang_timeout_s}: the bound for checkpoints and start-up is the longer one; raise it")
 
 
 @dataclass
@@ -166,7 +177,8 @@ HASH_OMITS_AT_DEFAULT: dict[str, tuple[str, ...]] = {"acmoe": ("compile", "exper
                                                       "data": ("shuffle_window", "blend", "cache_dir"),
                                                       "run": ("peak_tflops", "per_expert_scalars_max",
                                                               "image_interval", "trace_samples",
-                                                              "checkpoint_checksums", "checkpoint_verify")}
+                                                              "checkpoint_checksums", "checkpoint_verify",
+                                                              "hang_timeout_s", "hang_timeout_checkpoint_s")}
 
 
 def _suggest(key: str, known) -> str:

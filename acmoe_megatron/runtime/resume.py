@@ -34,7 +34,8 @@ RESUMABLE_CHANGES = {
                  "no_load_optim", "no_load_rng", "ckpt_step", "wandb_project", "wandb_exp_name", "wandb_save_dir",
                  "wandb_entity"},
     "run": {"dir", "name", "log_router_grad_norms", "keep_last_checkpoints", "peak_tflops", "per_expert_scalars_max",
-            "image_interval", "trace_samples", "checkpoint_checksums", "checkpoint_verify"},
+            "image_interval", "trace_samples", "checkpoint_checksums", "checkpoint_verify", "hang_timeout_s",
+            "hang_timeout_checkpoint_s"},
     "acmoe": {"compile"},  # the same maths, other kernels
     "data": {"verify_checksums"},
 }

@@ -44,6 +44,7 @@ from acmoe_megatron.observability.summary import write_summary
 from acmoe_megatron.runtime import cpu_runtime, faults
 from acmoe_megatron.runtime import hooks as run_hooks
 from acmoe_megatron.runtime.forward_step import make_forward_step
+from acmoe_megatron.runtime.heartbeat import Heartbeat, install_heartbeat_marks, start_heartbeat
 from acmoe_megatron.runtime.lifetime import die_with_parent
 from acmoe_megatron.runtime.log_filters import quiet_library_warnings
 from acmoe_megatron.runtime.megatron_args import build_argv, validate_args
@@ -70,9 +71,9 @@ def make_datasets_provider(recipe):
                                    recipe.data.shuffle_window, recipe.data.cache_dir)
 
 
-def install_run_hooks(recipe) -> None:
+def install_run_hooks(recipe, beat: Heartbeat | None = None) -> None:
     """The trainer's hooks on megatron's training loop (runtime/hooks.py), as every run gets them
-    (the preflight's shrunk run included)."""
+    (the preflight's shrunk run included); ``beat``: this process's heartbeat (hang detection)."""
     run_hooks.install_training_metrics(
         extra_moe_losses=router_class(recipe.acmoe.router).reported_losses, peak_tflops=recipe.run.peak_tflops,
         per_expert_max=recipe.run.per_expert_scalars_max, image_interval=recipe.run.image_interval)
@@ -84,6 +85,8 @@ def install_run_hooks(recipe) -> None:
     run_hooks.install_disk_full_exit(Path(recipe.run.dir))
     if recipe.acmoe.expert_norm is not None:
         run_hooks.install_expert_norm()
+    if beat is not None:
+        install_heartbeat_marks(beat)
 
 
 def parse_cli(argv=None):
@@ -118,7 +121,10 @@ def main(argv=None) -> None:
         print(f"[acmoe] router: {recipe.acmoe}", flush=True)
         print(f"[acmoe] fused paths: {fused_paths(args)}", flush=True)
 
-    install_run_hooks(recipe)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    beat = start_heartbeat(Path(recipe.run.dir), recipe.run.hang_timeout_s, rank, world)
+    faults.install_stop_fault(beat, rank)
+    install_run_hooks(recipe, beat)
     start = time.time()
     stopped_early = False
     nonfinite_exit = None
@@ -131,7 +137,7 @@ def main(argv=None) -> None:
                 pretrain_cfg_container_from_args(args),
                 make_datasets_provider(recipe),
                 ModelType.encoder_or_decoder,
-                make_forward_step(recipe),
+                make_forward_step(recipe, beat),
                 model_provider=make_model_provider(recipe),
             )
         except SystemExit as exc:  # megatron's early exits: signal handler, exit interval/duration
@@ -141,6 +147,8 @@ def main(argv=None) -> None:
                 raise
             stopped_early = True
     wall = time.time() - start
+    if beat is not None:
+        beat.mark("finishing")
     args = get_args()
     from megatron.training.global_vars import get_wandb_writer
 
@@ -164,6 +172,8 @@ def main(argv=None) -> None:
         path = write_summary(recipe, args, manifest, wall_time_s=wall, runtime_shims=shims,
                              stopped_early=stopped_early, nonfinite=nonfinite_exit is not None)
         print(f"[acmoe] run summary: {path}", flush=True)
+    if beat is not None:
+        beat.stop()
     if nonfinite_exit is not None:
         if rank == 0:
             print(f"[acmoe] non-finite loss or gradient at iteration {args.curr_iteration + 1}: megatron re-ran "

@@ -1,6 +1,6 @@
 """Reliability with real processes: bit-exact resume, a rank lost mid-step (kill -9 of one of two
-processes), kill -9 inside a checkpoint save, a save that runs out of space (a real file-size
-limit), SIGTERM.
+processes), a rank hung mid-step (SIGSTOP), kill -9 inside a checkpoint save, a save that runs out
+of space (a real file-size limit), SIGTERM.
 
 Each run is Megatron's trainer through ``acmoe-pretrain`` (2-core CPU, gloo). "Bit-exact" means the
 per-step train losses in TensorBoard are equal as floats between an uninterrupted run of 2N steps
@@ -16,12 +16,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from acmoe_megatron.core.exit_codes import EXIT_DISK_FULL, EXIT_STOPPED_EARLY
+from acmoe_megatron.core.exit_codes import EXIT_DISK_FULL, EXIT_HUNG, EXIT_STOPPED_EARLY
 from acmoe_megatron.observability.summary import read_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,15 +95,17 @@ def uninterrupted(data, tmp_path_factory):
     return runs
 
 
-def test_stop_lose_a_rank_and_resume_is_bit_exact(data, uninterrupted, tmp_path):
-    """EP=2 (EMA statistics): stopped after N steps, a rank lost in the next step, resumed: the
-    losses equal the uninterrupted run's as floats. (EP=1 resumes bit-exactly in the kill -9 test.)"""
+def test_stop_lose_a_rank_hang_a_rank_and_resume_is_bit_exact(data, uninterrupted, tmp_path):
+    """EP=2 (EMA statistics): stopped after N steps, a rank lost in the next step, a rank hung
+    (SIGSTOP) in the step after, resumed: the losses equal the uninterrupted run's as floats. (EP=1
+    resumes bit-exactly in the kill -9 test.)"""
     run = tmp_path / "run"
     common = LAYOUT[2]
     rc, log = _run(run, data, 2, *common, f"megatron.exit_interval={N}")
     assert rc == EXIT_STOPPED_EARLY, log[-3000:]
     assert "Run the same command again to resume" in log and _latest(run) == str(N)
     _lose_a_rank_mid_step(run, data, common)
+    _hang_a_rank_mid_step(run, data, common)
     rc, log = _run(run, data, 2, *common)
     assert rc == 0, log[-3000:]
     assert _losses(run) == uninterrupted[2]  # float equality, step by step
@@ -180,6 +183,49 @@ def _lose_a_rank_mid_step(run, data, common):
     assert rc not in (0, EXIT_STOPPED_EARLY) and elapsed < 60, (rc, elapsed, rest[-3000:])
     assert "exitcode  : -9" in rest  # torchrun names the lost rank
     assert _latest(run) == str(N) and not (run / "checkpoints" / f"iter_{2 * N:07d}").exists()
+
+
+HANG_S = 10  # run.hang_timeout_s of the hung run
+
+
+def _hang_a_rank_mid_step(run, data, common):
+    """Rank 1 stops itself (SIGSTOP) when it enters the backward pass of the second step after the
+    checkpoint (the first step of a start has the longer start-up bound): rank 0 waits for it in a
+    collective. The hang watch names rank 1, its node, the step and the phase, stops both processes
+    and the run exits 124 within the bound (+ one poll and the kill), recording nothing new."""
+    import socket
+
+    step = N + 2
+    env = {**os.environ, "ACMOE_FAULT_STOP_AT_ITER": str(step), "ACMOE_FAULT_STOP_RANK": "1",
+           "ACMOE_FAULT_STOP_PHASE": "backward"}
+    bounds = [f"run.hang_timeout_s={HANG_S}", "run.hang_timeout_checkpoint_s=60"]
+    proc = subprocess.Popen(_cmd(run, data, 2, *common, *bounds),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=env)
+    stopped_at = None
+    # without a working hang watch the run would wait for megatron's 10-minute collective timeout
+    guard = threading.Timer(HANG_S + 150, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    guard.start()
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "fault injection: rank 1 stops itself (SIGSTOP)" in line:
+                stopped_at = time.time()
+        rc = proc.wait(timeout=120)
+        ended = time.time()
+    finally:
+        guard.cancel()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = "".join(lines)
+    assert stopped_at is not None, log[-3000:]
+    assert rc == EXIT_HUNG, log[-3000:]
+    assert ended - stopped_at < HANG_S + 8, ended - stopped_at
+    assert (f"acmoe-pretrain: rank 1 on node {socket.gethostname()} hung at step {step} in backward (process "
+            f"stopped or frozen") in log, log[-3000:]
+    assert "its process is stopped or frozen" in log and f"bound run.hang_timeout_s={HANG_S} s" in log
+    assert _latest(run) == str(N) and not _survivors(run)
 
 
 def test_kill_9_inside_a_save_then_a_full_disk_keep_the_previous_checkpoint(data, uninterrupted, tmp_path):

@@ -173,3 +173,22 @@ def test_megatron_still_cannot_train_sequential_expert_biases():
     state_of(model).reset()
     with pytest.raises(RuntimeError, match="is a view and is being modified inplace"):
         model(tokens, torch.arange(32).unsqueeze(0).expand(2, -1), None, labels=tokens).mean().backward()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["run.hang_timeout_s=600", "run.hang_timeout_checkpoint_s=600"],
+     r"run.hang_timeout_s=600 s is not below megatron's collective timeout \(distributed_timeout_minutes: 600 s\)"),
+    (["run.hang_timeout_checkpoint_s=900"], r"run.hang_timeout_checkpoint_s=900 s is not below"),
+    (["run.hang_timeout_s=120", "megatron.distributed_timeout_seconds_after_init=60"],
+     r"run.hang_timeout_s=120 s .*distributed_timeout_seconds_after_init: 60 s"),
+])
+def test_hang_bounds_must_be_below_megatrons_collective_timeout(overrides, message):
+    """Otherwise megatron's timeout trace from a waiting rank comes first, without the hung rank's name."""
+    args, recipe = _args("configs/tiny_cpu.yaml", *overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate_args(args, recipe)
+    args, recipe = _args("configs/tiny_cpu.yaml", *overrides, "megatron.distributed_timeout_minutes=30",
+                         "megatron.distributed_timeout_seconds_after_init=1700")
+    validate_args(args, recipe)
+    args, recipe = _args("configs/tiny_cpu.yaml", *overrides, "run.hang_timeout_s=0")  # off: nothing to compare
+    validate_args(args, recipe)

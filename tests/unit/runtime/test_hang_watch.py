@@ -1,0 +1,125 @@
+"""The hang watch's decision (runtime/hang_watch.py: ``diagnose``, a pure function of the heartbeat
+records and the clock), the records the workers write (runtime/heartbeat.py) and what the watch
+does once it decided (the exit reason, SIGKILL of this node's training processes only)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import pytest
+
+from acmoe_megatron.core.exit_codes import EXIT_HUNG, EXIT_REASON_FILE
+from acmoe_megatron.runtime.hang_watch import Bounds, diagnose, read_beats, stop_run
+from acmoe_megatron.runtime.heartbeat import HEARTBEAT_DIR, BeatRecord, Heartbeat
+
+NOW = 1000.0
+BOUNDS = Bounds(step_s=10, long_s=60)  # silent after 3 x 1 s + 1 s
+
+
+def beat(rank, step=5, phase="forward", since=NOW - 30, last=NOW - 0.5, context="training", host="n1", world=2):
+    return BeatRecord("i1", rank, world, host, 100 + rank, step, phase, context, since, last)
+
+
+def beats(*records):
+    return {r.rank: r for r in records}
+
+
+def test_progress_within_the_bound_is_no_hang():
+    assert diagnose(beats(beat(0, since=NOW - 9), beat(1, since=NOW - 30)), NOW, BOUNDS) is None
+    assert diagnose(beats(beat(0), beat(1)), NOW, Bounds(0, 0)) is None  # run.hang_timeout_s: 0
+
+
+def test_the_rank_whose_process_stopped_is_named_not_the_ones_waiting_for_it():
+    """rank 1 entered its phase after rank 0 (which waits for it in a collective) and was then
+    stopped: the silent heartbeat names it, though rank 0's phase began earlier."""
+    hang = diagnose(beats(beat(0, phase="forward", since=NOW - 30),
+                          beat(1, phase="backward", since=NOW - 20, last=NOW - 19, host="n2")), NOW, BOUNDS)
+    assert (hang.rank, hang.host, hang.pid, hang.step, hang.phase) == (1, "n2", 101, 5, "backward")
+    assert "rank 1 on node n2 hung at step 5 in backward (process stopped or frozen for 20 s" in hang.why
+    assert "stopped or frozen (no heartbeat for 19 s)" in hang.report
+    assert "rank 0 on n1 (pid 100): step 5, forward for 30 s" in hang.report
+
+
+def test_of_two_silent_ranks_the_first_to_go_silent_is_named():
+    hang = diagnose(beats(beat(0, last=NOW - 15), beat(1, last=NOW - 25), beat(2, world=3)), NOW, BOUNDS)
+    assert hang.rank == 1
+
+
+def test_a_rank_stuck_in_its_data_loader_is_named_when_every_process_is_alive():
+    hang = diagnose(beats(beat(0, phase="forward", since=NOW - 40), beat(1, phase="data", since=NOW - 35),
+                          beat(2, phase="forward", since=NOW - 30, world=3)), NOW, BOUNDS)
+    assert (hang.rank, hang.phase) == (1, "data") and "the other ranks wait for it" in hang.report
+
+
+def test_the_rank_a_step_behind_is_named():
+    hang = diagnose(beats(beat(0, step=7, phase="data"), beat(1, step=6, phase="optimizer")), NOW, BOUNDS)
+    assert (hang.rank, hang.step) == (1, 6)
+
+
+def test_every_rank_in_the_same_collective_names_the_last_to_enter():
+    hang = diagnose(beats(beat(0, since=NOW - 40), beat(1, since=NOW - 31)), NOW, BOUNDS)
+    assert hang.rank == 1 and "a collective that never completed" in hang.report
+
+
+@pytest.mark.parametrize("phase, context", [("checkpoint save", "training"), ("checkpoint load", "start-up"),
+                                            ("forward", "start-up"), ("finishing", "training")])
+def test_checkpoints_start_up_and_the_end_have_the_longer_bound(phase, context):
+    records = beats(beat(0, phase=phase, context=context, since=NOW - 50), beat(1, since=NOW - 50))
+    assert diagnose(records, NOW, BOUNDS) is None
+    hang = diagnose(records, NOW + 11, BOUNDS)
+    assert hang is not None and "bound run.hang_timeout_checkpoint_s=60 s" in hang.report
+
+
+def test_a_rank_that_never_reported_is_named():
+    hang = diagnose(beats(beat(0, world=2)), NOW, BOUNDS)
+    assert hang.rank is None and "rank(s) 1 never reported" in hang.why
+
+
+def test_the_records_are_written_by_the_heartbeat_thread_and_read_per_start(tmp_path):
+    directory = tmp_path / HEARTBEAT_DIR
+    beat_ = Heartbeat(directory, "start-a", rank=1, world_size=2, interval_s=0.05).start()
+    old = BeatRecord("start-0", 0, 2, "n1", 1, 3, "forward", "training", 0.0, 0.0)  # an earlier start's record
+    (directory / "rank0.json").write_text(json.dumps(asdict(old)))
+    try:
+        beat_.mark("data", step=4)
+        beat_.mark("forward")
+        deadline = time.time() + 5
+        while (rec := read_beats(tmp_path, "start-a").get(1)) is None or rec.phase != "forward":
+            assert time.time() < deadline, rec
+            time.sleep(0.02)
+        assert (rec.step, rec.phase, rec.context, rec.pid) == (4, "forward", "start-up", os.getpid())
+        time.sleep(0.3)
+        again = read_beats(tmp_path, "start-a")
+        assert again[1].beat > rec.beat and again[1].since == rec.since  # rewritten while nothing changes: alive
+        assert list(again) == [1]  # the earlier start's record is not this start's
+        assert list(read_beats(tmp_path, "start-0")) == [0]
+    finally:
+        beat_.stop()
+    assert not (directory / "rank1.json").exists()
+
+
+def test_stopping_kills_this_nodes_training_processes_only_and_the_first_cause_stays(tmp_path):
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "acmoe_megatron"])
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a reused pid
+    other_node = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "acmoe_megatron"])
+    try:
+        os.kill(ours.pid, signal.SIGSTOP)  # SIGKILL ends a stopped process too
+        records = beats(BeatRecord("i", 0, 3, "n1", ours.pid, 5, "backward", "training", NOW, NOW),
+                        BeatRecord("i", 1, 3, "n1", stranger.pid, 5, "backward", "training", NOW, NOW),
+                        BeatRecord("i", 2, 3, "n2", other_node.pid, 5, "backward", "training", NOW, NOW))
+        hang = diagnose(records, NOW + 100, BOUNDS)
+        assert stop_run(tmp_path, hang, records, host="n1") == [ours.pid]
+        assert ours.wait(timeout=10) == -signal.SIGKILL
+        assert stranger.poll() is None and other_node.poll() is None
+        assert (tmp_path / EXIT_REASON_FILE).read_text() == f"{EXIT_HUNG}\n{hang.why}\n"
+        later = diagnose(records, NOW + 200, BOUNDS)
+        stop_run(tmp_path, later, records, host="n2")  # another node's watcher, later: the first cause stays
+        assert (tmp_path / EXIT_REASON_FILE).read_text() == f"{EXIT_HUNG}\n{hang.why}\n"
+    finally:
+        for p in (ours, stranger, other_node):
+            p.kill()
+            p.wait()
