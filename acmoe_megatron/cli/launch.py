@@ -44,6 +44,7 @@ from acmoe_megatron.core.errors import ConfigError
 from acmoe_megatron.core.exit_codes import EXIT_CONFIG, EXIT_PREFLIGHT_FAILED
 from acmoe_megatron.observability.summary import code_version
 from acmoe_megatron.runtime.checkpoint_check import check_resume_checkpoint
+from acmoe_megatron.runtime.dependencies import check_ft_launcher
 from acmoe_megatron.runtime.preflight.plan import PLAN_FILE
 from acmoe_megatron.runtime.recipe import load_recipe, write_resolved
 from acmoe_megatron.runtime.resume import check_resume_compatible
@@ -56,7 +57,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 TEMPLATE = PACKAGE_DIR / "slurm" / "pretrain.sbatch"
 DIRECTIVES_BEGIN, DIRECTIVES_END = "# >>> sbatch directives", "# <<< sbatch directives"
 ENV_BEGIN, ENV_END = "# >>> environment", "# <<< environment"
-LAUNCHERS = ("torchrun", "srun")
+LAUNCHERS = ("torchrun", "srun", "ft")
+PER_NODE_LAUNCHERS = ("torchrun", "ft")  # one task per node starting the node's processes
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # minutes | [D-]HH[:MM[:SS]] | MM:SS
 
 
@@ -121,6 +123,8 @@ def cmd_resolve(args) -> int:
         "CHECKPOINT_DIR": str(checkpoint_dir(recipe)),
         "TENSORBOARD_DIR": str(Path(recipe.megatron.get("tensorboard_dir") or run_dir / "tensorboard").absolute()),
         "CONFIG_HASH": recipe.hash(),
+        "HANG_TIMEOUT_S": f"{recipe.run.hang_timeout_s:g}",  # the ft launcher's section timeouts
+        "HANG_TIMEOUT_CHECKPOINT_S": f"{recipe.run.hang_timeout_checkpoint_s:g}",
     }
     tmp = run_dir / "run.env.tmp"
     tmp.write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
@@ -159,7 +163,7 @@ def cpus_per_task(args) -> int:
     if args.cpus_per_task is not None:
         return args.cpus_per_task
     per_process = 8 if args.gpus_per_node else 1
-    return per_process * (args.procs_per_node if args.launcher == "torchrun" else 1)
+    return per_process * (args.procs_per_node if args.launcher in PER_NODE_LAUNCHERS else 1)
 
 
 def sbatch_directives(args, run_dir: Path) -> list[str]:
@@ -171,7 +175,7 @@ def sbatch_directives(args, run_dir: Path) -> list[str]:
         d = [f"--job-name={args.job_name}", f"--nodes={args.min_nodes}-{args.nodes}"]
     else:
         d = [f"--job-name={args.job_name}", f"--nodes={args.nodes}",
-             f"--ntasks-per-node={1 if args.launcher == 'torchrun' else procs}"]
+             f"--ntasks-per-node={1 if args.launcher in PER_NODE_LAUNCHERS else procs}"]
     if args.gpus_per_node:
         d.append(f"--gpus-per-node={args.gpus_per_node}")
     if args.exclusive:
@@ -278,6 +282,9 @@ def cmd_slurm(args) -> int:
         return _usage(f"--env-file {args.env_file}: no such file")
     args.exit_signal = args.exit_signal.upper().removeprefix("SIG")
     try:
+        if args.launcher == "ft":  # NVRx's ft_launcher + megatron's FT package, refused where NVRx is absent/old
+            check_ft_launcher()
+            args.overrides = [*args.overrides, "megatron.enable_ft_package=true"]
         recipe = load_recipe(args.config, args.overrides)
         project = Path(args.project_dir or ".").absolute()  # relative paths of the recipe resolve here
         run_dir = project / (args.run_dir or recipe.run.dir)
@@ -482,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--project-dir", help="the job's working directory, where relative paths of the recipe "
                    "resolve (default: the current directory)")
     s.add_argument("--launcher", choices=LAUNCHERS, default="torchrun",
-                   help="torchrun: one task per node running torchrun (default); srun: one task per GPU")
+                   help="torchrun: one task per node running torchrun (default); srun: one task per GPU; ft: one "
+                   "task per node running NVIDIA's ft_launcher with megatron's --enable-ft-package (needs "
+                   "nvidia-resiliency-ext >= 0.6: pip install -e '.[ft]'); the other two use our hang watch")
     s.add_argument("--python", help="python on the compute nodes with acmoe-megatron installed "
                    "(default: this interpreter; `python` inside a container)")
     s.add_argument("--container-image", help="pyxis/enroot image for the training steps")

@@ -22,7 +22,7 @@ from acmoe_megatron.core.errors import ConfigError
 NVRX = "nvidia-resiliency-ext"
 NVRX_MIN = "0.6.0"  # megatron.core.dist_checkpointing.strategies.nvrx.NVRX_MIN_VERSION in 0.19
 
-__all__ = ["NVRX_MIN", "check_installed", "nvrx_problem"]
+__all__ = ["NVRX_MIN", "check_ft_launcher", "check_installed", "ft_launcher_problem", "nvrx_problem"]
 
 
 def nvrx_problem(version: str | None) -> str | None:
@@ -39,6 +39,27 @@ def nvrx_problem(version: str | None) -> str | None:
             f"nvidia_resiliency_ext.__version__ (absent before 0.6), so `import megatron.training` fails. "
             f"Fix: pip uninstall -y {NVRX} (it is optional), or install >= {NVRX_MIN} where a wheel exists "
             f"(glibc >= 2.39): pip install -e '.[ft]'")
+
+
+def ft_launcher_problem(version: str | None) -> str | None:
+    """Why ``acmoe-launch slurm --launcher ft`` (NVRx's ft_launcher + megatron's --enable-ft-package)
+    cannot run with NVRx ``version`` (None: not installed), or None when it can."""
+    instead = ("or use --launcher torchrun (the default), whose hang watch (run.hang_timeout_s) needs no extra "
+               "package")
+    if version is None:
+        return (f"--launcher ft runs NVIDIA's ft_launcher, from {NVRX} >= {NVRX_MIN}, which is not installed in this "
+                f"environment: pip install -e '.[ft]' where a wheel exists (glibc >= 2.39), {instead}")
+    problem = nvrx_problem(version)
+    if problem:
+        return f"--launcher ft: {problem}; {instead}"
+    return None
+
+
+def check_ft_launcher() -> None:
+    """Raise ConfigError when the ft launcher cannot run in this environment (see ft_launcher_problem)."""
+    problem = ft_launcher_problem(_version(NVRX))
+    if problem:
+        raise ConfigError(problem)
 
 
 def _version(dist: str) -> str | None:

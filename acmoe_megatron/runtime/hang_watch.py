@@ -152,8 +152,28 @@ def _is_training_process(pid: int) -> bool:
         return False
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def stop_run(run_dir: Path, hang: Hang, beats: dict[int, BeatRecord], host: str) -> list[int]:
-    """Record the cause (first writer wins) and SIGKILL this node's training processes; their pids."""
+    """Record the cause (first writer wins) and SIGKILL this node's training processes with every
+    process they started (a SIGKILLed worker's checkpoint or data-loader processes would otherwise
+    live on, orphaned, holding the job step's output open so that srun never returns); the
+    training processes' pids."""
     try:
         fd = os.open(Path(run_dir) / EXIT_REASON_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(fd, "w") as f:
@@ -163,11 +183,13 @@ def stop_run(run_dir: Path, hang: Hang, beats: dict[int, BeatRecord], host: str)
     killed = []
     for rec in beats.values():
         if rec.host == host and _is_training_process(rec.pid):
-            try:
-                os.kill(rec.pid, signal.SIGKILL)
-                killed.append(rec.pid)
-            except ProcessLookupError:
-                pass
+            tree = [rec.pid, *_descendants(rec.pid)]  # before the kill: orphans are re-parented
+            for pid in tree:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            killed.append(rec.pid)
     return killed
 
 

@@ -61,6 +61,20 @@ def _survivors(run_dir) -> list[str]:
     return out
 
 
+def _started_by_a_launcher() -> set[int]:
+    """Processes started under an acmoe-pretrain launcher (ACMOE_RUN_INSTANCE in their environment):
+    torchrun, the workers and what they started (checkpoint workers, data loader workers), whose
+    command lines need not name the run."""
+    out = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"ACMOE_RUN_INSTANCE=" in Path(f"/proc/{pid}/environ").read_bytes():
+                out.add(int(pid))
+        except OSError:
+            continue
+    return out
+
+
 def _latest(run_dir):
     return (Path(run_dir) / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip()
 
@@ -203,6 +217,7 @@ def _hang_a_rank_mid_step(run, data, common):
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=env)
     stopped_at = None
+    before = _started_by_a_launcher()
     # without a working hang watch the run would wait for megatron's 10-minute collective timeout
     guard = threading.Timer(HANG_S + 150, lambda: os.killpg(proc.pid, signal.SIGKILL))
     guard.start()
@@ -226,6 +241,10 @@ def _hang_a_rank_mid_step(run, data, common):
             f"stopped or frozen") in log, log[-3000:]
     assert "its process is stopped or frozen" in log and f"bound run.hang_timeout_s={HANG_S} s" in log
     assert _latest(run) == str(N) and not _survivors(run)
+    deadline = time.time() + 10  # nothing the hung run started is left (SIGKILL takes the process trees)
+    while (left := _started_by_a_launcher() - before) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in left if Path(f"/proc/{p}").exists()]
 
 
 def test_kill_9_inside_a_save_then_a_full_disk_keep_the_previous_checkpoint(data, uninterrupted, tmp_path):

@@ -505,14 +505,18 @@ def test_preflight_failure_stops_the_real_job(cluster, corpus, tmp_path):
 
 
 @pytest.mark.timeout(900)
-def test_a_requeued_job_continues_on_fewer_nodes(cluster, corpus, tmp_path):
-    """`acmoe-launch slurm --nodes 2 --min-nodes 1` (sbatch --nodes=1-2), EP=1: signalled mid-run, the
-    job saves and requeues; node n2 does not come back (drained), so the restart gets one node: data
-    parallel 2 -> 1 at the same global batch (2 micro-batches accumulated). The sample sequence
+def test_a_hung_rank_requeues_the_job_which_continues_on_fewer_nodes(cluster, corpus, tmp_path):
+    """`acmoe-launch slurm --nodes 2 --min-nodes 1` (sbatch --nodes=1-2), EP=1, checkpoints every 4
+    steps. Rank 1 stops itself (SIGSTOP) in the backward pass of step 6: the hang watch of each node
+    (beside torchrun, in torchrun_node.sh) names it, its node, the step and the phase, stops the
+    workers within run.hang_timeout_s (10 s), and the batch script requeues the job. The hung rank's
+    node does not come back (drained), so the restart gets one node: data parallel 2 -> 1 at the same
+    global batch (2 micro-batches accumulated), resumed from iteration 4. The sample sequence
     continues and the losses equal those of the same recipe on 2 processes without interruption
     within rel 1e-5 (the DP change reorders the gradient sums: all-reduce of 2 vs accumulation of 2)."""
     total = 16
-    overrides = small_run(corpus, total, **{"megatron.expert_model_parallel_size": 1})
+    overrides = small_run(corpus, total, **{"megatron.expert_model_parallel_size": 1, "megatron.save_interval": 4,
+                                            "run.hang_timeout_s": 10, "run.hang_timeout_checkpoint_s": 60})
     # the reference: the same recipe, 2 processes, uninterrupted (locally: the same maths as 2 nodes)
     ref = tmp_path / "reference"
     out = subprocess.run([sys.executable, "-m", "acmoe_megatron.cli.pretrain", "--config", str(RECIPE), "--nproc", "2",
@@ -522,41 +526,43 @@ def test_a_requeued_job_continues_on_fewer_nodes(cluster, corpus, tmp_path):
     reference = [v for _, v in read_scalars(ref / "tensorboard")["lm loss"]]
 
     run_dir = tmp_path / "shrink"
-    out = _launch(cluster, "--nodes", "2", "--min-nodes", "1", "--run-dir", str(run_dir), *overrides)
+    out = _launch(cluster, "--nodes", "2", "--min-nodes", "1", "--run-dir", str(run_dir),
+                  "--env", "ACMOE_FAULT_STOP_AT_ITER=6", "--env", "ACMOE_FAULT_STOP_RANK=1", *overrides)
     assert out.returncode == 0, out.stdout + out.stderr
     job_id = re.search(r"submitted job (\d+)", out.stdout).group(1)
     log_path = run_dir / "slurm_logs" / f"acmoe-tiny_cpu-{job_id}.out"
+    hung = None
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            text = log_path.read_text() if log_path.is_file() else ""
-            if re.search(rf"\] iteration\s+3/\s*{total} \|", text):
-                break
-            assert cluster.job(job_id)["JobState"] not in FINAL_STATES, text[-5000:]
-            time.sleep(0.3)
-        else:
-            raise AssertionError(f"no iteration 3 after 240 s:\n{cluster.logs()}")
-        assert cluster.job(job_id)["NumNodes"] == "2"
-        cluster.run("scancel", "--signal=USR1", job_id)
-        cluster.wait_job(job_id, 180, until=lambda j: j["JobState"] in FINAL_STATES
+        cluster.wait_job(job_id, 300, until=lambda j: j["JobState"] in FINAL_STATES
                          or (j["JobState"] == "PENDING" and j["Restarts"] == "1"))
-        cluster.run("scontrol", "update", "NodeName=n2", "State=DRAIN", "Reason=did-not-come-back")
+        text = log_path.read_text() if log_path.is_file() else ""
+        found = re.search(r"\[acmoe-slurm\] a rank hung: rank 1 on node (n[12]) hung at step 6 in backward", text)
+        assert found, f"{cluster.job(job_id)}\n{text[-6000:]}\n{cluster.logs()}"
+        hung = found.group(1)
+        cluster.run("scontrol", "update", f"NodeName={hung}", "State=DRAIN", "Reason=did-not-come-back")
+        other = "n1" if hung == "n2" else "n2"
         deadline = time.time() + 60
-        while cluster.node_states()[0] != "idle" and time.time() < deadline:
+        while cluster.node_states()[int(other[1]) - 1] != "idle" and time.time() < deadline:
             time.sleep(0.5)
         time.sleep(2)
         cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
         job = cluster.wait_job(job_id, 400)
     finally:
-        cluster.run("scontrol", "update", "NodeName=n2", "State=RESUME", check=False)
+        if hung:
+            cluster.run("scontrol", "update", f"NodeName={hung}", "State=RESUME", check=False)
     log = log_path.read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", f"{job}\n{log[-6000:]}"
     first, second = log.split(f"[acmoe-slurm] job {job_id} restart 1:", 1)
     assert "2 node(s) [n[1-2]] x 1 process(es) = world size 2" in first
-    assert second.lstrip().startswith("1 node(s) [n1] x 1 process(es) = world size 1"), second[:300]
+    # the hang: named by the watch on both nodes (the run directory is shared), the workers stopped
+    assert "fault injection: rank 1 stops itself (SIGSTOP) in backward of iteration 6" in first
+    assert re.search(rf"\[acmoe-hang-watch n[12]\] hang: no rank has made progress for \d+ s \(bound "
+                     rf"run.hang_timeout_s=10 s\)\. Cause: rank 1 on node {hung} \(pid \d+\) stopped responding in "
+                     r"step 6, backward", first), first[-6000:]
+    assert f"requeueing job {job_id} after the hang (restart 1 of at most 3); it resumes from iteration 4" in first
+    assert second.lstrip().startswith(f"1 node(s) [{other}] x 1 process(es) = world size 1"), second[:300]
     assert "parallel layout: world 1, tp 1, pp 1, cp 1, ep 1, etp 1, dp 1, expert_dp 1, grad_accum 2" in second
-    saved = int(re.search(r"saving checkpoint at iteration\s+(\d+)", first).group(1))
-    assert iterations(second, total) == list(range(saved + 1, total + 1))  # continues: no step lost or repeated
+    assert iterations(second, total) == list(range(5, total + 1))  # continues from the checkpoint: nothing lost
     losses = [v for _, v in read_scalars(run_dir / "tensorboard")["lm loss"]]
     assert losses == pytest.approx(reference, rel=1e-5)
 

@@ -10,4 +10,10 @@ export WORLD_SIZE=$SLURM_NTASKS
 export LOCAL_RANK=$SLURM_LOCALID
 # until Megatron installs its --exit-signal-handler, an early exit signal must not kill the worker
 trap '' "${EXIT_SIGNAL:-USR1}"
+# the node's first task starts the node's hang watch (runtime/hang_watch.py), which watches while
+# this task (the worker, after exec: same pid) runs
+if [ -n "${ACMOE_HANG_WATCH_CONFIG:-}" ] && [ "$SLURM_LOCALID" = 0 ]; then
+    "$ACMOE_HANG_WATCH_PY" -m acmoe_megatron.runtime.hang_watch --config "$ACMOE_HANG_WATCH_CONFIG" \
+        --instance "${ACMOE_RUN_INSTANCE:-}" --while-pid $$ &
+fi
 exec "$@"

@@ -11,6 +11,8 @@
 # already reached the workers (proctrack/cgroup, linuxproc) or not (proctrack/pgid: torchrun starts
 # workers in new sessions) does not matter: a second delivery only sets the same flag.
 # SIGTERM/SIGINT (scancel, time limit) go to torchrun, which stops its workers.
+# Beside torchrun runs this node's hang watch (runtime/hang_watch.py) when ACMOE_HANG_WATCH_CONFIG is
+# set: it SIGKILLs the node's workers when the run stalls (exit 124 in $RUN_DIR/exit_reason.txt).
 set -u
 SIG=${EXIT_SIGNAL:-USR1}
 SIG=${SIG#SIG}
@@ -59,6 +61,11 @@ for s in TERM INT; do
 done
 trap forward_exit_signal "$SIG"
 echo "[acmoe-node $NODE] torchrun started (pid $child); SIG$SIG goes to its workers"
+# the hang watch of this node (runtime/hang_watch.py; pretrain.sbatch sets these for its launchers)
+if [ -n "${ACMOE_HANG_WATCH_CONFIG:-}" ]; then
+    "$ACMOE_HANG_WATCH_PY" -m acmoe_megatron.runtime.hang_watch --config "$ACMOE_HANG_WATCH_CONFIG" \
+        --instance "${ACMOE_RUN_INSTANCE:-}" --while-pid "$child" &
+fi
 
 # `wait` returns early whenever a trapped signal arrives; keep waiting until torchrun is gone.
 while kill -0 "$child" 2>/dev/null; do

@@ -339,6 +339,43 @@ def test_sbatch_dry_run_torchrun_per_node(fake_slurm_bin, tmp_path):
     assert "world size 16, launcher torchrun" in out.stdout
 
 
+def test_ft_launcher_is_refused_where_nvrx_is_absent_or_too_old(capsys, tmp_path, monkeypatch):
+    """NVRx's ft_launcher is an optional extra: without a release megatron-core accepts, the job is
+    refused before anything is rendered or submitted, naming the package, the fix and the default."""
+    from acmoe_megatron.runtime import dependencies
+
+    args = ("--config", str(TINY), "--nodes", "2", "--gpus-per-node", "0", "--launcher", "ft",
+            "--run-dir", str(tmp_path / "run"))
+    monkeypatch.setattr(dependencies, "_version", lambda dist: None)
+    rc, script, err = dry_run(capsys, *args)
+    assert rc == 2 and not script
+    assert "nvidia-resiliency-ext >= 0.6.0, which is not installed" in err and "--launcher torchrun" in err
+    monkeypatch.setattr(dependencies, "_version", lambda dist: "0.4.1")
+    rc, script, err = dry_run(capsys, *args)
+    assert rc == 2 and "nvidia-resiliency-ext 0.4.1 is installed, and megatron-core 0.19 needs >= 0.6.0" in err
+    monkeypatch.setattr(dependencies, "_version", lambda dist: "0.6.1")
+    rc, script, err = dry_run(capsys, *args)
+    assert rc == 0, err
+    assert "--ntasks-per-node=1" in directives(script)  # one ft_launcher per node
+    env = block(script, "# >>> environment")
+    assert "export LAUNCHER=ft" in env
+    assert any(line.startswith("set -- ") and "megatron.enable_ft_package=true" in line for line in env), env
+
+
+def test_sbatch_dry_run_ft_launcher_gets_the_recipes_hang_bounds(fake_slurm_bin, tmp_path):
+    out = run_sbatch(job_env(fake_slurm_bin, tmp_path, LAUNCHER="ft", HANG_TIMEOUT_S="180",
+                             HANG_TIMEOUT_CHECKPOINT_S="540", HANG_REQUEUES="2"))
+    step = _dry_run_lines(out)[-1]
+    assert step[:6] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash"]
+    assert step[7:10] == [sys.executable, "-m", "nvidia_resiliency_ext.fault_tolerance.launcher"]
+    for arg in ("--nnodes=2", "--nproc-per-node=8", "--rdzv-id=acmoe-123456-0", "--max-restarts=2",
+                "--ft-rank-section-timeouts=setup:540,step:180,checkpointing:540",
+                "--ft-rank-out-of-section-timeout=540", "--ft-rank-heartbeat-timeout=none"):
+        assert arg in step, (arg, step)
+    assert step[-4:] == ["-m", "acmoe_megatron.runtime.train", "--config", f"{tmp_path}/run/config.yaml"]
+    assert "launcher ft" in out.stdout
+
+
 def test_sbatch_dry_run_resolvable_head_node_keeps_its_name(fake_slurm_bin, tmp_path):
     (fake_slurm_bin / "scontrol").write_text("#!/bin/bash\necho localhost\n")
     out = run_sbatch(job_env(fake_slurm_bin, tmp_path, SLURM_JOB_NUM_NODES="1", MASTER_PORT_BASE="20000"))
@@ -504,6 +541,7 @@ def test_resolve_writes_config_git_sha_and_run_env(tmp_path, capsys):
     env = dict(line.split("=", 1) for line in (run_dir / "run.env").read_text().splitlines())
     assert env["TRAIN_ITERS"] == "30" and env["CHECKPOINT_DIR"] == str(run_dir / "checkpoints")
     assert env["CONFIG_HASH"] == recipe.hash()
+    assert (env["HANG_TIMEOUT_S"], env["HANG_TIMEOUT_CHECKPOINT_S"]) == ("180", "540")  # the ft launcher's bounds
     sha = (run_dir / "git_sha.txt").read_text().strip()
     assert re.match(r"^([0-9a-f]{40}|acmoe-megatron \d)", sha), sha
     assert "parallel layout: world 2, tp 1, pp 1, cp 1, ep 2" in capsys.readouterr().out

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -102,8 +103,18 @@ def test_the_records_are_written_by_the_heartbeat_thread_and_read_per_start(tmp_
     assert not (directory / "rank1.json").exists()
 
 
+_WITH_A_CHILD = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+                 "start_new_session=True); print('child started', flush=True); time.sleep(60)")
+
+
 def test_stopping_kills_this_nodes_training_processes_only_and_the_first_cause_stays(tmp_path):
-    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "acmoe_megatron"])
+    """A training process is SIGKILLed with the processes it started (megatron's checkpoint worker, data
+    loader workers: left alive they would hold the job step's output open), not other processes."""
+    ours = subprocess.Popen([sys.executable, "-c", _WITH_A_CHILD, "acmoe_megatron"], stdout=subprocess.PIPE, text=True)
+    assert ours.stdout.readline().strip() == "child started"
+    from acmoe_megatron.runtime.hang_watch import _descendants
+
+    (child,) = _descendants(ours.pid)
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a reused pid
     other_node = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "acmoe_megatron"])
     try:
@@ -114,6 +125,10 @@ def test_stopping_kills_this_nodes_training_processes_only_and_the_first_cause_s
         hang = diagnose(records, NOW + 100, BOUNDS)
         assert stop_run(tmp_path, hang, records, host="n1") == [ours.pid]
         assert ours.wait(timeout=10) == -signal.SIGKILL
+        deadline = time.time() + 10
+        while os.path.exists(f"/proc/{child}") and Path(f"/proc/{child}/stat").read_text().split()[2] != "Z":
+            assert time.time() < deadline, "the training process's child survived"
+            time.sleep(0.05)
         assert stranger.poll() is None and other_node.poll() is None
         assert (tmp_path / EXIT_REASON_FILE).read_text() == f"{EXIT_HUNG}\n{hang.why}\n"
         later = diagnose(records, NOW + 200, BOUNDS)
