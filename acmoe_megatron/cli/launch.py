@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from acmoe_megatron.cli import pretrain as launcher
@@ -48,7 +49,7 @@ from acmoe_megatron.runtime.dependencies import check_ft_launcher
 from acmoe_megatron.runtime.preflight.plan import PLAN_FILE
 from acmoe_megatron.runtime.recipe import load_recipe, write_resolved
 from acmoe_megatron.runtime.resume import check_resume_compatible
-from acmoe_megatron.runtime.run_plan import build_plan, parallel_layout
+from acmoe_megatron.runtime.run_plan import RunPlan, build_plan, parallel_layout
 
 # The job's helper scripts ship inside the package (package data; the checkout's slurm/ links here),
 # so an installed wheel finds them (ACMOE_SCRIPTS in the job). The project directory (ACMOE_ROOT,
@@ -245,79 +246,122 @@ def render(args, config: Path, run_dir: Path, data: Path) -> str:
     return text
 
 
-def cmd_slurm(args) -> int:
+def usage_problem(args) -> str | None:
+    """What is wrong with the command line of `acmoe-launch slurm` (None: nothing); fills in the
+    defaults that depend on other options."""
     if args.nodes < 1:
-        return _usage("--nodes must be >= 1")
+        return "--nodes must be >= 1"
     if args.min_nodes is None:
         args.min_nodes = args.nodes
     if not 1 <= args.min_nodes <= args.nodes:
-        return _usage(f"--min-nodes {args.min_nodes}: between 1 and --nodes {args.nodes}")
+        return f"--min-nodes {args.min_nodes}: between 1 and --nodes {args.nodes}"
     if args.min_nodes < args.nodes and not args.exclusive:
-        return _usage("--min-nodes needs whole nodes (a node range gets its CPUs per node only with --exclusive): "
-                      "drop --no-exclusive")
+        return ("--min-nodes needs whole nodes (a node range gets its CPUs per node only with --exclusive): "
+                "drop --no-exclusive")
     if args.gpus_per_node < 0:
-        return _usage("--gpus-per-node must be >= 0 (0: CPU nodes)")
+        return "--gpus-per-node must be >= 0 (0: CPU nodes)"
     if args.procs_per_node is None:
         args.procs_per_node = args.gpus_per_node or 1
     if args.procs_per_node < 1:
-        return _usage("--procs-per-node must be >= 1")
+        return "--procs-per-node must be >= 1"
     if args.gpus_per_node and args.procs_per_node > args.gpus_per_node:
-        return _usage(f"--procs-per-node {args.procs_per_node} > --gpus-per-node {args.gpus_per_node}")
+        return f"--procs-per-node {args.procs_per_node} > --gpus-per-node {args.gpus_per_node}"
     if args.time and not _TIME.match(args.time):
-        return _usage(f"--time {args.time!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
+        return f"--time {args.time!r}: use minutes, HH:MM:SS or D-HH:MM:SS"
     if args.then_submit and not args.preflight:
-        return _usage("--then-submit needs --preflight")
+        return "--then-submit needs --preflight"
     if args.preflight and not _TIME.match(args.preflight_time):
-        return _usage(f"--preflight-time {args.preflight_time!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
+        return f"--preflight-time {args.preflight_time!r}: use minutes, HH:MM:SS or D-HH:MM:SS"
     if args.signal_seconds < 0:
-        return _usage("--signal-seconds must be >= 0 (0: no timed signal)")
+        return "--signal-seconds must be >= 0 (0: no timed signal)"
     if args.cpus_per_task is not None and args.cpus_per_task < 1:
-        return _usage("--cpus-per-task must be >= 1")
+        return "--cpus-per-task must be >= 1"
     if args.mem.lower() != "none" and not re.fullmatch(r"\d+[KMGT]?", args.mem):
-        return _usage(f"--mem {args.mem!r}: a size such as 0 (all), 500G or 480000M, or none")
+        return f"--mem {args.mem!r}: a size such as 0 (all), 500G or 480000M, or none"
     bad_env = [e for e in args.env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", e)]
     if bad_env:
-        return _usage(f"--env {bad_env[0]!r}: write KEY=VALUE")
+        return f"--env {bad_env[0]!r}: write KEY=VALUE"
     if args.env_file and not Path(args.env_file).is_file():
-        return _usage(f"--env-file {args.env_file}: no such file")
+        return f"--env-file {args.env_file}: no such file"
     args.exit_signal = args.exit_signal.upper().removeprefix("SIG")
-    try:
-        if args.launcher == "ft":  # NVRx's ft_launcher + megatron's FT package, refused where NVRx is absent/old
-            check_ft_launcher()
-            args.overrides = [*args.overrides, "megatron.enable_ft_package=true"]
-        recipe = load_recipe(args.config, args.overrides)
-        project = Path(args.project_dir or ".").absolute()  # relative paths of the recipe resolve here
-        run_dir = project / (args.run_dir or recipe.run.dir)
-        data = project / (args.data or recipe.data.path)
-        layout = parallel_layout(recipe.megatron, args.nodes * args.procs_per_node)
-        for n in range(args.min_nodes, args.nodes):  # a (re)start on fewer nodes: data parallel shrinks
-            try:
-                parallel_layout(recipe.megatron, n * args.procs_per_node)
-            except ConfigError as err:
-                raise ConfigError(f"--min-nodes {args.min_nodes}: on {n} node(s) x {args.procs_per_node} process(es): "
-                                  f"{err}") from None
-        if not (data / "manifest.json").is_file() and not recipe.data.prepare_stdlib:
-            msg = (f"no shard manifest at {data}/manifest.json and data.prepare_stdlib is false: "
-                   f"build it first (`acmoe-data prepare --source ... --out {data} --seq-length "
-                   f"{recipe.megatron.get('seq_length', '<seq_length>')}`) or pass --data")
-            if not args.dry_run:
-                raise ConfigError(msg)
-            print(f"acmoe-launch: warning: {msg}; megatron's argument checks skipped", file=sys.stderr)
-        else:  # megatron's own argument checks and ours at the job's world size, before sbatch
+    return None
 
-            planned = load_recipe(args.config, list(args.overrides) + [f"data.path={data}"])
-            for n in sorted({args.nodes, args.min_nodes}):  # megatron's checks at the largest and smallest job
-                try:
-                    build_plan(planned, n * args.procs_per_node, host_checks=False)
-                except ConfigError as err:
-                    raise ConfigError(f"on {n} node(s): {err}" if n != args.nodes else str(err)) from None
-        args.job_name = re.sub(r"[^\w.+-]", "_", args.job_name or f"acmoe-{recipe.run.name or Path(args.config).stem}")
-        script = render(args, Path(args.config).absolute(), run_dir, data)
+
+@dataclass(frozen=True)
+class PreparedJob:
+    script: str  # the rendered sbatch script
+    summary: str  # "# N node(s) x P process(es) = world size W: ..."
+    run_dir: Path
+    data: Path
+    project: Path
+    run_plan: RunPlan | None  # megatron's arguments at the job's world size (None: data not prepared, dry run)
+
+
+def prepare_job(args) -> PreparedJob:
+    """Every launch check of one job (the recipe, megatron's argument checks at the job's world sizes,
+    the data) and its rendered script; ConfigError naming the problem. Used by ``cmd_slurm`` and by
+    sweeps of many jobs (benchmarks/quality.py --slurm), which check every job before submitting any."""
+    if args.launcher == "ft":  # NVRx's ft_launcher + megatron's FT package, refused where NVRx is absent/old
+        check_ft_launcher()
+        args.overrides = [*args.overrides, "megatron.enable_ft_package=true"]
+    recipe = load_recipe(args.config, args.overrides)
+    project = Path(args.project_dir or ".").absolute()  # relative paths of the recipe resolve here
+    run_dir = project / (args.run_dir or recipe.run.dir)
+    data = project / (args.data or recipe.data.path)
+    layout = parallel_layout(recipe.megatron, args.nodes * args.procs_per_node)
+    for n in range(args.min_nodes, args.nodes):  # a (re)start on fewer nodes: data parallel shrinks
+        try:
+            parallel_layout(recipe.megatron, n * args.procs_per_node)
+        except ConfigError as err:
+            raise ConfigError(f"--min-nodes {args.min_nodes}: on {n} node(s) x {args.procs_per_node} process(es): "
+                              f"{err}") from None
+    if not (data / "manifest.json").is_file() and not recipe.data.prepare_stdlib:
+        msg = (f"no shard manifest at {data}/manifest.json and data.prepare_stdlib is false: "
+               f"build it first (`acmoe-data prepare --source ... --out {data} --seq-length "
+               f"{recipe.megatron.get('seq_length', '<seq_length>')}`) or pass --data")
+        if not args.dry_run:
+            raise ConfigError(msg)
+        print(f"acmoe-launch: warning: {msg}; megatron's argument checks skipped", file=sys.stderr)
+    run_plan = None
+    if (data / "manifest.json").is_file() or recipe.data.prepare_stdlib:
+        # megatron's own argument checks and ours at the job's world size, before sbatch
+        planned = load_recipe(args.config, list(args.overrides) + [f"data.path={data}"])
+        for n in sorted({args.min_nodes, args.nodes}):  # megatron's checks at the smallest and largest job
+            try:
+                run_plan = build_plan(planned, n * args.procs_per_node, host_checks=False)
+            except ConfigError as err:
+                raise ConfigError(f"on {n} node(s): {err}" if n != args.nodes else str(err)) from None
+    args.job_name = re.sub(r"[^\w.+-]", "_", args.job_name or f"acmoe-{recipe.run.name or Path(args.config).stem}")
+    script = render(args, Path(args.config).absolute(), run_dir, data)
+    summary = (f"# {args.nodes} node(s) x {args.procs_per_node} process(es) = world size {layout['world']}: "
+               + ", ".join(f"{k} {v}" for k, v in layout.items() if k != "world"))
+    return PreparedJob(script, summary, run_dir, data, project, run_plan)
+
+
+def submit_script(sbatch: str, script: str, run_dir: Path) -> tuple[str, Path]:
+    """Write ``script`` into ``run_dir/slurm_logs`` and submit it (from the current directory); the job
+    id and the script's path, or RuntimeError with sbatch's message."""
+    logs = run_dir / "slurm_logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / f"pretrain-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.sbatch"
+    path.write_text(script)
+    path.chmod(0o755)
+    out = subprocess.run([sbatch, "--parsable", str(path)], check=False, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"sbatch failed (exit {out.returncode}): {out.stderr.strip()}")
+    return out.stdout.strip().split(";")[0], path
+
+
+def cmd_slurm(args) -> int:
+    problem = usage_problem(args)
+    if problem:
+        return _usage(problem)
+    try:
+        job = prepare_job(args)
     except ConfigError as err:
         print(f"acmoe-launch: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    summary = (f"# {args.nodes} node(s) x {args.procs_per_node} process(es) = world size {layout['world']}: "
-               + ", ".join(f"{k} {v}" for k, v in layout.items() if k != "world"))
+    script, summary, run_dir, data, project = job.script, job.summary, job.run_dir, job.data, job.project
     if args.dry_run and not args.preflight:
         print(script, end="")
         print(summary, file=sys.stderr)
@@ -340,15 +384,11 @@ def cmd_slurm(args) -> int:
             return 0
         print("[acmoe-launch] preflight passed: submitting the real job", flush=True)
     logs = run_dir / "slurm_logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    path = logs / f"pretrain-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.sbatch"
-    path.write_text(script)
-    path.chmod(0o755)
-    out = subprocess.run([sbatch, "--parsable", str(path)], check=False, capture_output=True, text=True)  # from the user's directory
-    if out.returncode != 0:
-        print(f"acmoe-launch: sbatch failed (exit {out.returncode}): {out.stderr.strip()}", file=sys.stderr)
-        return out.returncode
-    job_id = out.stdout.strip().split(";")[0]
+    try:
+        job_id, path = submit_script(sbatch, script, run_dir)
+    except RuntimeError as err:
+        print(f"acmoe-launch: {err}", file=sys.stderr)
+        return 1
     print(f"submitted job {job_id}: {path}")
     print(summary.lstrip("# "))
     print(f"  log          : {args.output or logs / (args.job_name + '-' + job_id + '.out')}")

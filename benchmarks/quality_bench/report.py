@@ -117,7 +117,9 @@ def settings_lines(plan: Plan, steps: int | None, corrupt: dict | None, threads:
 
 
 def write_report(args, plan: Plan, rows: list[Row], seeds: list[int], bhash: str, failures: dict[str, str],
-                 corrupt: dict | None) -> Path:
+                 corrupt: dict | None, missing: list[str] = ()) -> Path:
+    """The results file. ``missing``: one line per (row, seed) of a SLURM sweep that has no result
+    (failed, cancelled, still queued or running: its state and log), listed under the table."""
     out = Path(args.out)
     results, other = load_results(plan.results_dir, seeds, bhash)
     aggs: dict[str, dict] = {}
@@ -214,6 +216,8 @@ def write_report(args, plan: Plan, rows: list[Row], seeds: list[int], bhash: str
         *header,
         *table,
         "",
+        *([f"Runs without a result ({len(missing)}; not in the table above):", "", *(f"- {m}" for m in missing), ""]
+          if missing else []),
         f"Steps to topk's final loss: first step where the seed-mean validation curve reaches topk's mean final "
         f"validation loss ({'–' if topk_target is None else f'{topk_target:.4f}'}), linearly interpolated between "
         "evaluations; in brackets how many seeds reach it on their own curve. Wall per run: training launch + "

@@ -179,7 +179,6 @@ def run_one(plan: Plan, row: Row, seed: int, bhash: str, rerun: bool, corrupt_di
             lock: threading.Lock) -> dict:
     """Train (row, seed), evaluate its final checkpoint on the corrupted split, write its JSON."""
     from acmoe_megatron.core.errors import ConfigError
-    from acmoe_megatron.observability.summary import read_scalars
     from acmoe_megatron.runtime.recipe import load_recipe
 
     overrides = run_overrides(plan, row, seed)
@@ -201,14 +200,7 @@ def run_one(plan: Plan, row: Row, seed: int, bhash: str, rerun: bool, corrupt_di
     rc, wall_train, log = _launch(overrides, plan.config, plan.nproc, plan.threads, run_dir / "train.log")
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    result = {
-        "row": row.name, "seed": seed, "overrides": overrides, "row_overrides": list(row.overrides),
-        "config": plan.config, "nproc": plan.nproc, "threads": plan.threads, "command": plan.command,
-        "config_hash": chash, "base_hash": bhash, "summary_config_hash": summary.get("config_hash"),
-        "git_sha": summary.get("git_sha"), "finished_at": summary.get("finished_at"),
-        "train_iters": recipe.megatron.get("train_iters"), "wall_train_s": round(wall_train, 1),
-        "wall_trainer_s": summary.get("wall_time_s"), "tokens_per_s": summary.get("tokens_per_s"),
-    }
+    result = run_record(plan, row, seed, bhash, recipe, summary, wall_train)
     if rc != 0 or not summary or summary.get("stopped_early"):
         status = "nonfinite" if summary.get("stopped_on_nonfinite") else "failed"
         result.update(status=status, error=f"acmoe-pretrain exit {rc}: {_tail(log)}")
@@ -218,6 +210,32 @@ def run_one(plan: Plan, row: Row, seed: int, bhash: str, rerun: bool, corrupt_di
         if status == "nonfinite":  # a diverged run is a result: keep it
             _write_json(out, result)
         return result
+    return finish_run(plan, recipe, result, corrupt_dir, lock)
+
+
+def run_record(plan: Plan, row: Row, seed: int, bhash: str, recipe, summary: dict, wall_train: float | None) -> dict:
+    """The identity part of a run's JSON (what was run, by whom, how long)."""
+    return {
+        "row": row.name, "seed": seed, "overrides": run_overrides(plan, row, seed),
+        "row_overrides": list(row.overrides),
+        "config": plan.config, "nproc": plan.nproc, "threads": plan.threads, "command": plan.command,
+        "config_hash": recipe.hash(), "base_hash": bhash, "summary_config_hash": summary.get("config_hash"),
+        "git_sha": summary.get("git_sha"), "finished_at": summary.get("finished_at"),
+        "train_iters": recipe.megatron.get("train_iters"),
+        "wall_train_s": round(wall_train if wall_train is not None else summary.get("wall_time_s") or 0.0, 1),
+        "wall_trainer_s": summary.get("wall_time_s"), "tokens_per_s": summary.get("tokens_per_s"),
+    }
+
+
+def finish_run(plan: Plan, recipe, result: dict, corrupt_dir: Path | None, lock: threading.Lock | None = None) -> dict:
+    """A finished run's results (TensorBoard, summary) and its final checkpoint evaluated on the
+    corrupted validation split (``acmoe-eval``), written to its JSON. Run after a local training
+    launch (``run_one``) and, on a cluster, by the SLURM job itself once training ended
+    (``quality.py --finish-run``, cluster.py)."""
+    from acmoe_megatron.observability.summary import read_scalars
+
+    run_dir = Path(recipe.run.dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
     result.update(extract_run(read_scalars(run_dir / "tensorboard"), int(result["train_iters"])))
     result["final_valid_loss"] = summary.get("final_valid_loss")
     result["final_train_loss"] = summary.get("final_train_loss")
@@ -234,15 +252,17 @@ def run_one(plan: Plan, row: Row, seed: int, bhash: str, rerun: bool, corrupt_di
         result["wall_corrupt_eval_s"] = round(wall_eval, 1)
         if rc != 0 or not eval_json.is_file():
             result.update(status="failed", error=f"corrupted-text evaluation exit {rc}: {_tail(elog)}")
+            print(f"[quality] {result['row']} seed {result['seed']}: {result['error']}", flush=True)
             return result
         result["corrupt_valid_loss"] = json.loads(eval_json.read_text())["results"]["valid"]["loss"]
     result["wall_total_s"] = round(result["wall_train_s"] + result["wall_corrupt_eval_s"], 1)
     result["status"] = "ok"
-    _write_json(out, result)
-    with lock:
-        print(f"[quality] {row.name} seed {seed}: valid {result['final_valid_loss']:.4f}"
+    _write_json(result_path(plan.results_dir, result["row"], result["seed"]), result)
+    with lock or threading.Lock():
+        print(f"[quality] {result['row']} seed {result['seed']}: valid {result['final_valid_loss']:.4f}"
               + (f", corrupted {result['corrupt_valid_loss']:.4f}" if result["corrupt_valid_loss"] is not None else "")
-              + f"; train {wall_train:.0f} s + corrupted eval {result['wall_corrupt_eval_s']:.0f} s", flush=True)
+              + f"; train {result['wall_train_s']:.0f} s + corrupted eval {result['wall_corrupt_eval_s']:.0f} s",
+              flush=True)
     return result
 
 

@@ -568,6 +568,62 @@ def test_a_hung_rank_requeues_the_job_which_continues_on_fewer_nodes(cluster, co
 
 
 # ---------------------------------------------------------------------------------------------
+# the router-quality benchmark as a sweep of SLURM jobs (benchmarks/quality.py --slurm)
+
+
+@pytest.mark.timeout(900)
+def test_quality_sweep_on_slurm_reports_every_job_including_a_failed_one(cluster, corpus, tmp_path):
+    """2 rows x 2 seeds of the CPU recipe, one SLURM job each (1 node), each checked by acmoe-launch's
+    planning before any is submitted (a refused row: tests/unit/benchmarks). Every job trains,
+    then runs its own finishing step (extraction + acmoe-eval on the corrupted split) and writes its
+    per-run JSON; one job's worker is killed mid-run. --report-only gives the same table as a local
+    run, with the failed job as a line naming its state and log."""
+    out_md, runs = tmp_path / "quality" / "quality.md", tmp_path / "runs"
+    sweep = [sys.executable, "benchmarks/quality.py", "--config", str(RECIPE), "--rows", "topk,ac", "--seeds", "2",
+             "--steps", "6", "--out", str(out_md), "--runs-dir", str(runs),
+             *(a for o in small_run(corpus, 6, **{"megatron.expert_model_parallel_size": 1}) if "train_iters" not in o
+               and "save_interval" not in o for a in ("--set", o))]
+    launch = ["--slurm", "--launch", "--nodes 1 --gpus-per-node 0 --time 15"]
+
+    out = subprocess.run([*sweep, *launch], env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    jobs = json.loads((out_md.with_suffix("") / "sweep.json").read_text())
+    assert sorted(jobs) == ["ac/seed1", "ac/seed2", "topk/seed1", "topk/seed2"]
+    # one job fails: its worker is killed mid-run (a crashed rank)
+    victim = runs / "ac" / "seed2"
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        log = (victim / "slurm_logs" / f"quality-ac-s2-{jobs['ac/seed2']['job_id']}.out")
+        if log.is_file() and re.search(r"\] iteration\s+2/", log.read_text()):
+            pids = subprocess.run(["pgrep", "-f", f"acmoe_megatron.runtime.train --config {victim}/config.yaml"],
+                                  capture_output=True, text=True).stdout.split()
+            if pids:
+                for pid in pids:
+                    os.kill(int(pid), signal.SIGKILL)
+                break
+        time.sleep(0.3)
+    else:
+        raise AssertionError(f"ac seed 2 never reached iteration 2\n{cluster.logs()}")
+    states = {key: cluster.wait_job(j["job_id"], 600)["JobState"] for key, j in jobs.items()}
+    assert states == {"ac/seed1": "COMPLETED", "ac/seed2": "FAILED", "topk/seed1": "COMPLETED",
+                      "topk/seed2": "COMPLETED"}, (states, cluster.logs())
+
+    report = subprocess.run([*sweep, "--report-only"], env=cluster.env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stdout + report.stderr
+    text = out_md.read_text()
+    assert re.search(r"\| `topk` \| 2 \| \d\.\d{4} ± \d\.\d{4} \|", text), text
+    assert re.search(r"\| `ac` \| 1 \| \d\.\d{4} \| ", text), text  # one seed: no spread
+    failed_log = jobs["ac/seed2"]["log"]
+    assert re.search(rf"- `ac` seed 2: job {jobs['ac/seed2']['job_id']} FAILED \(exit \d+:\d+\); log {re.escape(failed_log)}",
+                     text), text
+    assert Path(failed_log).is_file()
+    for key in ("topk/seed1", "ac/seed1"):  # the jobs' own results, corrupted-text loss included
+        result = json.loads((out_md.with_suffix("") / "runs" / f"{key}.json").read_text())
+        assert result["status"] == "ok" and result["corrupt_valid_loss"] > 0 and result["train_iters"] == 6
+
+
+# ---------------------------------------------------------------------------------------------
 # NeMo-Run's SlurmExecutor (examples/nemo_run_acmoe.py) on the same cluster
 
 

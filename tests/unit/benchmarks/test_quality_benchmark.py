@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -303,6 +304,41 @@ def test_switch_m_enwik8_renders_for_slurm(capsys):
                             "--gpus-per-node", "4", "--time", "04:00:00", "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0 and "--nodes=1" in out and "switch_m_enwik8" in out
+
+
+def test_slurm_dry_run_lists_the_jobs_and_their_cost_and_a_bad_row_refuses_the_sweep(tmp_path, capsys, monkeypatch):
+    """--slurm --dry-run: every (row, seed) planned by acmoe-launch slurm, with its overrides, tokens,
+    GPU-hours (assumed MFU, or the tokens/s of a previous run's summary.json) and the tokens of one AC
+    statistic; a row acmoe-launch refuses refuses the whole sweep (exit 2) before any sbatch."""
+    import shutil
+
+    which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: pytest.fail("sbatch looked up in a dry run")
+                        if name == "sbatch" else which(name, *a, **k))
+    argv = ["--config", "configs/release_switch_m_wt103.yaml", "--rows", "topk,ac", "--seeds", "2", "--skip-corrupt",
+            "--out", str(tmp_path / "q.md"), "--runs-dir", str(tmp_path / "runs"), "--slurm", "--launch",
+            "--nodes 1 --gpus-per-node 4", "--dry-run", "--vocab-size", "267735"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("# job quality-") == 4 and "# job quality-ac-s2: 1 node(s) x 4 process(es) = world size 4" in out
+    assert "acmoe.router=ac megatron.seed=2 data.seed=2" in out
+    tokens = 80000 * 96 * 512  # the release recipe: 80k steps of 96 x 512 tokens
+    assert out.count(f"{tokens:,} tokens (80000 steps x 96 x 512)") == 4
+    per_run = float(re.search(r"\); ([0-9.,]+) GPU-hours \(", out).group(1).replace(",", ""))
+    total = float(re.search(r"# total: 4 jobs, [0-9,]+ tokens, ([0-9.,]+) GPU-hours", out).group(1).replace(",", ""))
+    assert total == pytest.approx(4 * per_run, rel=0.01) and per_run > 0
+    assert "10% MFU of H100" in out and "AC statistic over 6,144 tokens (local scope, each micro-batch)" in out
+    assert "AC statistic over — (topk routes without AC statistics)" in out
+    # measured throughput: 50,000 tokens/s on 4 processes -> 12,500 per process
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"tokens_per_s": 50000.0, "world_size": 4}))
+    assert cli.main([*argv, "--throughput-from", str(summary)]) == 0
+    out = capsys.readouterr().out
+    assert f"{tokens / 12500 / 3600:,.1f} GPU-hours" in out and "measured 12,500 tokens/s per process" in out
+    # a row acmoe-launch refuses (here every row: 4 processes cannot hold expert parallel 8)
+    assert cli.main([*argv, "--set", "megatron.expert_model_parallel_size=8"]) == 2
+    err = capsys.readouterr().err
+    assert "the sweep is refused, nothing was submitted" in err and "row topk (seed 1)" in err
 
 
 # ------------------------------------------------------------------------------------ end to end
