@@ -336,7 +336,17 @@ def test_a_damaged_checkpoint_is_refused_before_any_process_and_resume_from_pick
     from acmoe_megatron.core.exit_codes import EXIT_CONFIG
 
     started = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: started.append(cmd) or 0)
+
+    class Started:  # torchrun, as acmoe-pretrain starts it, recorded instead of run
+        def __init__(self, cmd, **kw):
+            started.append(cmd)
+
+        def poll(self):
+            return 0
+
+        wait = poll
+
+    monkeypatch.setattr(subprocess, "Popen", Started)
     retention = ["megatron.save_interval=1", "run.keep_last_checkpoints=2"]
 
     def acmoe_pretrain(run, *extra, overrides=()):
@@ -379,5 +389,5 @@ def test_a_damaged_checkpoint_is_refused_before_any_process_and_resume_from_pick
     run, ckpt = fresh_copy("stale_tracker")
     (ckpt / "latest_checkpointed_iteration.txt").write_text("7")
     assert acmoe_pretrain(run) == EXIT_CONFIG
-    assert f"iter_0000007 does not exist" in capsys.readouterr().err
+    assert "iter_0000007 does not exist" in capsys.readouterr().err
     assert len(started) == 2  # only the --resume-from start and the unverified one reached torchrun
