@@ -51,6 +51,7 @@ from acmoe_megatron.runtime.heartbeat import (
     beat_interval,
     node_name,
 )
+from acmoe_megatron.runtime.recipe import load_recipe
 
 
 @dataclass(frozen=True)
@@ -248,8 +249,6 @@ def _alive(pid: int) -> bool:
 def main(argv=None) -> int:
     """``python -m acmoe_megatron.runtime.hang_watch --config RUN_DIR/config.yaml --instance ID
     --while-pid PID``: watch until PID ends; exit EXIT_HUNG after stopping a hung run, else 0."""
-    from acmoe_megatron.runtime.recipe import load_recipe
-
     parser = argparse.ArgumentParser(prog="python -m acmoe_megatron.runtime.hang_watch",
                                      description="stop a run whose ranks make no progress (runtime/hang_watch.py)")
     parser.add_argument("--config", required=True, help="the run's resolved recipe (run.dir, run.hang_timeout_*)")

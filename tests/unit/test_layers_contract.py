@@ -100,6 +100,8 @@ LOCAL_IMPORTS = {
     ("cli/eval.py", "acmoe_megatron.runtime.megatron_args"): "acmoe-eval's checks: megatron's argument parser",
     ("cli/plot.py", "acmoe_megatron.observability.figures"): "acmoe-plot: matplotlib",
     ("runtime/run_plan.py", "acmoe_megatron.runtime"): "the commands' plan: cpu_runtime imports torch",
+    ("runtime/heartbeat.py", "acmoe_megatron.runtime.hooks"): "the hang watch process reads heartbeat records "
+                                                              "without torch (hooks imports it)",
     ("runtime/run_plan.py", "acmoe_megatron.runtime.megatron_args"): "the commands' plan: megatron",
     ("inference/hf/convert.py", "acmoe_megatron.inference.hf.configuration_acmoe"): "transformers (hf extra)",
     ("inference/hf/convert.py", "acmoe_megatron.inference.hf.modeling_acmoe"): "transformers (hf extra)",

@@ -28,7 +28,7 @@ KEYS = {
     DataSettings: ["path", "prepare_stdlib", "seed", "verify_checksums", "shuffle_window", "blend", "cache_dir"],
     RunSettings: ["dir", "name", "log_router_grad_norms", "keep_last_checkpoints", "peak_tflops",
                   "per_expert_scalars_max", "image_interval", "trace_samples", "checkpoint_checksums",
-                  "checkpoint_verify"],
+                  "checkpoint_verify", "hang_timeout_s", "hang_timeout_checkpoint_s"],
 }
 
 

@@ -537,7 +537,7 @@ def test_hash_leaves_out_keys_newer_than_recorded_runs_while_at_default():
     for key in ("compile", "expert_norm", "lead_router"):
         d["acmoe"].pop(key)  # what the recipe looked like to runs recorded before these keys existed
     for key in ("peak_tflops", "per_expert_scalars_max", "image_interval", "trace_samples", "checkpoint_checksums",
-                "checkpoint_verify"):
+                "checkpoint_verify", "hang_timeout_s", "hang_timeout_checkpoint_s"):
         d["run"].pop(key)
     for key in ("shuffle_window", "blend", "cache_dir"):
         d["data"].pop(key)
@@ -549,4 +549,5 @@ def test_hash_leaves_out_keys_newer_than_recorded_runs_while_at_default():
     assert load_recipe(TINY, ["run.per_expert_scalars_max=64"]).hash() != legacy
     assert load_recipe(TINY, ["run.trace_samples=true"]).hash() != legacy
     assert load_recipe(TINY, ["run.checkpoint_verify=full"]).hash() != legacy
+    assert load_recipe(TINY, ["run.hang_timeout_s=60"]).hash() != legacy
     assert load_recipe(TINY, ["data.shuffle_window=4096"]).hash() != legacy
