@@ -60,7 +60,7 @@ from quality_bench.rows import (  # noqa: E402
     parse_seeds,
     select_rows,
 )
-from quality_bench.runner import CORRUPTION, corrupt_info, ensure_corrupt_data, reextract, run_one  # noqa: E402
+from quality_bench.runner import corrupt_info, corrupt_path, ensure_corrupt_data, reextract, run_one  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quality.md"
 DEFAULT_RUNS = ROOT / "runs" / "quality"
@@ -167,7 +167,7 @@ def finish_one(args, plan, bhash) -> int:
     summary = json.loads((Path(recipe.run.dir) / "summary.json").read_text())
     corrupt_dir = None
     if not args.skip_corrupt:
-        corrupt_dir = plan.corrupt_data or Path(f"{recipe.data.path.rstrip('/')}_wordswap{CORRUPTION.split(':')[1]}")
+        corrupt_dir = corrupt_path(plan, recipe.data.path)
     result = finish_run(plan, recipe, run_record(plan, row, seed, bhash, recipe, summary, None), corrupt_dir)
     return 0 if result.get("status") == "ok" else 1
 
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     else:
         if args.reextract:
             print(f"[quality] re-extracted {reextract(plan, rows, seeds)} stored run(s)", flush=True)
-        corrupt_dir = plan.corrupt_data or Path(f"{base_recipe.data.path.rstrip('/')}_wordswap{CORRUPTION.split(':')[1]}")
+        corrupt_dir = corrupt_path(plan, base_recipe.data.path)
         if args.skip_corrupt or not (corrupt_dir / "manifest.json").is_file():
             corrupt_dir = None
         from quality_bench.cluster import sweep_status

@@ -43,7 +43,6 @@ DEFAULT_MFU = 0.10
 class SweepJob:
     row: Row
     seed: int
-    argv: list[str]  # acmoe-launch's arguments
     args: object  # acmoe-launch's parsed arguments (after its usage checks)
     job: object  # acmoe_megatron.cli.launch.PreparedJob
 
@@ -78,7 +77,7 @@ def plan_sweep(plan: Plan, rows: list[Row], seeds: list[int], launch: list[str],
             if problem:
                 raise SweepRefused(f"acmoe-launch slurm {' '.join(launch)}: {problem}")
             try:
-                jobs.append(SweepJob(row, seed, argv, args, slurm_launch.prepare_job(args)))
+                jobs.append(SweepJob(row, seed, args, slurm_launch.prepare_job(args)))
             except ConfigError as err:
                 refused.append(f"row {row.name} (seed {seed}): {err}")
     if refused:

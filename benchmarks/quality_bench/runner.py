@@ -94,13 +94,18 @@ def ac_internals(scalars: dict, train_iters: int) -> dict | None:
 # data, launches, the per-run JSON cache
 
 
+def corrupt_path(plan: Plan, data_path: str) -> Path:
+    """Where the word-swap copy of ``data_path`` is: ``--corrupt-data``, else ``<data.path>_wordswap0.025``."""
+    return plan.corrupt_data or Path(f"{data_path.rstrip('/')}_wordswap{CORRUPTION.split(':')[1]}")
+
+
 def ensure_corrupt_data(plan: Plan, data_path: str) -> Path:
     """The word-swap copy of the validation split (built once: ``acmoe-data prepare ... --corrupt``;
     the train split in it stays byte-identical to the clean one, only valid/test are corrupted)."""
     from acmoe_megatron.data.shards.manifest import read_manifest
 
     clean = read_manifest(data_path)
-    target = plan.corrupt_data or Path(f"{data_path.rstrip('/')}_wordswap{CORRUPTION.split(':')[1]}")
+    target = corrupt_path(plan, data_path)
     if not (target / "manifest.json").is_file():
         src = clean.source
         if src.get("kind") != "stdlib":
