@@ -110,7 +110,8 @@ def main(argv=None) -> None:
 
     cli = parse_cli(argv)
     recipe = load_recipe(cli.config, cli.overrides)
-    parallel_layout(recipe.megatron, int(os.environ.get("WORLD_SIZE", "1")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    parallel_layout(recipe.megatron, world)
 
     manifest = megatron_data_standin(recipe) if uses_megatron_data(recipe.megatron) else read_manifest(recipe.data.path)
     sys.argv = ["acmoe-train"] + build_argv(recipe, manifest)
@@ -121,7 +122,6 @@ def main(argv=None) -> None:
         print(f"[acmoe] router: {recipe.acmoe}", flush=True)
         print(f"[acmoe] fused paths: {fused_paths(args)}", flush=True)
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     beat = start_heartbeat(Path(recipe.run.dir), recipe.run.hang_timeout_s, rank, world)
     faults.install_stop_fault(beat, rank)
     install_run_hooks(recipe, beat)
@@ -161,7 +161,7 @@ def main(argv=None) -> None:
               f"{sum(h['files'] for h in hashed)} files, {size / 2**20:.1f} MiB in {seconds:.2f} s", flush=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    if rank == int(os.environ.get("WORLD_SIZE", "1")) - 1:  # megatron's TensorBoard writer rank
+    if rank == world - 1:  # megatron's TensorBoard writer rank
         if nonfinite_exit is not None:
             from megatron.training.global_vars import get_tensorboard_writer
 
