@@ -71,7 +71,8 @@ class Heartbeat:
         now = time.time()
         self._record = BeatRecord(instance, rank, world_size, node_name(), os.getpid(), 0, "start-up", "start-up",
                                   now, now)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the record's fields (the main thread changes them)
+        self._write_lock = threading.Lock()  # one write of the file at a time (see _write)
         self._changed = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="acmoe-heartbeat", daemon=True)
@@ -124,15 +125,18 @@ class Heartbeat:
                 self._write()
 
     def _write(self) -> None:
-        with self._lock:
-            self._record.beat = time.time()
-            text = json.dumps(asdict(self._record))
-        tmp = self.path.with_suffix(".tmp")
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, self.path)
-        except OSError:  # a full or failing file system must not end training; the watcher sees the silence
-            pass
+        # one write at a time, the record taken inside it: the thread's and flush's writes share the
+        # temporary file, and a record taken before another write must not replace a newer one
+        with self._write_lock:
+            with self._lock:
+                self._record.beat = time.time()
+                text = json.dumps(asdict(self._record))
+            tmp = self.path.with_suffix(".tmp")
+            try:
+                tmp.write_text(text)
+                os.replace(tmp, self.path)
+            except OSError:  # a full or failing file system must not end training; the watcher sees the silence
+                pass
 
 
 def start_heartbeat(run_dir: Path, hang_timeout_s: float, rank: int, world_size: int) -> Heartbeat | None:

@@ -103,6 +103,27 @@ def test_the_records_are_written_by_the_heartbeat_thread_and_read_per_start(tmp_
     assert not (directory / "rank1.json").exists()
 
 
+def test_a_flush_while_the_thread_writes_never_leaves_a_damaged_record(tmp_path):
+    """``flush`` (the main thread, e.g. before a fault stops the process) and the heartbeat thread
+    write the same record: each write must be whole. Seen on SLURM: the two wrote one temporary
+    file at once, the record ended in ``}}``, and the watch named the stopped rank as one that
+    never reported."""
+    directory = tmp_path / HEARTBEAT_DIR
+    beat_ = Heartbeat(directory, "start-a", rank=0, world_size=1, interval_s=0.0005).start()
+    damaged = []
+    try:
+        for i in range(3000):
+            beat_.mark("forward" if i % 2 else "backward", step=10 ** (i % 7))  # records of different lengths
+            beat_.flush()
+            try:
+                json.loads((directory / "rank0.json").read_text())
+            except ValueError as e:
+                damaged.append(str(e))
+    finally:
+        beat_.stop()
+    assert not damaged, damaged[:3]
+
+
 _WITH_A_CHILD = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
                  "start_new_session=True); print('child started', flush=True); time.sleep(60)")
 
