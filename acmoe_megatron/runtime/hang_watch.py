@@ -76,13 +76,18 @@ class Hang:
     report: str  # the full diagnosis, several lines
 
 
-def read_beats(run_dir: Path, instance: str) -> dict[int, BeatRecord]:
-    """The records of this start of the run, by rank (unreadable or other starts' records left out)."""
+def read_beats(run_dir: Path, instance: str, previous: dict[int, BeatRecord] | None = None) -> dict[int, BeatRecord]:
+    """The records of this start of the run, by rank (other starts' records left out). A record that
+    cannot be read keeps its version in ``previous`` (the last poll's): a torn read on a network file
+    system is not a rank that never reported."""
     beats = {}
     for path in (Path(run_dir) / HEARTBEAT_DIR).glob("rank*.json"):
         try:
             rec = BeatRecord(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
+            rank = path.stem.removeprefix("rank")
+            if previous and rank.isdigit() and int(rank) in previous:
+                beats[int(rank)] = previous[int(rank)]
             continue  # being replaced, or another version's
         if rec.instance == instance:
             beats[rec.rank] = rec
@@ -200,8 +205,9 @@ def watch(run_dir: Path, instance: str, bounds: Bounds, running: Callable[[], bo
     processes (``stop_run``) and return it."""
     poll = poll_s if poll_s is not None else beat_interval(bounds.step_s)
     host = host or node_name()
+    beats: dict[int, BeatRecord] = {}
     while running():
-        beats = read_beats(run_dir, instance)
+        beats = read_beats(run_dir, instance, previous=beats)
         hang = diagnose(beats, time.time(), bounds)
         if hang is not None:
             print(f"[acmoe-hang-watch {host}] {hang.report}", file=sys.stderr, flush=True)

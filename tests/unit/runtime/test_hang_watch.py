@@ -124,6 +124,20 @@ def test_a_flush_while_the_thread_writes_never_leaves_a_damaged_record(tmp_path)
     assert not damaged, damaged[:3]
 
 
+def test_a_record_that_cannot_be_read_keeps_its_last_readable_version(tmp_path):
+    directory = tmp_path / HEARTBEAT_DIR
+    directory.mkdir()
+    rec = BeatRecord("start-a", 1, 2, "n2", 7, 6, "backward", "training", 5.0, 5.0)
+    (directory / "rank1.json").write_text(json.dumps(asdict(rec)))
+    first = read_beats(tmp_path, "start-a")
+    assert first == {1: rec}
+    (directory / "rank1.json").write_text(json.dumps(asdict(rec)) + "}")  # torn or damaged
+    assert read_beats(tmp_path, "start-a") == {}
+    assert read_beats(tmp_path, "start-a", previous=first) == {1: rec}
+    (directory / "rank1.json").unlink()  # removed (the rank ended): gone
+    assert read_beats(tmp_path, "start-a", previous=first) == {}
+
+
 _WITH_A_CHILD = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
                  "start_new_session=True); print('child started', flush=True); time.sleep(60)")
 
