@@ -53,6 +53,8 @@ from acmoe_megatron.runtime.heartbeat import (
 )
 from acmoe_megatron.runtime.recipe import load_recipe
 
+LIVENESS_S = 0.5  # how often the watch asks whether the run it watches still runs
+
 
 @dataclass(frozen=True)
 class Bounds:
@@ -200,23 +202,29 @@ def stop_run(run_dir: Path, hang: Hang, beats: dict[int, BeatRecord], host: str)
 
 
 def watch(run_dir: Path, instance: str, bounds: Bounds, running: Callable[[], bool],
-          poll_s: float | None = None, host: str | None = None) -> Hang | None:
-    """Poll the records while ``running()``; on a hang: print the report, stop this node's
-    processes (``stop_run``) and return it."""
+          poll_s: float | None = None, host: str | None = None,
+          wait: Callable[[float], object] = time.sleep) -> Hang | None:
+    """Read the records every ``poll_s`` (the heartbeat interval) while ``running()`` (asked every
+    ``LIVENESS_S`` at most: the watch ends with the run, not a poll later); on a hang: print the
+    report, stop this node's processes (``stop_run``) and return it. ``wait(seconds)`` sleeps (a
+    thread's stop event ends it early)."""
     poll = poll_s if poll_s is not None else beat_interval(bounds.step_s)
     host = host or node_name()
     beats: dict[int, BeatRecord] = {}
+    next_read = 0.0
     while running():
-        beats = read_beats(run_dir, instance, previous=beats)
-        hang = diagnose(beats, time.time(), bounds)
-        if hang is not None:
-            print(f"[acmoe-hang-watch {host}] {hang.report}", file=sys.stderr, flush=True)
-            killed = stop_run(run_dir, hang, beats, host)
-            print(f"[acmoe-hang-watch {host}] stopped the training processes of this node (SIGKILL: pids "
-                  f"{', '.join(map(str, killed)) or 'none left'}); exit {EXIT_HUNG}. The latest complete "
-                  "checkpoint is unchanged: run the same command again to resume.", file=sys.stderr, flush=True)
-            return hang
-        time.sleep(poll)
+        if time.monotonic() >= next_read:
+            next_read = time.monotonic() + poll
+            beats = read_beats(run_dir, instance, previous=beats)
+            hang = diagnose(beats, time.time(), bounds)
+            if hang is not None:
+                print(f"[acmoe-hang-watch {host}] {hang.report}", file=sys.stderr, flush=True)
+                killed = stop_run(run_dir, hang, beats, host)
+                print(f"[acmoe-hang-watch {host}] stopped the training processes of this node (SIGKILL: pids "
+                      f"{', '.join(map(str, killed)) or 'none left'}); exit {EXIT_HUNG}. The latest complete "
+                      "checkpoint is unchanged: run the same command again to resume.", file=sys.stderr, flush=True)
+                return hang
+        wait(min(poll, LIVENESS_S))
     return None
 
 
@@ -228,7 +236,8 @@ class WatchThread:
         self.hang: Hang | None = None
 
         def run():
-            self.hang = watch(run_dir, instance, bounds, lambda: proc.poll() is None and not self._done.is_set())
+            self.hang = watch(run_dir, instance, bounds, lambda: proc.poll() is None and not self._done.is_set(),
+                              wait=self._done.wait)
 
         self._thread = threading.Thread(target=run, name="acmoe-hang-watch", daemon=True)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from acmoe_megatron.core.exit_codes import EXIT_HUNG, EXIT_REASON_FILE
-from acmoe_megatron.runtime.hang_watch import Bounds, diagnose, read_beats, stop_run
+from acmoe_megatron.runtime.hang_watch import Bounds, WatchThread, diagnose, read_beats, stop_run, watch
 from acmoe_megatron.runtime.heartbeat import HEARTBEAT_DIR, BeatRecord, Heartbeat
 
 NOW = 1000.0
@@ -136,6 +136,25 @@ def test_a_record_that_cannot_be_read_keeps_its_last_readable_version(tmp_path):
     assert read_beats(tmp_path, "start-a", previous=first) == {1: rec}
     (directory / "rank1.json").unlink()  # removed (the rank ended): gone
     assert read_beats(tmp_path, "start-a", previous=first) == {}
+
+
+class _Running:
+    def poll(self):
+        return None  # a launcher's child that still runs
+
+
+def test_the_watch_ends_with_the_run_not_a_poll_later(tmp_path):
+    """The default bound (180 s) reads the records every 10 s; a launcher whose training ended must
+    not wait for the next read (measured before: every acmoe-pretrain run ended ~10 s late)."""
+    thread = WatchThread(tmp_path, "start-a", Bounds(180, 540), _Running()).start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    assert thread.stop() is None
+    assert time.monotonic() - t0 < 2
+    done = []
+    t0 = time.monotonic()
+    watch(tmp_path, "start-a", Bounds(180, 540), lambda: not done and (time.monotonic() - t0 < 0.3 or done.append(1)))
+    assert time.monotonic() - t0 < 2  # the SLURM watch (--while-pid) too
 
 
 _WITH_A_CHILD = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
