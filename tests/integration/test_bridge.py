@@ -34,13 +34,15 @@ from acmoe_megatron.testing import assert_same_run, read_parity_run
 
 ROOT = Path(__file__).resolve().parents[2]
 NEMO_RUN = ROOT / ".venv-nemo-run"  # make nemo-run (a --target directory: its pins stay out of .venv)
+BRIDGE_PYTHON = ROOT / ".venv-bridge" / "bin" / "python"  # make bridge (a venv layered on .venv: Makefile)
 STEPS = 3
 
 # installed? (read from its metadata: importing megatron.bridge needs cpu_runtime.install_bridge() first)
-_BRIDGE = subprocess.run([sys.executable, "-c", "import importlib.metadata as m; print(m.version('megatron-bridge'))"],
-                         capture_output=True, text=True)
+_BRIDGE = subprocess.run([BRIDGE_PYTHON, "-c", "import importlib.metadata as m; print(m.version('megatron-bridge'))"],
+                         capture_output=True, text=True) if BRIDGE_PYTHON.exists() else None
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    _BRIDGE.returncode != 0, reason="Megatron-Bridge is not installed: make bridge (README, Megatron-Bridge)")]
+    _BRIDGE is None or _BRIDGE.returncode != 0,
+    reason="Megatron-Bridge is not installed: make bridge (README, Megatron-Bridge)")]
 
 DIMS = {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 128,
         "moe_ffn_hidden_size": 128, "seq_length": 64}
@@ -104,14 +106,14 @@ def _bridge(setup, name, nproc, *args, nemo_run=False):
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     if nemo_run:
         env["PYTHONPATH"] = os.pathsep.join((str(NEMO_RUN), str(ROOT)))
-        cmd = [sys.executable, "examples/nemo_run_acmoe.py", "--executor", "local", "--nproc", str(nproc),
+        cmd = [str(BRIDGE_PYTHON), "examples/nemo_run_acmoe.py", "--executor", "local", "--nproc", str(nproc),
                "--script", "tests/integration/dist/bridge_example.py", "--job-dir", str(run_dir / "jobs"),
                "--env", f"ACMOE_GRAD_NORM_DIR={run_dir}", "--", *example_args]
     else:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+        cmd = [str(BRIDGE_PYTHON), "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
                "127.0.0.1", "--master_port", str(port), "tests/integration/dist/bridge_example.py", *example_args]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
@@ -161,7 +163,7 @@ def test_autobridge_imports_a_hugging_face_moe_checkpoint_into_our_routers(tmp_p
                             num_experts=4, num_experts_per_tok=2, max_position_embeddings=128, norm_topk_prob=True,
                             tie_word_embeddings=False)
     Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "hf")
-    out = subprocess.run([sys.executable, "tests/integration/dist/autobridge_import.py", str(tmp_path / "hf"),
+    out = subprocess.run([str(BRIDGE_PYTHON), "tests/integration/dist/autobridge_import.py", str(tmp_path / "hf"),
                           str(tmp_path / "result.json")], cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, MASTER_PORT=str(_free_port())))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]

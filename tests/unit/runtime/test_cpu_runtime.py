@@ -30,9 +30,9 @@ BRIDGE_SHIMS = ["B0_bridge_import_standins", "B1_bridge_initialize_without_cuda"
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the shims apply only without CUDA")
 
 
-def _python(code: str, timeout: int = 180, env: dict | None = None) -> subprocess.CompletedProcess:
+def _python(code: str, timeout: int = 180, env: dict | None = None, python=sys.executable) -> subprocess.CompletedProcess:
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+        [str(python), "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
         timeout=timeout, env={**os.environ, **(env or {})},
     )
     assert out.returncode == 0, f"exit {out.returncode}\nstdout:\n{out.stdout}\nstderr:\n{out.stderr[-4000:]}"
@@ -283,7 +283,9 @@ def test_every_call_site_resolves_in_installed_megatron():
     assert "RESOLVED" in out.stdout
 
 
-_HAVE_BRIDGE = _python("import importlib.util as u; print(u.find_spec('megatron.bridge') is not None)").stdout.strip()
+BRIDGE_PYTHON = ROOT / ".venv-bridge" / "bin" / "python"  # make bridge (a venv layered on .venv: Makefile)
+_HAVE_BRIDGE = BRIDGE_PYTHON.exists() and _python("import importlib.util as u; print(u.find_spec('megatron.bridge') "
+                                                  "is not None)", python=BRIDGE_PYTHON).stdout.strip()
 
 
 @pytest.mark.skipif(_HAVE_BRIDGE != "True", reason="Megatron-Bridge is not installed (make bridge)")
@@ -317,7 +319,7 @@ def test_bridge_shims_install_and_restore():
         assert undone[:2] == {BRIDGE_SHIMS[::-1]!r}, undone
         assert setup.initialize_megatron is initialize.initialize_megatron
         print("BRIDGE_OK")
-        """, timeout=300)
+        """, timeout=300, python=BRIDGE_PYTHON)
     assert "BRIDGE_OK" in out.stdout
 
 
