@@ -10,6 +10,11 @@ process when its parent dies (``prctl(PR_SET_PDEATHSIG)``; kept across ``exec``)
 every worker call it first thing, and the launchers start torchrun through ``python -m
 acmoe_megatron.runtime.lifetime torchrun ...`` (set, then ``exec``: no ``preexec_fn`` in a
 launcher that has threads), so a killed launcher takes torchrun, and torchrun its workers, with it.
+The processes a worker starts with multiprocessing's "spawn" (megatron's persistent asynchronous
+checkpoint writer, ~780 MB each) import the worker's main module as ``__mp_main__`` first thing,
+and ``runtime/train.py`` calls it there too (the death signal is not inherited; before, a killed
+worker left that process running, orphaned). The window in which the worker dies before its child
+has imported the module is not covered.
 A no-op where prctl is not available (not Linux).
 
 Why our own: neither torchrun nor megatron sets it; torch's elastic agent only stops its workers

@@ -188,3 +188,7 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+elif __name__ == "__mp_main__":
+    # a multiprocessing "spawn" child of a worker (megatron's persistent checkpoint writer) runs this
+    # module under this name before its target: it dies with the worker too (runtime/lifetime.py)
+    die_with_parent()

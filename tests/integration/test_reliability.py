@@ -250,6 +250,7 @@ def _hang_a_rank_mid_step(run, data, common):
 def test_kill_9_inside_a_save_then_a_full_disk_keep_the_previous_checkpoint(data, uninterrupted, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, ACMOE_FAULT_SAVE_DELAY_S="60", ACMOE_FAULT_SAVE_ITER=str(2 * N))
+    before = _started_by_a_launcher()
     proc = subprocess.Popen(_cmd(run, data, 1, *LAYOUT[1]), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, start_new_session=True)
     deadline = time.time() + 300
@@ -269,6 +270,11 @@ def test_kill_9_inside_a_save_then_a_full_disk_keep_the_previous_checkpoint(data
     while _survivors(run) and time.time() < deadline:
         time.sleep(0.2)
     assert not _survivors(run), f"processes of the killed run are still alive: {_survivors(run)}"
+    # nor what the worker started: megatron's checkpoint writer (a multiprocessing spawn child, ~780 MB)
+    # outlived it before runtime/train.py gave its __mp_main__ children the same death signal
+    while (left := _started_by_a_launcher() - before) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in left if Path(f"/proc/{p}").exists()]
     assert (run / "checkpoints" / f"iter_{2 * N:07d}").exists()  # half-finished save is on disk...
     assert _latest(run) == str(N)  # ...but not recorded: the previous checkpoint stays the latest
     # the resume runs out of space in its own save of 2N (a real RLIMIT_FSIZE: the writes fail with EFBIG)
