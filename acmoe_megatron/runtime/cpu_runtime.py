@@ -716,9 +716,9 @@ def bridge_version() -> str:
     try:
         return version("megatron-bridge")
     except PackageNotFoundError:
-        raise RuntimeError("Megatron-Bridge is not installed: pip install -e '.[bridge]' and then "
-                           "pip install --no-deps 'megatron-bridge==0.6.2' (make bridge does both; README, "
-                           "'Megatron-Bridge')") from None
+        raise RuntimeError("Megatron-Bridge is not installed in this Python: pip install -e '.[bridge]' and then "
+                           "pip install --no-deps 'megatron-bridge==0.6.2' (make bridge does both, into .venv-bridge: "
+                           "run .venv-bridge/bin/python or .venv-bridge/bin/torchrun; README, 'Megatron-Bridge')") from None
 
 
 def check_bridge_version(version: str | None = None) -> None:

@@ -627,9 +627,13 @@ def test_quality_sweep_on_slurm_reports_every_job_including_a_failed_one(cluster
 # NeMo-Run's SlurmExecutor (examples/nemo_run_acmoe.py) on the same cluster
 
 
+BRIDGE_PYTHON = ROOT / ".venv-bridge" / "bin" / "python"  # make bridge (a venv layered on .venv: Makefile)
+
+
 @pytest.mark.timeout(420)
 @pytest.mark.skipif(not (ROOT / ".venv-nemo-run" / "nemo_run").is_dir(),
                     reason="NeMo-Run is not installed: make nemo-run")
+@pytest.mark.skipif(not BRIDGE_PYTHON.exists(), reason="Megatron-Bridge is not installed: make bridge")
 def test_nemo_run_slurm_executor_runs_the_bridge_example_on_two_nodes(cluster, tmp_path):
     """NeMo-Run renders its own sbatch script (srun + torchrun with a c10d rendezvous on the head node)
     and submits it through its LocalTunnel; the job trains Bridge's recipe with the AC router at EP=2
@@ -637,7 +641,7 @@ def test_nemo_run_slurm_executor_runs_the_bridge_example_on_two_nodes(cluster, t
     SLURM job reads sacct, and this cluster has no accounting database (slurmdbd)."""
     job_dir = tmp_path / "jobs"
     env = {**cluster.env, "PYTHONPATH": os.pathsep.join((str(ROOT / ".venv-nemo-run"), str(ROOT)))}
-    cmd = [sys.executable, "examples/nemo_run_acmoe.py", "--executor", "slurm", "--nodes", "2", "--nproc", "1",
+    cmd = [str(BRIDGE_PYTHON), "examples/nemo_run_acmoe.py", "--executor", "slurm", "--nodes", "2", "--nproc", "1",
            "--account", "acmoe", "--partition", "debug", "--time", "00:10:00", "--job-dir", str(job_dir),
            "--detach", "--", "--mock-data", "--acmoe-router", "ac", "--acmoe-first-ac-layer", "2",
            "model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4", "model.ffn_hidden_size=64",
